@@ -1,0 +1,92 @@
+# ESM3 training suite. `make demo` and `make test` do all their own set-up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ESM3 := $(BIN)/esm3
+WORKSPACE ?= workspace
+CONFIG ?=
+CLUSTER ?=
+Q ?= SELECT * FROM runs ORDER BY submitted_at DESC LIMIT 20
+FORMAT ?= table
+PYTEST_ARGS ?=
+# The CPU build of torch: a plain `torch` requirement would pull several GB of CUDA packages.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+IMAGE ?= esm3-suite:latest
+BASE_IMAGE ?=
+export ESM3_WORKSPACE ?= $(abspath $(WORKSPACE))
+
+.PHONY: help setup tools demo test lint format bench submit-preprocess submit-train \
+        dashboard sql slurm-up slurm-down image sif test-images clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+tools:  ## install (Debian, root) or check the system tools: mmseqs2, mkdssp, SLURM, munge
+	@bash containers/install-tools.sh --slurm
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	@# torch first: CPU build unless a CUDA torch is already importable in this venv
+	@if ! $(BIN)/python -c "import torch" 2>/dev/null; then \
+	  $(BIN)/pip install -q "$(TORCH_SPEC)" 2>/dev/null || \
+	  $(BIN)/pip install -q --index-url $(TORCH_CPU_INDEX) "$(TORCH_SPEC)"; fi
+	$(BIN)/pip install -q -e ".[dev]"
+	@# real PDB/mmCIF test structures; --no-deps keeps MDAnalysis itself out
+	$(BIN)/pip install -q --no-deps MDAnalysisTests
+	@touch $@
+
+setup: tools $(VENV)/.installed  ## system tools + .venv with the project and dev extras
+
+demo: setup  ## run the main job on the embedded default (local executor, real data)
+	$(ESM3) demo
+
+slurm-up: setup  ## start the local SLURM cluster (munged, slurmctld, one slurmd per node)
+	$(ESM3) slurm up
+
+slurm-down:  ## stop what slurm-up started
+	@if [ -x $(ESM3) ]; then $(ESM3) slurm down; fi
+
+test: setup  ## the whole test suite, on a real local SLURM cluster and headless Chromium
+	@bash containers/install-tools.sh --slurm --browser
+	$(ESM3) slurm up
+	@set -o pipefail; rc=0; \
+	  $(BIN)/python -m pytest $(PYTEST_ARGS) || rc=$$?; \
+	  $(ESM3) slurm down; exit $$rc
+
+lint: setup  ## ruff check and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: setup  ## benchmarks; results printed and written to the `benchmarks` table
+	$(ESM3) slurm up
+	@rc=0; $(ESM3) bench || rc=$$?; $(ESM3) slurm down; exit $$rc
+
+submit-preprocess: setup  ## preprocessing arrays: make submit-preprocess CONFIG=... CLUSTER=...
+	$(ESM3) preprocess all $(if $(CONFIG),--config $(CONFIG)) $(if $(CLUSTER),--cluster $(CLUSTER))
+
+submit-train: setup  ## training: make submit-train CONFIG=... CLUSTER=...
+	$(ESM3) train $(if $(CONFIG),--config $(CONFIG)) $(if $(CLUSTER),--cluster $(CLUSTER))
+
+dashboard: setup  ## Streamlit dashboard on the workspace (localhost)
+	$(ESM3) dashboard
+
+sql: setup  ## read-only SQL: make sql Q="SELECT ..." [FORMAT=csv|json]
+	@$(ESM3) sql --format $(FORMAT) "$(Q)"
+
+image:  ## build the image with podman (BASE_IMAGE= to swap the base)
+	podman build -f containers/Dockerfile $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -t $(IMAGE) .
+
+sif: image  ## Apptainer .sif from the image
+	podman save --format docker-archive -o build/esm3.tar $(IMAGE)
+	apptainer build esm3.sif containers/esm3.def
+
+clean:
+	rm -rf $(VENV) build *.egg-info

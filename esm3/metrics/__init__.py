@@ -1,0 +1,1 @@
+"""esm3/metrics"""

@@ -1,0 +1,179 @@
+"""Append-only Parquet lake: `workspace/lake/<table>/[run_id=<id>/]part-*.parquet`.
+
+Files are written under a temporary name and renamed, so a reader (or a crash) never
+sees a partial file; no file is ever rewritten in place, so writers never wait on readers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from esm3.metrics.schema import PARTITIONED, TABLES
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def lake_dir(workspace: str | Path) -> Path:
+    return Path(workspace) / "lake"
+
+
+def table_dir(workspace: str | Path, table: str) -> Path:
+    if table not in TABLES:
+        raise KeyError(f"unknown table {table!r}; known: {', '.join(sorted(TABLES))}")
+    return lake_dir(workspace) / table
+
+
+def ensure_lake(workspace: str | Path) -> Path:
+    """Create the lake folders and one empty, typed file per table (so every view resolves)."""
+    root = lake_dir(workspace)
+    for table, schema in TABLES.items():
+        d = root / table
+        d.mkdir(parents=True, exist_ok=True)
+        empty = d / "_empty.parquet"
+        if not empty.exists():
+            _atomic_write(schema.empty_table(), empty)
+    return root
+
+
+def _atomic_write(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as f:
+        pq.write_table(table, f, compression="zstd")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (dict, list, tuple)):
+        return json.dumps(v, sort_keys=True, default=str)
+    return v
+
+
+def to_arrow(table: str, rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+    """Rows (dicts) -> an Arrow table with the contract schema; unknown keys are an error."""
+    schema = TABLES[table]
+    names = set(schema.names)
+    stamp = now()
+    cols: dict[str, list[Any]] = {n: [] for n in schema.names}
+    for row in rows:
+        extra = set(row) - names
+        if extra:
+            raise KeyError(f"table {table!r} has no column(s) {sorted(extra)}")
+        for n in schema.names:
+            v = row.get(n)
+            if v is None and n in ("time", "updated_at", "computed_at"):
+                v = stamp
+            cols[n].append(_jsonable(v))
+    return pa.table({n: pa.array(cols[n], type=schema.field(n).type) for n in schema.names})
+
+
+def write_rows(workspace: str | Path, table: str, rows: Iterable[Mapping[str, Any]]) -> Path | None:
+    """Write rows as one new Parquet file; returns its path (None when there were no rows)."""
+    data = to_arrow(table, rows)
+    if data.num_rows == 0:
+        return None
+    d = table_dir(workspace, table)
+    if table in PARTITIONED:
+        run_ids = set(data.column("run_id").to_pylist())
+        if len(run_ids) != 1:
+            # one file per run keeps each run's folder self-contained
+            last = None
+            for rid in sorted(run_ids, key=str):
+                mask = pc.equal(data.column("run_id"), rid)
+                last = _write_part(d / f"run_id={_SAFE.sub('_', str(rid))}", data.filter(mask))
+            return last
+        d = d / f"run_id={_SAFE.sub('_', str(next(iter(run_ids))))}"
+    return _write_part(d, data)
+
+
+def _write_part(d: Path, data: pa.Table) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    host = _SAFE.sub("_", socket.gethostname())
+    path = d / f"part-{stamp}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
+    _atomic_write(data, path)
+    return path
+
+
+class LakeWriter:
+    """Buffers rows of one table and writes them every `flush_rows` rows or `flush_seconds`.
+
+    `add` never blocks on readers. Use as a context manager, or call `close()`, so the
+    last rows are written; a background timer flushes a quiet buffer so dashboards stay live.
+    """
+
+    def __init__(
+        self,
+        workspace: str | Path,
+        table: str,
+        *,
+        flush_rows: int = 10_000,
+        flush_seconds: float = 5.0,
+        background: bool = True,
+    ) -> None:
+        table_dir(workspace, table)  # validates the name
+        self.workspace = Path(workspace)
+        self.table = table
+        self.flush_rows = flush_rows
+        self.flush_seconds = flush_seconds
+        self._rows: list[Mapping[str, Any]] = []
+        self._lock = threading.Lock()
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if background and flush_seconds > 0:
+            self._thread = threading.Thread(target=self._tick, daemon=True, name=f"lake-{table}")
+            self._thread.start()
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        with self._lock:
+            self._rows.append(row)
+            due = len(self._rows) >= self.flush_rows
+        if due:
+            self.flush()
+
+    def extend(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        for r in rows:
+            self.add(r)
+
+    def flush(self) -> Path | None:
+        with self._lock:
+            rows, self._rows = self._rows, []
+            self._last = time.monotonic()
+        return write_rows(self.workspace, self.table, rows) if rows else None
+
+    def _tick(self) -> None:
+        while not self._stop.wait(min(1.0, self.flush_seconds)):
+            if self._rows and time.monotonic() - self._last >= self.flush_seconds:
+                self.flush()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.flush()
+
+    def __enter__(self) -> LakeWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

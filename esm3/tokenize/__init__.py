@@ -1,0 +1,8 @@
+"""Vocabularies, one per track.
+
+Every categorical track shares the specials of `esm3.tokenize.specials` at ids 0..4
+(pad, mask, bos, eos, chainbreak); real values follow. Modules: `sequence`, `structure_tokens`
+(vocabulary of the structure-token track), `ss8`, `sasa`, `annotations` (function tokens and
+residue annotations), `coordinates` (backbone track), and `tracks` (the set of sizes a model
+is built for).
+"""

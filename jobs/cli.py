@@ -1,0 +1,256 @@
+"""The `esm3` command: one entry point, a subcommand per job, `--help` on each.
+
+Every error a user can fix is one line on stderr and a non-zero exit, before anything
+is submitted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+EPILOG = "Workspace: --workspace, else $ESM3_WORKSPACE, else ./workspace."
+
+
+class UserError(Exception):
+    """An error the user can fix: printed as one line, exit code 2."""
+
+
+def _ws_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workspace", "-w", help="workspace folder (default: $ESM3_WORKSPACE or ./workspace)"
+    )
+
+
+def _cluster_arg(p: argparse.ArgumentParser, default: str = "local") -> None:
+    from jobs.clusters import available_profiles
+
+    p.add_argument(
+        "--cluster",
+        "-c",
+        default=os.environ.get("ESM3_CLUSTER", default),
+        help=f"cluster profile name or .toml path ({', '.join(available_profiles())}; default: {default})",
+    )
+
+
+# --- subcommands --------------------------------------------------------------------------
+
+
+def cmd_slurm(a: argparse.Namespace) -> int:
+    from jobs import slurm_local
+
+    if a.action == "up":
+        c = slurm_local.up(nodes=a.nodes)
+        print(f"local SLURM cluster up: {', '.join(c.node_names)} idle; SLURM_CONF={c.conf}")
+    elif a.action == "down":
+        stopped = slurm_local.down()
+        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    else:
+        st = slurm_local.status()
+        print(json.dumps(st, indent=2))
+        return 0 if st["nodes"] else 1
+    return 0
+
+
+def cmd_sql(a: argparse.Namespace) -> int:
+    from esm3.metrics.catalog import SqlRefused, query
+    from jobs import workspace
+
+    ws = workspace.prepare(a.workspace)
+    sql = a.query if a.query != "-" else sys.stdin.read()
+    try:
+        df = query(ws, sql)
+    except SqlRefused as e:
+        raise UserError(str(e)) from e
+    except Exception as e:  # a DuckDB error: bad column, syntax
+        raise UserError(f"SQL error: {str(e).splitlines()[0]}") from e
+    _print_frame(df, a.format)
+    return 0
+
+
+def _print_frame(df, fmt: str) -> None:  # type: ignore[no-untyped-def]
+    import pandas as pd
+
+    if fmt == "csv":
+        df.to_csv(sys.stdout, index=False)
+    elif fmt == "json":
+        print(df.to_json(orient="records", date_format="iso"))
+    else:
+        with pd.option_context(
+            "display.max_rows",
+            200,
+            "display.max_columns",
+            50,
+            "display.width",
+            200,
+            "display.max_colwidth",
+            60,
+        ):
+            print(df.to_string(index=False) if len(df) else "(no rows)")
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    from esm3.metrics.catalog import query
+    from jobs import records, workspace
+
+    ws = workspace.prepare(a.workspace)
+    records.reconcile(ws, a.run_id)
+    if a.run_id:
+        runs = query(
+            ws,
+            f"SELECT run_id, kind, name, status, cluster, slurm_job_id, nodes, world_size, submitted_at, finished_at FROM runs WHERE run_id = '{a.run_id}'",
+        )
+        if runs.empty:
+            raise UserError(f"no run {a.run_id!r} in {ws}")
+        _print_frame(runs, a.format)
+        print()
+        jobs = query(
+            ws,
+            f"""SELECT stage, job_id, array_index, attempt, rank, node, state, exit_code,
+                       regexp_replace(coalesce(error, ''), '\\s+', ' ', 'g')[-120:] AS error
+                FROM jobs WHERE run_id = '{a.run_id}'
+                ORDER BY stage, array_index NULLS FIRST, job_id, rank, attempt""",
+        )
+        _print_frame(jobs, a.format)
+    else:
+        runs = query(
+            ws,
+            f"""SELECT run_id, kind, name, status, cluster, nodes, submitted_at, finished_at
+                FROM runs ORDER BY submitted_at DESC LIMIT {a.limit}""",
+        )
+        _print_frame(runs, a.format)
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from jobs.demo import run_demo
+
+    return run_demo(a)
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from jobs.bench.runner import run_benchmarks
+
+    return run_benchmarks(a)
+
+
+def cmd_dashboard(a: argparse.Namespace) -> int:
+    from jobs import workspace
+
+    ws = workspace.prepare(a.workspace)
+    try:
+        from dashboard.serve import serve
+    except ImportError as e:
+        raise UserError(f"the dashboard is not installed in this build ({e})") from e
+    return serve(ws, host=a.host, port=a.port)
+
+
+# --- parser -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="esm3",
+        description="ESM3 training suite: preprocessing arrays, FSDP training, metrics in DuckDB.",
+        epilog=EPILOG,
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log more (INFO)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser(
+        "slurm",
+        help="a local SLURM cluster for development and tests",
+        description="Start/stop a real SLURM cluster on this host (munged, slurmctld, one slurmd per node).",
+    )
+    s.add_argument("action", choices=["up", "down", "status"])
+    s.add_argument("--nodes", type=int, default=2, help="emulated nodes (default 2)")
+    s.set_defaults(fn=cmd_slurm)
+
+    s = sub.add_parser(
+        "sql",
+        help="read-only SQL over the catalog",
+        epilog=EPILOG,
+        description="Run read-only SQL over the catalog (tables: runs, jobs, train_steps, events, dataset_stats, token_stats, rejects, benchmarks). Writes are refused.",
+    )
+    s.add_argument("query", help="SQL text, or - to read it from stdin")
+    s.add_argument("--format", "-f", choices=["table", "csv", "json"], default="table")
+    _ws_arg(s)
+    s.set_defaults(fn=cmd_sql)
+
+    s = sub.add_parser(
+        "status",
+        help="runs, jobs and their states",
+        epilog=EPILOG,
+        description="Show runs (or one run's jobs), reconciling job states with the scheduler first.",
+    )
+    s.add_argument("run_id", nargs="?", help="a run id (default: the latest runs)")
+    s.add_argument("--limit", type=int, default=20)
+    s.add_argument("--format", "-f", choices=["table", "csv", "json"], default="table")
+    _ws_arg(s)
+    s.set_defaults(fn=cmd_status)
+
+    s = sub.add_parser(
+        "demo",
+        help="the main job on the embedded default, on real data",
+        epilog=EPILOG,
+        description="Run the suite's main job on real data (Debian's mmseqs2-examples) and show what `esm3 sql` sees.",
+    )
+    _ws_arg(s)
+    _cluster_arg(s)
+    s.add_argument("--shards", type=int, default=4, help="array tasks (default 4)")
+    s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser(
+        "bench",
+        help="benchmarks; results into the `benchmarks` table",
+        epilog=EPILOG,
+        description="Run the benchmarks (ratios against baselines run side by side) and write them to the `benchmarks` table.",
+    )
+    s.add_argument("suites", nargs="*", help="suites to run (default: all)")
+    s.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    _ws_arg(s)
+    s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser(
+        "dashboard",
+        help="the Streamlit dashboard on the workspace",
+        epilog=EPILOG,
+        description="Serve the Streamlit dashboard (localhost by default).",
+    )
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8501)
+    _ws_arg(s)
+    s.set_defaults(fn=cmd_dashboard)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from esm3.metrics.catalog import SqlRefused
+    from jobs.config import ConfigError
+    from jobs.launch import JobFailed
+    from jobs.slurm_local import SlurmLocalError
+    from jobs.workspace import WorkspaceError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+    )
+    try:
+        return int(args.fn(args) or 0)
+    except (UserError, ConfigError, WorkspaceError, SlurmLocalError, SqlRefused) as e:
+        print(f"esm3 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except JobFailed as e:
+        print(f"esm3 {args.command}: job failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"esm3 {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
