@@ -1,0 +1,272 @@
+"""InterPro function labels: protein2ipr.dat(.gz) and InterProScan TSV into one Parquet table.
+
+Both inputs become rows (accession, ipr, name, signature, start, end) with 1-based,
+inclusive residue positions, the convention of both files. Lines that cannot be read
+become reject rows (dicts with the `rejects` columns stage, source, record, reason,
+detail); they never stop a file.
+
+protein2ipr.dat.gz: tab-separated UniProt accession, IPR id, IPR name, member-database
+signature, start, end.
+InterProScan TSV (run with --goterms --iprlookup --pathways): protein accession, MD5,
+length, analysis, signature accession, signature description, start, stop, score, status,
+date, then with --iprlookup the IPR accession and description ('-' when the match has no
+InterPro entry), GO terms, pathways. Matches without an IPR entry carry no InterPro label
+and are counted, not rejected.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from esm3.data.structures.records import ShardResult, reject, stored_result
+
+IPR_SCHEMA = pa.schema(
+    [
+        ("accession", pa.string()),
+        ("ipr", pa.string()),
+        ("name", pa.string()),
+        ("signature", pa.string()),
+        ("start", pa.int32()),
+        ("end", pa.int32()),
+    ]
+)
+ANNOTATION_TYPE = pa.list_(
+    pa.struct([("ipr", pa.string()), ("start", pa.int32()), ("end", pa.int32())])
+)
+_IPR_ID = re.compile(r"^IPR\d{6}$")
+
+
+class Annotation(NamedTuple):
+    ipr: str
+    start: int  # 1-based, inclusive
+    end: int  # 1-based, inclusive
+
+
+def _text_lines(path: Path) -> Iterator[str]:
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    opener = gzip.open if magic == b"\x1f\x8b" else open
+    with opener(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as t:
+        yield from t
+
+
+def _positions(start: str, end: str) -> tuple[int, int] | str:
+    try:
+        s, e = int(start), int(end)
+    except ValueError:
+        return f"start/end not integers: {start!r}, {end!r}"
+    if s < 1 or e < s:
+        return f"bad range {s}-{e} (1-based, inclusive, start <= end)"
+    return s, e
+
+
+def parse_protein2ipr_line(line: str) -> tuple[str, str, str, str, int, int] | str:
+    """A parsed row, or a string saying why the line is malformed."""
+    parts = line.rstrip("\n").split("\t")
+    if len(parts) != 6:
+        return f"{len(parts)} columns, expected 6"
+    acc, ipr, name, sig, start, end = parts
+    if not acc:
+        return "empty accession"
+    if not _IPR_ID.match(ipr):
+        return f"bad InterPro id {ipr!r}"
+    pos = _positions(start, end)
+    if isinstance(pos, str):
+        return pos
+    return acc, ipr, name, sig, pos[0], pos[1]
+
+
+def parse_interproscan_line(line: str) -> tuple[str, str, str, str, int, int] | None | str:
+    """A parsed row, None for a match without an InterPro entry, or a malformed-line reason."""
+    parts = line.rstrip("\n").split("\t")
+    if len(parts) < 11:
+        return f"{len(parts)} columns, expected at least 11"
+    acc, sig, start, end = parts[0], parts[4], parts[6], parts[7]
+    pos = _positions(start, end)
+    if isinstance(pos, str):
+        return pos
+    ipr = parts[11] if len(parts) > 11 else "-"
+    if ipr in ("-", ""):
+        return None
+    if not _IPR_ID.match(ipr):
+        return f"bad InterPro id {ipr!r}"
+    name = parts[12] if len(parts) > 12 else ""
+    return acc, ipr, name, sig, pos[0], pos[1]
+
+
+def _ingest(
+    src: Path,
+    out_path: Path,
+    parse,
+    stage: str,
+    accessions: set[str] | None,
+    batch_rows: int,
+    max_rejects: int,
+) -> ShardResult:
+    out_path = Path(out_path)
+    if out_path.exists():
+        return stored_result(out_path)
+    cols: list[list] = [[] for _ in IPR_SCHEMA]
+    rejects: list[dict] = []
+    counts = {"lines": 0, "rows": 0, "malformed": 0, "no_ipr": 0, "filtered": 0}
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(tmp, IPR_SCHEMA, compression="zstd") as writer:
+
+        def flush() -> None:
+            if cols[0]:
+                writer.write_table(pa.table(cols, schema=IPR_SCHEMA))
+                for c in cols:
+                    c.clear()
+
+        for n, line in enumerate(_text_lines(src), start=1):
+            if not line.strip() or line.startswith("#"):
+                continue
+            counts["lines"] += 1
+            row = parse(line)
+            if row is None:
+                counts["no_ipr"] += 1
+                continue
+            if isinstance(row, str):
+                counts["malformed"] += 1
+                if len(rejects) < max_rejects:
+                    rejects.append(reject(stage, src, f"line {n}", "malformed", row))
+                continue
+            if accessions is not None and row[0] not in accessions:
+                counts["filtered"] += 1
+                continue
+            for c, v in zip(cols, row, strict=True):
+                c.append(v)
+            counts["rows"] += 1
+            if len(cols[0]) >= batch_rows:
+                flush()
+        flush()
+        writer.add_key_value_metadata(
+            {"esm3.summary": json.dumps(counts), "esm3.rejects": json.dumps(rejects)}
+        )
+    tmp.replace(out_path)
+    return ShardResult(counts, rejects)
+
+
+def ingest_protein2ipr(
+    src: str | Path,
+    out_path: str | Path,
+    accessions: Iterable[str] | None = None,
+    batch_rows: int = 1_000_000,
+    max_rejects: int = 100_000,
+) -> ShardResult:
+    """Stream protein2ipr.dat(.gz) into a Parquet file of IPR_SCHEMA rows.
+
+    `accessions` keeps only those proteins. Skips the work when `out_path` exists (its
+    stored summary and rejects are returned, summary['skipped'] = True).
+    """
+    acc = set(accessions) if accessions is not None else None
+    return _ingest(
+        Path(src), Path(out_path), parse_protein2ipr_line, "interpro", acc, batch_rows, max_rejects
+    )
+
+
+def ingest_interproscan(
+    src: str | Path,
+    out_path: str | Path,
+    accessions: Iterable[str] | None = None,
+    batch_rows: int = 1_000_000,
+    max_rejects: int = 100_000,
+) -> ShardResult:
+    """InterProScan TSV output into a Parquet file of IPR_SCHEMA rows (IPR matches only)."""
+    acc = set(accessions) if accessions is not None else None
+    return _ingest(
+        Path(src),
+        Path(out_path),
+        parse_interproscan_line,
+        "interproscan",
+        acc,
+        batch_rows,
+        max_rejects,
+    )
+
+
+def interpro_vocabulary(paths: Iterable[str | Path]) -> pa.Table:
+    """The InterPro terms of ingested tables: columns ipr, name, count, sorted by ipr.
+
+    A term's index in this table is its vocabulary id.
+    """
+    table = ds.dataset([str(p) for p in paths], schema=IPR_SCHEMA).to_table(columns=["ipr", "name"])
+    grouped = table.group_by("ipr").aggregate([("name", "max"), ("ipr", "count")])
+    grouped = grouped.rename_columns(["ipr", "name", "count"])
+    return grouped.sort_by("ipr")
+
+
+def load_annotations(
+    paths: Iterable[str | Path], accessions: Iterable[str]
+) -> dict[str, list[Annotation]]:
+    """accession -> its annotations (sorted by start, then ipr), for the given accessions."""
+    wanted = sorted(set(accessions))
+    if not wanted:
+        return {}
+    table = (
+        ds.dataset([str(p) for p in paths], schema=IPR_SCHEMA)
+        .to_table(
+            columns=["accession", "ipr", "start", "end"],
+            filter=pc.field("accession").isin(wanted),
+        )
+        .sort_by([("accession", "ascending"), ("start", "ascending"), ("ipr", "ascending")])
+    )
+    out: dict[str, list[Annotation]] = {}
+    for acc, ipr, s, e in zip(*(table[c].to_pylist() for c in table.column_names), strict=True):
+        out.setdefault(acc, []).append(Annotation(ipr, s, e))
+    return out
+
+
+def map_annotations(
+    annotations: Iterable[Annotation], positions: np.ndarray | None, length: int
+) -> list[dict]:
+    """Annotations in the accession's coordinates -> 1-based inclusive spans of a sequence.
+
+    positions: (length,) int, the accession coordinate of each residue (-1 when unmapped);
+    None means the sequence is the accession's own (position i+1 for residue i). Spans are
+    clipped to the residues that map; annotations that cover none are dropped.
+    """
+    out: list[dict] = []
+    seen: set[tuple] = set()
+    for a in annotations:
+        if positions is None:
+            s, e = max(a.start, 1), min(a.end, length)
+            if s > e:
+                continue
+        else:
+            inside = np.flatnonzero((positions >= a.start) & (positions <= a.end))
+            if len(inside) == 0:
+                continue
+            s, e = int(inside[0]) + 1, int(inside[-1]) + 1
+        key = (a.ipr, s, e)
+        if key not in seen:  # the same IPR from several member signatures
+            seen.add(key)
+            out.append({"ipr": a.ipr, "start": s, "end": e})
+    return out
+
+
+def attach_annotations(
+    accessions: Iterable[str | None],
+    lengths: Iterable[int],
+    lookup: Mapping[str, list[Annotation]],
+) -> list[list[dict] | None]:
+    """Per-sequence annotations (None where the accession has none) for sequences that are
+    the accession's full sequence (UniProt, MGnify)."""
+    out: list[list[dict] | None] = []
+    for acc, n in zip(accessions, lengths, strict=True):
+        anns = lookup.get(acc) if acc else None
+        out.append(map_annotations(anns, None, n) or None if anns else None)
+    return out

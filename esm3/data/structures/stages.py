@@ -1,0 +1,439 @@
+"""Shard-level stages: what one array task runs for one shard of structure files.
+
+Each stage takes its inputs, an explicit output path and parameters, writes its output
+under a temporary name and renames it, skips the work when the output already exists, and
+returns a `ShardResult` (summary counts, reject rows). A bad file or chain becomes a reject
+row; it never stops the shard. A missing tool (mkdssp) is an error of the environment,
+not of the data: it raises `ToolError` before any file is read.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from esm3.data.interpro import Annotation, load_annotations, map_annotations
+from esm3.data.structures.filters import (
+    AFDBFilter,
+    ESMAtlasFilter,
+    PDBFilter,
+    check_afdb_chain,
+    check_esmatlas_chain,
+    check_pdb_entry,
+    normalize_plddt,
+    read_esmatlas_metadata,
+)
+from esm3.data.structures.io import Entry, ParsedChain, StructureReadError, read_structure
+from esm3.data.structures.records import (
+    ShardResult,
+    read_shard,
+    reject,
+    stored_result,
+    write_shard,
+)
+from esm3.data.structures.sasa import residue_sasa
+from esm3.data.structures.ss8 import DsspError, chain_ss8
+from esm3.tokenize.structure import KMeansStructureTokenizer, StructureTokenizer
+from esm3.tool import MKDSSP, Tool, ToolError
+
+DATASETS = ("pdb", "afdb", "esmatlas")
+_AFDB_NAME = re.compile(r"AF-([A-Za-z0-9]+)-F(\d+)")
+AFDB_FRAGMENT_STEP = 200  # AFDB splits long proteins into fragments starting every 200 residues
+
+
+@dataclass(frozen=True)
+class StructureStageConfig:
+    """Parameters of the structures stage; defaults follow the paper (Table S5 for features)."""
+
+    dataset: str = "pdb"  # pdb | afdb | esmatlas
+    pdb: PDBFilter = field(default_factory=PDBFilter)
+    afdb: AFDBFilter = field(default_factory=AFDBFilter)
+    esmatlas: ESMAtlasFilter = field(default_factory=ESMAtlasFilter)
+    sasa: bool | None = None  # None: AFDB and ESMAtlas only (Table S5)
+    ss8: bool = True  # Table S5: PDB, AFDB, ESMAtlas
+    plddt_scale: str = "auto"  # auto | 0-1 | 0-100
+    min_residues: int = 1  # residues with a complete backbone
+    sasa_points: int = 1000  # sphere points per atom (biotite's default)
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+
+    @property
+    def compute_sasa(self) -> bool:
+        return self.dataset != "pdb" if self.sasa is None else self.sasa
+
+
+@dataclass
+class StepTimes:
+    """Seconds spent per step, summed over a shard (for the benchmark)."""
+
+    parse: float = 0.0
+    filter: float = 0.0
+    sasa: float = 0.0
+    ss8: float = 0.0
+    tokens: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(vars(self))
+
+
+def process_structure_shard(
+    files: Sequence[str | Path],
+    out_path: str | Path,
+    config: StructureStageConfig,
+    *,
+    esmatlas_metadata: Mapping[str, tuple[float, float]] | str | Path | None = None,
+    annotations: Mapping[str, list[Annotation]] | Sequence[str | Path] | None = None,
+    tokenizer: StructureTokenizer | str | Path | None = None,
+    dssp: Tool = MKDSSP,
+    times: StepTimes | None = None,
+) -> ShardResult:
+    """Parse, filter and annotate one shard of structure files into one Parquet file.
+
+    esmatlas_metadata: id -> (mean pLDDT, pTM), or a table path (required for ESMAtlas).
+    annotations: accession -> InterPro annotations, or ingested InterPro Parquet paths.
+    tokenizer: a fitted tokenizer or a saved codebook; None leaves structure_tokens null.
+    Returns summary counts (files, files_unreadable, entries_filtered, chains, chains_kept,
+    chains_rejected, residues, annotated; skipped when the output existed) and reject rows.
+    """
+    out_path = Path(out_path)
+    if out_path.exists():
+        return stored_result(out_path)
+    cfg = config
+    if cfg.ss8:
+        dssp.version()  # fails fast, with the reason, when mkdssp is missing or too old
+    if cfg.dataset == "esmatlas":
+        if esmatlas_metadata is None:
+            raise ValueError("ESMAtlas needs esmatlas_metadata (id -> pLDDT, pTM)")
+        if not isinstance(esmatlas_metadata, Mapping):
+            esmatlas_metadata = read_esmatlas_metadata(esmatlas_metadata)
+    if tokenizer is not None and not isinstance(tokenizer, StructureTokenizer):
+        tokenizer = KMeansStructureTokenizer.load(tokenizer)
+    times = times if times is not None else StepTimes()
+
+    rows: list[dict] = []
+    rejects: list[dict] = []
+    counts = {"files": 0, "files_unreadable": 0, "entries_filtered": 0, "chains": 0}
+    counts |= {"chains_kept": 0, "chains_rejected": 0}
+    for f in files:
+        counts["files"] += 1
+        try:
+            file_rows, file_rejects, n_chains, filtered = _process_file(
+                Path(f), cfg, esmatlas_metadata, tokenizer, dssp, times
+            )
+        except StructureReadError as e:
+            file_rows, file_rejects, n_chains = [], [_file_reject(f, e.reason, e.detail)], 0
+        except Exception as e:  # noqa: BLE001 - a bad file must never stop the shard
+            detail = f"{type(e).__name__}: {e}"
+            file_rows, file_rejects, n_chains = [], [_file_reject(f, "error", detail)], 0
+        if n_chains == 0:
+            counts["files_unreadable"] += 1
+        elif filtered:
+            counts["entries_filtered"] += 1
+        counts["chains"] += n_chains
+        counts["chains_kept"] += len(file_rows)
+        counts["chains_rejected"] = counts["chains"] - counts["chains_kept"]
+        rows += file_rows
+        rejects += file_rejects
+
+    if annotations is not None:
+        _attach(rows, annotations)
+    counts["annotated"] = sum(1 for r in rows if r["annotations"])
+    counts["residues"] = sum(len(r["sequence"]) for r in rows)
+    write_shard(_strip_private(rows), out_path, counts, rejects)
+    return ShardResult(counts, rejects)
+
+
+def _file_reject(path: str | Path, reason: str, detail: str) -> dict:
+    return reject("structures", path, Path(path).name, reason, detail)
+
+
+def _process_file(
+    path: Path,
+    cfg: StructureStageConfig,
+    esmatlas_metadata: Mapping[str, tuple[float, float]] | None,
+    tokenizer: StructureTokenizer | None,
+    dssp: Tool,
+    times: StepTimes,
+) -> tuple[list[dict], list[dict], int, bool]:
+    """(rows, rejects, number of protein chains, whether the entry-level filter refused it)"""
+    t0 = time.perf_counter()
+    entry = read_structure(path)
+    times.parse += time.perf_counter() - t0
+    meta = entry.meta
+    rejects: list[dict] = []
+    n_chains = len(entry.chains)
+
+    def chain_reject(chain: ParsedChain, reason: str, detail: str) -> None:
+        rec = f"{meta.entry_id}_{chain.chain_id}"
+        rejects.append(reject("structures", path, rec, reason, detail))
+
+    t0 = time.perf_counter()
+    if cfg.dataset == "pdb":
+        why = check_pdb_entry(meta.method, meta.resolution, meta.deposition_date, cfg.pdb)
+        if why:
+            times.filter += time.perf_counter() - t0
+            return [], [reject("structures", path, meta.entry_id, *why)], n_chains, True
+    candidates: list[tuple[ParsedChain, np.ndarray | None, dict]] = []
+    for chain in entry.chains:
+        complete = chain.complete_backbone
+        if not complete.any():
+            chain_reject(chain, "no_backbone", "no residue has all of N, CA, C")
+            continue
+        if int(complete.sum()) < cfg.min_residues:
+            chain_reject(chain, "too_short", f"{int(complete.sum())} < {cfg.min_residues}")
+            continue
+        plddt = None
+        extra = {"mean_plddt": None, "ptm": None}
+        if cfg.dataset != "pdb":
+            plddt = normalize_plddt(chain.bfactor, cfg.plddt_scale)
+            extra["mean_plddt"] = float(np.nanmean(plddt))
+        if cfg.dataset == "afdb":
+            why = check_afdb_chain(plddt, chain.backbone, cfg.afdb)
+            if why:
+                chain_reject(chain, *why)
+                continue
+        elif cfg.dataset == "esmatlas":
+            mean_plddt, ptm = esmatlas_metadata.get(meta.entry_id, (None, None))
+            why = check_esmatlas_chain(mean_plddt, ptm, cfg.esmatlas)
+            if why:
+                chain_reject(chain, *why)
+                continue
+            extra = {"mean_plddt": mean_plddt, "ptm": ptm}
+        candidates.append((chain, plddt, extra))
+    if cfg.dataset == "pdb" and cfg.pdb.one_chain_per_entity:
+        candidates = _one_per_entity(candidates, chain_reject)
+    times.filter += time.perf_counter() - t0
+
+    rows = []
+    for chain, plddt, extra in candidates:
+        row = _chain_row(entry, chain, path, cfg, plddt, extra, tokenizer, dssp, times)
+        if isinstance(row, tuple):
+            chain_reject(chain, *row)
+        else:
+            rows.append(row)
+    return rows, rejects, n_chains, False
+
+
+def _one_per_entity(candidates, chain_reject):
+    """Keep one chain per entity: the most residues with a backbone, then the first."""
+    best: dict[str, tuple] = {}
+    for c in candidates:
+        chain = c[0]
+        prev = best.get(chain.entity)
+        if prev is None or chain.complete_backbone.sum() > prev[0].complete_backbone.sum():
+            best[chain.entity] = c
+    kept = []
+    for c in candidates:
+        keep = best[c[0].entity]
+        if keep is c:
+            kept.append(c)
+        else:
+            chain_reject(
+                c[0], "same_entity", f"entity {c[0].entity} kept as chain {keep[0].chain_id}"
+            )
+    return kept
+
+
+def _chain_row(
+    entry: Entry,
+    chain: ParsedChain,
+    path: Path,
+    cfg: StructureStageConfig,
+    plddt: np.ndarray | None,
+    extra: dict,
+    tokenizer: StructureTokenizer | None,
+    dssp: Tool,
+    times: StepTimes,
+) -> dict | tuple[str, str]:
+    meta = entry.meta
+    complete = chain.complete_backbone
+    sasa = None
+    if cfg.compute_sasa:
+        t0 = time.perf_counter()
+        try:
+            sasa = residue_sasa(chain.atoms, complete, point_number=cfg.sasa_points)
+        except Exception as e:  # noqa: BLE001 - biotite raises on unknown elements etc.
+            return "sasa_failed", f"{type(e).__name__}: {e}"
+        finally:
+            times.sasa += time.perf_counter() - t0
+    ss8 = None
+    if cfg.ss8:
+        t0 = time.perf_counter()
+        try:
+            ss8 = chain_ss8(chain.atoms, tool=dssp)
+        except (ToolError, DsspError) as e:
+            return "ss8_failed", str(e)[:2000]
+        finally:
+            times.ss8 += time.perf_counter() - t0
+    tokens = None
+    if tokenizer is not None:
+        t0 = time.perf_counter()
+        tokens = tokenizer.encode(chain.backbone)
+        times.tokens += time.perf_counter() - t0
+
+    accession, positions = _accession(meta.entry_id, chain, cfg.dataset)
+    many = len(entry.chains) > 1 or cfg.dataset == "pdb"
+    return {
+        "id": f"{meta.entry_id}_{chain.chain_id}" if many else meta.entry_id,
+        "dataset": cfg.dataset,
+        "source": str(path),
+        "chain": chain.chain_id,
+        "entity": chain.entity,
+        "accession": accession,
+        "sequence": chain.sequence,
+        "coords": chain.backbone.reshape(-1),
+        "plddt": plddt,
+        "sasa": sasa,
+        "ss8": ss8,
+        "structure_tokens": tokens,
+        "annotations": None,
+        "method": meta.method,
+        "resolution": meta.resolution,
+        "deposition_date": meta.deposition_date,
+        "mean_plddt": extra["mean_plddt"],
+        "ptm": extra["ptm"],
+        "_positions": positions,  # accession coordinate per residue; dropped before writing
+    }
+
+
+def _accession(entry_id: str, chain: ParsedChain, dataset: str):
+    """(accession, positions): positions None means residue i is accession position i+1."""
+    if dataset == "afdb":
+        m = _AFDB_NAME.search(entry_id)
+        if m:
+            offset = AFDB_FRAGMENT_STEP * (int(m.group(2)) - 1)
+            pos = None if offset == 0 else np.arange(1, len(chain) + 1, dtype=np.int32) + offset
+            return m.group(1), pos
+        return chain.accession, chain.uniprot_pos
+    if dataset == "esmatlas":
+        return entry_id, None
+    return chain.accession, chain.uniprot_pos if chain.accession else None
+
+
+def _attach(rows: list[dict], annotations) -> None:
+    if not isinstance(annotations, Mapping):
+        accs = {r["accession"] for r in rows if r["accession"]}
+        annotations = load_annotations(annotations, accs)
+    for r in rows:
+        anns = annotations.get(r["accession"]) if r["accession"] else None
+        if anns:
+            r["annotations"] = map_annotations(anns, r["_positions"], len(r["sequence"])) or None
+
+
+def _strip_private(rows: list[dict]) -> list[dict]:
+    for r in rows:
+        r.pop("_positions", None)
+    return rows
+
+
+# --- structure tokens ----------------------------------------------------------------------
+
+
+def fit_structure_codebook(
+    shard_paths: Iterable[str | Path],
+    out_path: str | Path,
+    codebook_size: int = 4096,
+    max_residues: int = 2_000_000,
+    iterations: int = 25,
+    seed: int = 0,
+) -> dict:
+    """Learn a k-means structure codebook from the backbones of finished shards; save npz.
+
+    Skips the work when `out_path` exists. Returns {chains, residues, codebook_size}.
+    """
+    out_path = Path(out_path)
+    if out_path.exists():
+        tok = KMeansStructureTokenizer.load(out_path)
+        return {"codebook_size": tok.codebook_size, "skipped": True}
+    backbones = []
+    for p in shard_paths:
+        table = pq.read_table(p, columns=["coords"])
+        for flat in table["coords"].to_numpy(zero_copy_only=False):
+            backbones.append(np.asarray(flat, dtype=np.float32).reshape(-1, 3, 3))
+    tok = KMeansStructureTokenizer(codebook_size, iterations, max_residues, seed).fit(backbones)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(out_path)
+    return {
+        "chains": len(backbones),
+        "residues": int(sum(len(b) for b in backbones)),
+        "codebook_size": codebook_size,
+    }
+
+
+def tokenize_structure_shard(
+    in_path: str | Path, out_path: str | Path, tokenizer: StructureTokenizer | str | Path
+) -> ShardResult:
+    """Copy a structure shard with `structure_tokens` filled from the tokenizer."""
+    out_path = Path(out_path)
+    if out_path.exists():
+        return stored_result(out_path)
+    if not isinstance(tokenizer, StructureTokenizer):
+        tokenizer = KMeansStructureTokenizer.load(tokenizer)
+    rows = read_shard(in_path)
+    for r in rows:
+        bb = np.asarray(r["coords"], dtype=np.float32).reshape(-1, 3, 3)
+        r["structure_tokens"] = tokenizer.encode(bb)
+    counts = {
+        "chains": len(rows),
+        "residues": int(sum(len(r["sequence"]) for r in rows)),
+        "tokens": int(sum(int((r["structure_tokens"] >= 0).sum()) for r in rows)),
+    }
+    write_shard(rows, out_path, counts, [])
+    return ShardResult(counts, [])
+
+
+# --- Table S3 ------------------------------------------------------------------------------
+
+
+def structure_dataset_stats(
+    shard_paths: Iterable[str | Path],
+    dataset: str,
+    release: str,
+    *,
+    clusters: Mapping[str, str] | None = None,
+    clustering_level: float | None = None,
+    expansion: Mapping[str, str] | None = None,
+    expansion_level: float | None = None,
+    run_id: str | None = None,
+) -> dict:
+    """One `dataset_stats` row (Table S3) for a structure dataset from its shards.
+
+    tokens = chains x average length (the paper's definition). `clusters` and `expansion`
+    map chain id -> cluster representative (from the sequence pipeline's mmseqs stage);
+    their counts are the numbers of distinct representatives among the dataset's chains.
+    """
+    ids: list[str] = []
+    lengths: list[int] = []
+    for p in shard_paths:
+        t = pq.read_table(p, columns=["id", "sequence"])
+        ids += t["id"].to_pylist()
+        lengths += [len(s) for s in t["sequence"].to_pylist()]
+    n = len(ids)
+    avg = float(np.mean(lengths)) if n else 0.0
+
+    def count(mapping: Mapping[str, str] | None) -> int | None:
+        return None if mapping is None else len({mapping[i] for i in ids if i in mapping})
+
+    return {
+        "run_id": run_id,
+        "dataset": dataset,
+        "type": "structure",
+        "clustering_level": clustering_level,
+        "clustering_count": count(clusters),
+        "expansion_level": expansion_level,
+        "expansion_count": count(expansion),
+        "sequences": n,
+        "avg_length": avg,
+        "tokens": int(round(n * avg)),
+        "release": release,
+        "computed_at": datetime.now(UTC),
+    }
