@@ -1,0 +1,664 @@
+"""FASTA / FASTA.gz ingest into Parquet sequence shards, streamed with bounded memory.
+
+The reader works on large byte blocks cut at record boundaries and parses each block with
+numpy and Arrow kernels (no Python loop over lines or records), so throughput is that of a
+few vectorized passes over the bytes. Memory is bounded by the block size (plus the largest
+single record), whatever the input size.
+
+Records
+    One row per FASTA record with columns of `SEQUENCE_SCHEMA`. `offset` is the byte offset
+    of the record's '>' in the uncompressed input, so any row or reject can be found again.
+
+Alphabet
+    The 20 standard amino acids plus X, B, U, Z, O. Lowercase letters (soft-masked
+    regions in some databases) are upper-cased by default (`lowercase="upper"`; counted in
+    the summary) or rejected with `lowercase="reject"`. One terminal '*' (the stop codon
+    that gene callers write, as in JGI/IMG protein files) is removed. Whitespace and '\\r'
+    inside sequence lines are ignored. Any other character rejects the record.
+
+Rejects (the `rejects` table: stage, source, record, reason, detail)
+    ``invalid_characters``, ``lowercase``, ``empty_sequence``, ``empty_id``,
+    ``duplicate_id`` (within the shard; the first occurrence is kept). The stage carries on.
+
+Errors (`FastaError`, naming the file and where possible the record)
+    empty file, not FASTA (no leading '>'), binary content (NUL bytes), truncated or
+    corrupt gzip. No shard is written in that case.
+
+Header conventions (`header_format`, default "auto" detects the first three per record)
+    uniprot  ``sp|P12345|NAME_HUMAN Desc OS=Homo sapiens OX=9606 GN=.. PE=1 SV=1``:
+             id = accession, name = entry name, taxon = OS, taxid = OX
+    uniref   ``UniRef90_P12345 Desc n=3 Tax=Homo sapiens TaxID=9606 RepID=NAME_HUMAN``:
+             id = the cluster id (``UniRef90_P12345``), name = RepID
+    mgnify   ``MGYP000012345678 PL=00 UP=0 BIOMES=...``: id = MGYP accession,
+             description = the attributes
+    jgi      ``Ga0123456_1000011 description [organism or sample]``: id = first word,
+             name = the IMG assembly (``Ga0123456``), taxon = the bracketed text
+    oas      ``<id>|<chain>|<species> ...`` (how OAS data units are written as FASTA):
+             id = before the first '|', name = chain (Heavy/Light), taxon = species
+    plain    anything else: id = the first word, description = the rest
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from esm3.data.shards import ShardWriter, atomic_path, is_done, tmp_path, write_table
+
+ALPHABET = "ACDEFGHIKLMNPQRSTVWYXBUZO"
+HEADER_FORMATS = ("auto", "uniprot", "uniref", "mgnify", "jgi", "oas", "plain")
+HeaderFormat = Literal["auto", "uniprot", "uniref", "mgnify", "jgi", "oas", "plain"]
+
+SEQUENCE_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("dataset", pa.string()),
+        ("sequence", pa.string()),
+        ("length", pa.int32()),  # residues
+        ("name", pa.string()),  # entry name / RepID / assembly / chain, by convention
+        ("description", pa.string()),
+        ("taxon", pa.string()),
+        ("taxid", pa.int64()),
+        ("offset", pa.int64()),  # byte offset of the record's '>' in the uncompressed input
+    ]
+)
+REJECT_KEYS = ("stage", "source", "record", "reason", "detail")
+REJECT_SCHEMA = pa.schema([(k, pa.string()) for k in REJECT_KEYS])
+
+DEFAULT_BLOCK_BYTES = 8 << 20
+
+_VALID = np.zeros(256, dtype=bool)
+_VALID[np.frombuffer(ALPHABET.encode(), np.uint8)] = True
+_LOWER = np.zeros(256, dtype=bool)
+_LOWER[np.frombuffer(ALPHABET.lower().encode(), np.uint8)] = True
+_SEQ_BYTE = np.ones(256, dtype=bool)  # bytes that belong to a sequence (not space/newline)
+_SEQ_BYTE[[ord(" "), ord("\t"), ord("\r"), ord("\v"), ord("\f"), ord("\n")]] = False
+_CLASS = np.where(_VALID, 0, np.where(_LOWER, 1, 2)).astype(np.uint8)  # 0 ok, 1 lower, 2 bad
+_NL, _GT, _STAR = 10, ord(">"), ord("*")
+
+_AUTO_PREFIX = {"uniprot": ("sp|", "tr|"), "uniref": ("UniRef",)}
+
+
+class FastaError(ValueError):
+    """The input is not readable FASTA; the message names the file and the place."""
+
+
+@dataclass
+class _Block:
+    """One parsed block: valid rows, rejects and counters."""
+
+    batch: pa.RecordBatch
+    rejects: list[dict]
+    records: int
+    lowercased: int
+    stop_removed: int
+
+
+def _open(path: Path) -> pa.NativeFile:
+    """Open plain or gzip input (detected by magic bytes, not by name)."""
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    raw = pa.OSFile(str(path))
+    if magic == b"\x1f\x8b":
+        return pa.CompressedInputStream(raw, "gzip")
+    return raw
+
+
+def iter_blocks(
+    path: str | Path,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    byte_range: tuple[int, int] | None = None,
+) -> Iterator[tuple[int, bytes]]:
+    """Yield (offset, bytes) blocks of whole FASTA records from `path`.
+
+    Each block starts at a '>' and ends after the last byte of its last record; `offset` is
+    its position in the uncompressed stream. `byte_range` (plain files only) reads the records
+    starting in [start, end), as cut by `fasta_byte_ranges`.
+    Raises FastaError on empty, binary, non-FASTA or corrupt compressed input.
+    """
+    path = Path(path)
+    stream = _open(path)
+    start, end = 0, None
+    if byte_range is not None:
+        if isinstance(stream, pa.CompressedInputStream):
+            raise FastaError(f"{path}: byte ranges need an uncompressed file; use split_fasta")
+        start, end = byte_range
+        stream.seek(start)
+    pos, carry, first = start, b"", True
+    try:
+        while True:
+            want = block_bytes if end is None else min(block_bytes, end - pos - len(carry))
+            data = stream.read(want) if want > 0 else b""
+            buf = carry + data if carry else data
+            if first:
+                if not buf:
+                    if byte_range is None:
+                        raise FastaError(f"{path}: empty file (no FASTA records)")
+                    return
+                stripped = buf.lstrip()
+                if b"\x00" in buf[:4096] or not stripped.startswith(b">"):
+                    what = "binary content" if b"\x00" in buf[:4096] else "no '>' header"
+                    raise FastaError(f"{path}: not a FASTA file ({what} at byte {pos})")
+                pos += len(buf) - len(stripped)
+                buf, first = stripped, False
+            if not data:
+                if buf:
+                    _check_binary(path, pos, buf)
+                    yield pos, buf
+                return
+            cut = buf.rfind(b"\n>")
+            if cut < 0:  # a record longer than the block: keep reading
+                carry = buf
+                continue
+            block, carry = buf[: cut + 1], buf[cut + 1 :]
+            _check_binary(path, pos, block)
+            yield pos, block
+            pos += len(block)
+    except OSError as e:  # Arrow reports truncated/corrupt gzip as OSError
+        raise FastaError(f"{path}: corrupt or truncated input near byte {pos}: {e}") from e
+    finally:
+        stream.close()
+
+
+def _check_binary(path: Path, pos: int, block: bytes) -> None:
+    at = block.find(b"\x00")
+    if at >= 0:
+        rec = block.rfind(b"\n>", 0, at)
+        raise FastaError(
+            f"{path}: binary content (NUL byte) at byte {pos + at}, in the record starting at "
+            f"byte {pos + rec + 1 if rec >= 0 else pos}"
+        )
+
+
+def _record_lengths(
+    buf: np.ndarray, nl: np.ndarray, hdr_start: np.ndarray, hdr_end: np.ndarray, kept: int
+) -> np.ndarray | None:
+    """Sequence bytes per record from the line structure alone, if newlines are the only
+    bytes dropped from sequence lines (else None)."""
+    n = len(buf)
+    nxt = np.append(hdr_start[1:], n)
+    # newlines from the end of each header line up to the next header
+    nl_before = np.searchsorted(nl, hdr_start)
+    nl_count = np.diff(np.append(nl_before, len(nl)))
+    raw = nxt - hdr_end - nl_count
+    crlf = buf[np.maximum(hdr_end, 0)[hdr_end < n]] == ord("\r")
+    raw[: len(crlf)] -= crlf  # the header's own '\r' (hdr_end points at it)
+    return raw if int(raw.sum()) == kept else None
+
+
+def _strings(data: np.ndarray, offsets: np.ndarray) -> pa.StringArray:
+    """Build a StringArray over `data` bytes with int32 `offsets` (len n+1), zero-copy."""
+    n = len(offsets) - 1
+    return pa.StringArray.from_buffers(
+        n, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(np.ascontiguousarray(data))
+    )
+
+
+def _safe_utf8(data: np.ndarray, offsets: np.ndarray) -> pa.StringArray:
+    arr = _strings(data, offsets)
+    if (data >= 0x80).any():
+        try:
+            arr.validate(full=True)
+        except pa.ArrowInvalid:  # rare: decode record by record, replacing bad bytes
+            raw = data.tobytes()
+            arr = pa.array(
+                [
+                    raw[a:b].decode("utf-8", "replace")
+                    for a, b in zip(offsets[:-1], offsets[1:], strict=False)
+                ],
+                pa.string(),
+            )
+    return arr
+
+
+def _part(lists: pa.ListArray, k: int) -> pa.Array:
+    """Element k of each list, null where the list is shorter (no Python loop)."""
+    offs = lists.offsets.to_numpy()
+    lens = np.diff(offs)
+    idx = pa.array(offs[:-1] + k, mask=lens <= k)
+    return lists.flatten().take(idx)
+
+
+def _split(arr: pa.Array, sep: str, k: int, regex: bool = False) -> list[pa.Array]:
+    """Split each string at the first `k` separators; return the k+1 parts (null if absent)."""
+    split = pc.split_pattern_regex if regex else pc.split_pattern
+    lists = split(arr, sep, max_splits=k)
+    return [_part(lists, i) for i in range(k + 1)]
+
+
+def _group(arr: pa.Array, pattern: str) -> pa.Array:
+    """The single named group of `pattern` searched in each string (null if no match)."""
+    return pc.extract_regex(arr, pattern).field(0)
+
+
+def _fields_plain(headers: pa.Array) -> dict[str, pa.Array]:
+    first, rest = _split(headers, " ", 1)
+    nulls = pa.nulls(len(headers), pa.string())
+    return dict(id=first, name=nulls, description=rest, taxon=nulls, taxid=nulls)
+
+
+def _fields_uniprot(headers: pa.Array) -> dict[str, pa.Array]:
+    first, rest = _split(headers, " ", 1)
+    _, acc, name = _split(first, "|", 2)
+    desc, tail = _split(pc.binary_join_element_wise(" ", pc.fill_null(rest, ""), ""), " OS=", 1)
+    return dict(
+        id=acc,
+        name=name,
+        description=desc,
+        taxon=_split(tail, r" [A-Z][A-Z]=", 1, regex=True)[0],
+        taxid=_group(tail, r"OX=(?P<taxid>\d+)"),
+    )
+
+
+def _fields_uniref(headers: pa.Array) -> dict[str, pa.Array]:
+    first, rest = _split(headers, " ", 1)
+    rest = pc.binary_join_element_wise(" ", pc.fill_null(rest, ""), "")
+    return dict(
+        id=first,
+        name=_group(rest, r" RepID=(?P<name>\S+)"),
+        description=_split(rest, r" (?:n|Tax|TaxID|RepID)=", 1, regex=True)[0],
+        taxon=_group(rest, r" Tax=(?P<taxon>[^=]*) TaxID="),
+        taxid=_group(rest, r" TaxID=(?P<taxid>\d+)"),
+    )
+
+
+def _fields_jgi(headers: pa.Array) -> dict[str, pa.Array]:
+    fields = _fields_plain(headers)
+    rest = fields["description"]
+    fields["name"] = _group(fields["id"], r"^(?P<name>Ga\d+)_")
+    fields["taxon"] = _group(rest, r"\[(?P<taxon>[^\[\]]*)\]\s*$")
+    fields["description"] = pc.replace_substring_regex(rest, r"\s*\[[^\[\]]*\]\s*$", "")
+    return fields
+
+
+def _fields_oas(headers: pa.Array) -> dict[str, pa.Array]:
+    fields = _fields_plain(headers)
+    rid, chain, species = _split(fields["id"], "|", 3)[:3]
+    return {**fields, "id": rid, "name": chain, "taxon": species}
+
+
+_PARSERS = {
+    "plain": _fields_plain,
+    "mgnify": _fields_plain,  # MGYP accession, then attributes kept as the description
+    "uniprot": _fields_uniprot,
+    "uniref": _fields_uniref,
+    "jgi": _fields_jgi,
+    "oas": _fields_oas,
+}
+
+
+def parse_headers(headers: pa.StringArray, header_format: HeaderFormat = "auto") -> pa.Table:
+    """Parse FASTA header lines (without '>') into (id, name, description, taxon, taxid).
+
+    Vectorized with Arrow string kernels. See the module docstring for the conventions;
+    fields a convention lacks are null, and empty strings become null (except the id).
+    "auto" recognises UniProt and UniRef per record and keeps the first word otherwise.
+    """
+    if header_format not in HEADER_FORMATS:
+        raise ValueError(f"unknown header_format {header_format!r}; one of {HEADER_FORMATS}")
+    if header_format != "auto":
+        cols = _PARSERS[header_format](headers)
+    else:
+        cols = _fields_plain(headers)
+        for fmt, prefixes in _AUTO_PREFIX.items():
+            mask = pc.starts_with(headers, prefixes[0])
+            for prefix in prefixes[1:]:
+                mask = pc.or_(mask, pc.starts_with(headers, prefix))
+            if pc.any(mask).as_py():
+                special = _PARSERS[fmt](headers)
+                cols = {k: pc.if_else(mask, special[k], v) for k, v in cols.items()}
+    empty = pa.scalar(None, pa.string())
+    out = {}
+    for k, v in cols.items():
+        v = pc.utf8_trim_whitespace(v)
+        out[k] = v if k == "id" else pc.if_else(pc.equal(v, ""), empty, v)
+    out["id"] = pc.fill_null(out["id"], "")
+    out["taxid"] = pc.cast(out["taxid"], pa.int64())
+    return pa.table(out)
+
+
+def parse_block(
+    block: bytes,
+    base: int,
+    *,
+    dataset: str,
+    source: str,
+    header_format: HeaderFormat = "auto",
+    lowercase: Literal["upper", "reject"] = "upper",
+) -> _Block:
+    """Parse one block of whole FASTA records (starting with '>') into a record batch.
+
+    `base` is the block's offset in the input. Returns the valid rows and the reject rows.
+    """
+    buf = np.frombuffer(block, dtype=np.uint8)
+    n = len(buf)
+    nl = np.flatnonzero(buf == _NL)
+    # header lines: a '>' at the start of a line (block start or after a newline)
+    cand = nl[:-1] + 1 if len(nl) and nl[-1] == n - 1 else nl + 1
+    hdr_start = np.concatenate(([0], cand[buf[cand] == _GT]))
+    hdr_end = nl[np.searchsorted(nl, hdr_start)] if len(nl) else np.array([n])
+    if len(nl) and hdr_start[-1] > nl[-1]:  # last header without a newline
+        hdr_end = np.concatenate((nl[np.searchsorted(nl, hdr_start[:-1])], [n]))
+    hdr_end = hdr_end - (buf[np.maximum(hdr_end - 1, 0)] == ord("\r"))
+    records = len(hdr_start)
+
+    # header bytes (after '>'), gathered by index: headers are a small part of the bytes
+    hlen = hdr_end - hdr_start - 1
+    hoff = np.zeros(records + 1, dtype=np.int64)
+    np.cumsum(hlen, out=hoff[1:])
+    hidx = np.arange(hoff[-1], dtype=np.int64) + np.repeat(hdr_start + 1 - hoff[:-1], hlen)
+    header_bytes = buf[hidx]
+
+    # sequence bytes: bytes above 0x20 (not whitespace/newline) outside header lines
+    seq_mask = buf > 0x20
+    seq_mask[hidx] = False
+    seq_mask[hdr_start] = False
+    seq = buf[seq_mask]
+    seq_len = _record_lengths(buf, nl, hdr_start, hdr_end, len(seq))
+    if seq_len is None:  # whitespace inside sequence lines: count exactly
+        seq_len = np.add.reduceat(seq_mask.view(np.uint8), hdr_start, dtype=np.int64)
+    off = np.zeros(records + 1, dtype=np.int64)
+    np.cumsum(seq_len, out=off[1:])
+
+    # one terminal '*' per record is a stop codon: drop it
+    last = off[1:] - 1
+    has_seq = seq_len > 0
+    star = np.zeros(records, dtype=bool)
+    star[has_seq] = seq[last[has_seq]] == _STAR
+    stop_removed = int(star.sum())
+    if stop_removed:
+        drop = np.zeros(len(seq), dtype=bool)
+        drop[last[star]] = True
+        seq = seq[~drop]
+        off[1:] -= np.cumsum(star)
+        seq_len = np.diff(off)
+
+    reason = np.zeros(records, dtype=np.int8)  # 0 ok; see _REASONS
+    # fast check: every byte an uppercase letter other than J; else find the odd ones
+    clean = not np.count_nonzero((seq - np.uint8(65)) > 25) and not np.count_nonzero(seq == 74)
+    odd = np.zeros(0, np.int64) if clean else np.flatnonzero(_CLASS[seq])
+    lowercased = 0
+    bad_pos = odd[_CLASS[seq[odd]] == 2]
+    bad_rec = np.searchsorted(off, bad_pos, "right") - 1
+    if len(odd):
+        seq = seq.copy() if not seq.flags.writeable else seq
+        low = odd[_CLASS[seq[odd]] == 1]
+        rec_low = np.unique(np.searchsorted(off, low, "right") - 1)
+        if lowercase == "reject":
+            reason[rec_low] = 3
+        else:
+            seq[low] -= 32
+            lowercased = len(rec_low)
+        reason[bad_rec] = 2
+        seq[bad_pos[seq[bad_pos] >= 0x80]] = ord("?")  # keep the buffer valid UTF-8
+    reason[(seq_len == 0) & (reason == 0)] = 1
+
+    headers = _safe_utf8(header_bytes, hoff)
+    fields = parse_headers(headers, header_format)
+    ids = fields.column("id").combine_chunks()
+    empty_id = pc.equal(ids, "").to_numpy(zero_copy_only=False)
+    reason[empty_id & (reason == 0)] = 4
+
+    offsets = base + hdr_start
+    sequences = _strings(seq, off)
+    batch = pa.RecordBatch.from_arrays(
+        [
+            ids,
+            pa.array([dataset], pa.string()).take(np.zeros(records, dtype=np.int64)),
+            sequences,
+            pa.array(seq_len.astype(np.int32)),
+            fields.column("name").combine_chunks(),
+            fields.column("description").combine_chunks(),
+            fields.column("taxon").combine_chunks(),
+            fields.column("taxid").combine_chunks(),
+            pa.array(offsets),
+        ],
+        schema=SEQUENCE_SCHEMA,
+    )
+    rejects: list[dict] = []
+    bad = np.flatnonzero(reason)
+    if len(bad):
+        rejects = _reject_rows(bad, reason, ids, offsets, seq, off, bad_pos, bad_rec, source)
+        batch = batch.filter(pa.array(reason == 0))
+    return _Block(batch, rejects, records, lowercased, stop_removed)
+
+
+_REASONS = {1: "empty_sequence", 2: "invalid_characters", 3: "lowercase", 4: "empty_id"}
+
+
+def _reject_rows(bad, reason, ids, offsets, seq, off, bad_pos, bad_rec, source) -> list[dict]:
+    """Reject dicts for the (few) refused records; this loop runs only over refusals."""
+    rows = []
+    id_list = ids.take(pa.array(bad)).to_pylist()
+    for r, rid in zip(bad.tolist(), id_list, strict=False):
+        code = int(reason[r])
+        where = f"byte {int(offsets[r])}"
+        if code == 2:
+            lo, hi = np.searchsorted(bad_rec, [r, r + 1])
+            chars = sorted({chr(c) for c in seq[bad_pos[lo:hi]].tolist()})
+            first = int(bad_pos[lo] - off[r]) + 1
+            detail = f"characters {''.join(chars)!r} not in {ALPHABET} (first at residue {first})"
+        elif code == 3:
+            detail = "lowercase residues (lowercase='reject')"
+        elif code == 1:
+            detail = "header with no sequence"
+        else:
+            detail = "header has no id"
+        rows.append(
+            {
+                "stage": "ingest",
+                "source": source,
+                "record": rid or where,
+                "reason": _REASONS[code],
+                "detail": f"{detail}; record at {where}",
+            }
+        )
+    return rows
+
+
+def _rejects_path(out: Path) -> Path:
+    return out.with_name(out.name + ".rejects.parquet")
+
+
+def read_rejects(out: str | Path) -> tuple[dict, list[dict]]:
+    """The summary and reject rows saved next to a finished shard by `ingest_fasta`."""
+    table = pq.read_table(_rejects_path(Path(out)))
+    summary = json.loads(table.schema.metadata[b"summary"])
+    return summary, table.to_pylist()
+
+
+def ingest_fasta(
+    path: str | Path,
+    out: str | Path,
+    *,
+    dataset: str,
+    header_format: HeaderFormat = "auto",
+    lowercase: Literal["upper", "reject"] = "upper",
+    byte_range: tuple[int, int] | None = None,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> tuple[dict, list[dict]]:
+    """Ingest one FASTA/FASTA.gz input (or one byte range of it) into the Parquet shard `out`.
+
+    One array task's unit of work. Idempotent: when `out` exists, returns the saved summary
+    and rejects without reading the input. The shard (schema `SEQUENCE_SCHEMA`, rows in input
+    order) and its sidecar `<out>.rejects.parquet` appear only when complete.
+    Returns (summary counts, reject rows). Raises FastaError for unreadable input.
+    """
+    path, out = Path(path), Path(out)
+    if is_done(out) and _rejects_path(out).exists():
+        summary, rejects = read_rejects(out)
+        return {**summary, "skipped": True}, rejects
+    source = str(path)
+    counts = dict(records=0, lowercased=0, stop_removed=0)
+    rejects: list[dict] = []
+    with ShardWriter(out, SEQUENCE_SCHEMA) as writer:
+        for base, block in iter_blocks(path, block_bytes, byte_range):
+            parsed = parse_block(
+                block,
+                base,
+                dataset=dataset,
+                source=source,
+                header_format=header_format,
+                lowercase=lowercase,
+            )
+            writer.write(parsed.batch)
+            rejects += parsed.rejects
+            counts["records"] += parsed.records
+            counts["lowercased"] += parsed.lowercased
+            counts["stop_removed"] += parsed.stop_removed
+        # duplicate ids are found on the finished temporary file, before the rename
+        removed = writer.close(lambda tmp: _drop_duplicate_ids(tmp, source, rejects))
+    summary = {
+        "source": source,
+        "dataset": dataset,
+        "shard": str(out),
+        **counts,
+        "written": writer.rows - removed,
+        "rejected": len(rejects),
+        "skipped": False,
+    }
+    table = pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA).replace_schema_metadata(
+        {"summary": json.dumps(summary)}
+    )
+    write_table(table, _rejects_path(out))
+    return summary, rejects
+
+
+def _drop_duplicate_ids(tmp: Path, source: str, rejects: list[dict]) -> tuple[Path, int] | None:
+    """Find repeated ids in the finished temporary shard with DuckDB (out-of-core).
+
+    Keeps the first occurrence. If any id repeats, writes the shard again without the repeats
+    and returns (that file, rows removed); extends `rejects` in place.
+    """
+    ids = pq.read_table(tmp, columns=["id"]).column("id")
+    if pc.count_distinct(ids).as_py() == len(ids):  # the common case, without DuckDB
+        return None
+    src = f"read_parquet('{_sql_str(tmp)}')"
+    repeats = f"""
+        SELECT id, "offset", min("offset") OVER (PARTITION BY id) AS first_offset
+        FROM {src} WHERE id IN (SELECT id FROM {src} GROUP BY id HAVING count(*) > 1)
+        QUALIFY "offset" > first_offset"""
+    con = duckdb.connect()
+    try:
+        dups = con.sql(f'{repeats} ORDER BY "offset"').fetchall()
+        if not dups:
+            return None
+        rejects += [
+            {
+                "stage": "ingest",
+                "source": source,
+                "record": rid,
+                "reason": "duplicate_id",
+                "detail": f"id first seen at byte {first}; repeat at byte {offset} dropped",
+            }
+            for rid, offset, first in dups
+        ]
+        dedup = tmp_path(tmp)
+        con.sql(
+            f"""COPY (SELECT * FROM {src} WHERE "offset" NOT IN (SELECT "offset" FROM ({repeats}))
+                ORDER BY "offset") TO '{_sql_str(dedup)}' (FORMAT parquet, COMPRESSION zstd)"""
+        )
+        return dedup, len(dups)
+    finally:
+        con.close()
+
+
+def _sql_str(p: Path | str) -> str:
+    return str(p).replace("'", "''")
+
+
+def fasta_byte_ranges(path: str | Path, n: int) -> list[tuple[int, int]]:
+    """Cut an uncompressed FASTA file into `n` byte ranges that start at record boundaries.
+
+    Deterministic; ranges cover the file without overlap (some may be empty for small files).
+    Each is a unit for `ingest_fasta(..., byte_range=...)`.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        if f.read(2) == b"\x1f\x8b":
+            raise FastaError(f"{path}: byte ranges need an uncompressed file; use split_fasta")
+        size = path.stat().st_size
+        cuts = [0]
+        for k in range(1, n):
+            target = max(k * size // n, cuts[-1])
+            cuts.append(_next_record(f, target, size))
+        cuts.append(size)
+    return list(zip(cuts[:-1], cuts[1:], strict=False))
+
+
+def _next_record(f, target: int, size: int) -> int:
+    """Offset of the first record start ('>' at a line start) at or after `target`."""
+    if target == 0:
+        return 0
+    pos = target - 1
+    while pos < size:
+        f.seek(pos)
+        chunk = f.read(1 << 20)
+        at = chunk.find(b"\n>")
+        if at >= 0:
+            return pos + at + 1
+        if len(chunk) < 2:
+            break
+        pos += len(chunk) - 1
+    return size
+
+
+def split_fasta(
+    path: str | Path, out_dir: str | Path, n_shards: int, block_bytes: int = 4 << 20
+) -> list[Path]:
+    """Split any FASTA/FASTA.gz into `n_shards` plain FASTA files in one streaming pass.
+
+    Blocks of whole records (about `block_bytes` each) go round-robin to the shards, so the
+    split is deterministic and the shards are balanced. Files are named
+    ``<stem>.<k>-of-<n>.fasta`` and all appear together at the end (idempotent: skipped
+    when all exist). Raises FastaError for unreadable input.
+    """
+    path, out_dir = Path(path), Path(out_dir)
+    stem = path.name.removesuffix(".gz").rsplit(".", 1)[0]
+    outs = [out_dir / f"{stem}.{k:05d}-of-{n_shards:05d}.fasta" for k in range(n_shards)]
+    if all(o.exists() for o in outs):
+        return outs
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmps = [tmp_path(o) for o in outs]
+    files = [open(t, "wb") for t in tmps]
+    try:
+        for i, (_, block) in enumerate(iter_blocks(path, block_bytes)):
+            files[i % n_shards].write(block if block.endswith(b"\n") else block + b"\n")
+        for f in files:
+            f.close()
+        for t, o in zip(tmps, outs, strict=False):
+            t.replace(o)
+    finally:
+        for f, t in zip(files, tmps, strict=False):
+            f.close()
+            if t.exists():
+                t.unlink()
+    return outs
+
+
+def write_fasta(tables: pa.Table | list[pa.Table], out: str | Path) -> Path:
+    """Write (id, sequence) rows as FASTA ('>id' lines, one sequence line), atomically.
+
+    Built with Arrow string kernels, no Python loop over rows.
+    """
+    tables = [tables] if isinstance(tables, pa.Table) else tables
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        for table in tables:
+            for batch in table.select(["id", "sequence"]).to_batches(1 << 16):
+                text = pc.binary_join_element_wise(
+                    ">", batch.column(0), "\n", batch.column(1), "\n", ""
+                )
+                # the joined strings lie back to back in the data buffer: write it whole
+                offs = np.frombuffer(text.buffers()[1], np.int32)
+                a, b = offs[text.offset], offs[text.offset + len(text)]
+                f.write(memoryview(text.buffers()[2])[a:b])
+    return Path(out)
