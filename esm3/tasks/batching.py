@@ -1,0 +1,120 @@
+"""Batches of corrupted samples: length buckets or packed rows, with the padding fraction.
+
+A sample is the (inputs, targets, loss_masks) triple of `corrupt`. A row holds one sample
+(bucketed) or several (packed, each with its own `sequence_id`, so attention is
+block-diagonal). Rows are right-padded with PAD tokens, NaN coordinates and
+sequence_id -1 to the longest row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from esm3.tokenize.specials import PAD
+
+Sample = tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]
+
+
+@dataclass
+class Batch:
+    """Padded arrays: inputs (model keyword arguments), targets, loss_masks; each (B, T, ...)."""
+
+    inputs: dict[str, np.ndarray]
+    targets: dict[str, np.ndarray]
+    loss_masks: dict[str, np.ndarray]
+    n_tokens: int  # real (non-padding) positions
+    padding_fraction: float  # padding positions / (B * T)
+
+    def to_torch(self, device: str = "cpu") -> tuple[dict, dict, dict]:
+        import torch
+
+        def conv(d: dict[str, np.ndarray]) -> dict:
+            return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in d.items()}
+
+        return conv(self.inputs), conv(self.targets), conv(self.loss_masks)
+
+
+def bucket_rows(lengths: list[int], max_tokens: int) -> list[list[list[int]]]:
+    """Length-bucketed batches: samples sorted by length, cut so that rows * longest row
+    <= max_tokens. Returns batches of rows of sample indices (one sample per row)."""
+    order = np.argsort(lengths, kind="stable")
+    batches: list[list[list[int]]] = []
+    cur: list[list[int]] = []
+    longest = 0
+    for i in order.tolist():
+        longest_if = max(longest, lengths[i])
+        if cur and longest_if * (len(cur) + 1) > max_tokens:
+            batches.append(cur)
+            cur, longest_if = [], lengths[i]
+        cur.append([i])
+        longest = longest_if
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def pack_rows(lengths: list[int], row_length: int) -> list[list[int]]:
+    """First-fit-decreasing packing of samples into rows of at most `row_length` positions.
+
+    Raises ValueError when a sample is longer than a row.
+    """
+    too_long = [i for i, n in enumerate(lengths) if n > row_length]
+    if too_long:
+        raise ValueError(
+            f"sample {too_long[0]} has {lengths[too_long[0]]} positions, more than a row "
+            f"({row_length})"
+        )
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, f in enumerate(free):
+            if lengths[i] <= f:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(row_length - lengths[i])
+    return rows
+
+
+def collate(samples: list[Sample], rows: list[list[int]] | None = None) -> Batch:
+    """Stack samples into a padded batch; `rows` lists the samples of each row (default:
+    one per row). Adds `sequence_id` (B, T) and `positions` (B, T) to the inputs."""
+    rows = rows if rows is not None else [[i] for i in range(len(samples))]
+    row_len = [sum(samples[i][0]["sequence"].shape[0] for i in r) for r in rows]
+    B, T = len(rows), max(row_len)
+    ref_in, ref_tg, ref_lm = samples[rows[0][0]]
+
+    def empty(ref: np.ndarray, fill: object) -> np.ndarray:
+        return np.full((B, T) + ref.shape[1:], fill, dtype=ref.dtype)
+
+    fills_in = {
+        k: (np.nan if v.dtype.kind == "f" else (-1 if k == "residue_index" else PAD))
+        for k, v in ref_in.items()
+    }
+    fills_in["chain_id"] = 0
+    inputs = {k: empty(v, fills_in[k]) for k, v in ref_in.items()}
+    targets = {k: empty(v, PAD) for k, v in ref_tg.items()}
+    masks = {k: empty(v, False) for k, v in ref_lm.items()}
+    inputs["sequence_id"] = np.full((B, T), -1, dtype=np.int64)
+    inputs["positions"] = np.zeros((B, T), dtype=np.int64)
+    for b, r in enumerate(rows):
+        pos = 0
+        for j, i in enumerate(r):
+            s_in, s_tg, s_lm = samples[i]
+            n = s_in["sequence"].shape[0]
+            sl = slice(pos, pos + n)
+            for k, v in s_in.items():
+                inputs[k][b, sl] = v
+            for k, v in s_tg.items():
+                targets[k][b, sl] = v
+            for k, v in s_lm.items():
+                masks[k][b, sl] = v
+            inputs["sequence_id"][b, sl] = j
+            inputs["positions"][b, sl] = np.arange(n)
+            pos += n
+    n_tokens = int(sum(row_len))
+    return Batch(inputs, targets, masks, n_tokens, 1.0 - n_tokens / (B * T))

@@ -1,0 +1,82 @@
+"""Every probability and threshold of the pre-training recipe, with the paper's defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from esm3.tokenize.annotations import FUNCTION_DEPTH, RESIDUE_DEPTH, AnnotationVocab
+from esm3.tokenize.structure_tokens import DEFAULT_CODEBOOK_SIZE
+
+
+@dataclass(frozen=True)
+class TrackNoise:
+    """Mask-rate schedule and whole-track dropout probability of one track (Table S6)."""
+
+    schedule: str
+    dropout: float
+
+
+@dataclass
+class TaskConfig:
+    """The corruption recipe (paper A.2.2). Lengths count residues; distances in Angstrom."""
+
+    # Table S6
+    sequence: TrackNoise = TrackNoise("betalinear30", 0.0)
+    structure: TrackNoise = TrackNoise("cosine", 0.25)
+    coordinates: TrackNoise = TrackNoise("cubic", 0.5)
+    ss8: TrackNoise = TrackNoise("square_root", 0.9)
+    sasa: TrackNoise = TrackNoise("square_root", 0.9)
+    function: TrackNoise = TrackNoise("square_root", 0.9)
+    residue: TrackNoise = TrackNoise("square_root", 0.9)
+    betalinear_beta_fraction: float = 0.8
+    # coordinates
+    span_drop_prob: float = 0.5  # span dropping instead of i.i.d. masking
+    max_spans: int = 8  # number of masked spans drawn from 1..max_spans
+    coord_noise_sd: float = 0.1  # Angstrom, on all input coordinates
+    # atomic coordination sampling
+    coordination_prob: float = 0.05
+    coordination_contact: float = 6.0  # CA-CA below this
+    coordination_min_sep: int = 10  # |i - j| at least this
+    coordination_neighbor_prob: float = 0.5
+    # tertiary interface sampling
+    interface_prob: float = 0.05
+    interface_contact: float = 8.0
+    interface_min_sep: int = 24
+    # residue gap augmentation
+    gap_chain_p: float = 0.9  # number of chains ~ Geometric(gap_chain_p)
+    gap_max_chains: int = 9
+    gap_min: int = 10  # residues dropped between two chains, at least
+    gap_dirichlet_alpha: float = 1.0
+    # sample size: residues beyond max_length - 2 (bos, eos) are cropped to a random window
+    max_length: int = 2048
+    # vocabularies
+    codebook_size: int = DEFAULT_CODEBOOK_SIZE
+    function_labels: tuple[str, ...] = ()
+    residue_labels: tuple[str, ...] = ()
+    function_vocab: AnnotationVocab = field(init=False, repr=False, compare=False)
+    residue_vocab: AnnotationVocab = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("sequence", "structure", "coordinates", "ss8", "sasa", "function", "residue"):
+            tn = getattr(self, name)
+            if isinstance(tn, dict):
+                tn = TrackNoise(**tn)
+                setattr(self, name, tn)
+            if not 0.0 <= tn.dropout <= 1.0:
+                raise ValueError(f"tasks.{name}.dropout must be in [0, 1], got {tn.dropout}")
+        for name in (
+            "span_drop_prob",
+            "coordination_prob",
+            "coordination_neighbor_prob",
+            "interface_prob",
+            "betalinear_beta_fraction",
+        ):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"tasks.{name} must be in [0, 1], got {v}")
+        if not 0.0 < self.gap_chain_p <= 1.0:
+            raise ValueError(f"tasks.gap_chain_p must be in (0, 1], got {self.gap_chain_p}")
+        if self.max_length < 3:
+            raise ValueError(f"tasks.max_length must be >= 3, got {self.max_length}")
+        self.function_vocab = AnnotationVocab(self.function_labels, FUNCTION_DEPTH)
+        self.residue_vocab = AnnotationVocab(self.residue_labels, RESIDUE_DEPTH)

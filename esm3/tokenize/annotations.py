@@ -1,0 +1,99 @@
+"""Function tokens and residue annotations: multi-label per residue, stored as token slots.
+
+Scheme (ours, documented; ESM3 itself hashes TF-IDF vectors of InterPro terms with LSH):
+the caller gives a vocabulary, a list of label ids (e.g. InterPro accessions "IPR000001").
+Label `vocab[k]` is token `FIRST_LABEL + k`. Each residue has `depth` slots; slot s holds
+the s-th label (in vocabulary order) whose span covers the residue, or `NONE` when the
+residue has fewer than s+1 labels. Labels beyond `depth` at one residue are dropped, as are
+ids absent from the vocabulary (a vocabulary usually keeps only frequent terms).
+
+Function tokens use depth 8 and a cross-entropy per slot; residue annotations use depth 16
+and a multi-label (binary cross-entropy) loss over the vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from esm3.tokenize.specials import N_SPECIAL, SPECIAL_NAMES
+
+NONE = N_SPECIAL  # "no (further) label in this slot"
+FIRST_LABEL = N_SPECIAL + 1
+FUNCTION_DEPTH = 8
+RESIDUE_DEPTH = 16
+
+Annotation = tuple[str, int, int]  # (label id, start, end), 1-based inclusive
+
+
+class AnnotationVocab:
+    """A label vocabulary for the function or residue-annotation track."""
+
+    def __init__(self, labels: Sequence[str], depth: int) -> None:
+        if len(set(labels)) != len(labels):
+            raise ValueError("annotation vocabulary has duplicate labels")
+        if depth < 1:
+            raise ValueError(f"annotation depth must be >= 1, got {depth}")
+        self.labels = tuple(labels)
+        self.depth = depth
+        self._index = {lab: i for i, lab in enumerate(self.labels)}
+
+    @property
+    def size(self) -> int:
+        """Number of token ids: specials + NONE + labels."""
+        return FIRST_LABEL + len(self.labels)
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        return SPECIAL_NAMES + ("<none>",) + self.labels
+
+    def encode(
+        self, annotations: Iterable[Annotation], length: int, *, record: str = ""
+    ) -> np.ndarray:
+        """Slots of a sample's annotations, shape (length, depth), int64.
+
+        Spans are 1-based inclusive and must lie in [1, length] with start <= end
+        (ValueError naming the record otherwise). Unknown labels are skipped.
+        """
+        out = np.full((length, self.depth), NONE, dtype=np.int64)
+        ks, starts, ends = [], [], []
+        for label, start, end in annotations:
+            if not (1 <= start <= end <= length):
+                where = f"record {record!r}: " if record else ""
+                raise ValueError(
+                    f"{where}annotation {label} span [{start}, {end}] outside [1, {length}]"
+                )
+            k = self._index.get(label)
+            if k is not None:
+                ks.append(k)
+                starts.append(start - 1)
+                ends.append(end)
+        if not ks:
+            return out
+        uniq, row = np.unique(np.asarray(ks), return_inverse=True)
+        delta = np.zeros((uniq.size, length + 1), dtype=np.int32)
+        np.add.at(delta, (row, np.asarray(starts)), 1)
+        np.add.at(delta, (row, np.asarray(ends)), -1)
+        cover = np.cumsum(delta[:, :length], axis=1) > 0  # (K, L), rows in vocabulary order
+        rank = np.cumsum(cover, axis=0) - 1  # slot each covering label takes
+        keep = cover & (rank < self.depth)
+        k_idx, pos = np.nonzero(keep)
+        out[pos, rank[k_idx, pos]] = FIRST_LABEL + uniq[k_idx]
+        return out
+
+    def decode(self, slots: np.ndarray) -> list[set[str]]:
+        """Per-residue label sets from slots (length, depth)."""
+        return [
+            {self.labels[t - FIRST_LABEL] for t in row if t >= FIRST_LABEL}
+            for row in np.asarray(slots).tolist()
+        ]
+
+
+def multi_hot(slots: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Multi-label targets from slots (..., depth) -> (..., vocab_size - FIRST_LABEL) bool."""
+    slots = np.asarray(slots)
+    out = np.zeros(slots.shape[:-1] + (vocab_size - FIRST_LABEL,), dtype=bool)
+    idx = np.nonzero(slots >= FIRST_LABEL)
+    out[idx[:-1] + (slots[idx] - FIRST_LABEL,)] = True
+    return out
