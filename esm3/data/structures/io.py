@@ -138,8 +138,8 @@ def read_structure(path: str | Path, entry_id: str | None = None) -> Entry:
             atoms, meta = _read_pdb(raw, default_id)
         else:
             atoms, meta = _read_pdbx(raw, fmt, default_id)
-    except StructureReadError:
-        raise
+    except StructureReadError as e:
+        raise StructureReadError(path, e.reason, e.detail) from e
     except Exception as e:  # biotite raises many types on malformed input
         raise StructureReadError(path, "unreadable", f"{type(e).__name__}: {e}") from e
     if entry_id:
@@ -232,7 +232,7 @@ def _col(block, category: str, column: str) -> list[str]:
     data = cat[column]
     mask = data.mask.array if data.mask is not None else None
     values = data.as_array(str)
-    return [v for i, v in enumerate(values) if mask is None or mask[i] == 0]
+    return [str(v) for i, v in enumerate(values) if mask is None or mask[i] == 0]
 
 
 def _first_float(block, pairs: list[tuple[str, str]]) -> float | None:

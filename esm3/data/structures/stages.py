@@ -109,7 +109,8 @@ def process_structure_shard(
         return stored_result(out_path)
     cfg = config
     if cfg.ss8:
-        dssp.version()  # fails fast, with the reason, when mkdssp is missing or too old
+        dssp.path()  # fail fast, with the reason, when mkdssp is missing ...
+        dssp.version()  # ... or too old (the version check is cached per process)
     if cfg.dataset == "esmatlas":
         if esmatlas_metadata is None:
             raise ValueError("ESMAtlas needs esmatlas_metadata (id -> pLDDT, pTM)")
