@@ -413,7 +413,7 @@ def parse_block(
     batch = pa.RecordBatch.from_arrays(
         [
             ids,
-            pa.array([dataset], pa.string()).take(np.zeros(records, dtype=np.int64)),
+            pa.repeat(pa.scalar(dataset, pa.string()), records),
             sequences,
             pa.array(seq_len.astype(np.int32)),
             fields.column("name").combine_chunks(),

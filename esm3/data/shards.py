@@ -122,3 +122,27 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
+
+
+Source = pa.Table | str | Path | list[str | Path]
+
+
+def duckdb_source(con, name: str, source: Source) -> str:
+    """Make `source` (an Arrow table, or Parquet path(s)) queryable as `name` in DuckDB.
+
+    Paths are read lazily by DuckDB (out-of-core); tables are registered zero-copy.
+    """
+    if isinstance(source, pa.Table):
+        con.register(name, source)
+        return name
+    paths = [source] if isinstance(source, str | Path) else list(source)
+    if not paths:
+        raise ValueError(f"{name}: no Parquet files given")
+    quoted = ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths)
+    con.sql(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM read_parquet([{quoted}])")
+    return name
+
+
+def sql_path(path: str | Path) -> str:
+    """A path as a quoted SQL string literal."""
+    return "'" + str(path).replace("'", "''") + "'"
