@@ -1,0 +1,70 @@
+"""SQL: read-only queries over the catalog's views, with saved examples and CSV download.
+Statements other than queries, and reads outside the lake, are refused."""
+
+from __future__ import annotations
+
+import duckdb
+import streamlit as st
+
+from dashboard import common
+from esm3.metrics import queries
+from esm3.metrics.schema import TABLES
+
+st.title("SQL")
+ws = common.workspace()
+MAX_ROWS = 10_000
+
+st.caption(
+    "Read-only SQL over the catalog (DuckDB). Views: "
+    + ", ".join(f"`{t}`" for t in TABLES)
+    + ", plus `jobs_history`, `runs_history`, `train_steps_all`. Writes, ATTACH, COPY, SET "
+    "and reads outside the workspace's lake are refused."
+)
+
+names = list(queries.EXAMPLE_QUERIES)
+
+
+def _load_example() -> None:
+    st.session_state["sql_text"] = queries.EXAMPLE_QUERIES[st.session_state["sql_example"]]
+
+
+st.selectbox("Saved example queries", names, key="sql_example", on_change=_load_example)
+if "sql_text" not in st.session_state:
+    st.session_state["sql_text"] = queries.EXAMPLE_QUERIES[names[0]]
+with st.form("sql_form"):
+    sql = st.text_area("Query", key="sql_text", height=160)
+    submitted = st.form_submit_button("Run", type="primary", icon=":material/play_arrow:")
+
+with st.expander("Columns of each table"):
+    for name, schema in TABLES.items():
+        st.markdown(f"**{name}**: " + ", ".join(f"`{f.name}` {f.type}" for f in schema))
+
+if submitted or st.session_state.get("sql_ran"):
+    st.session_state["sql_ran"] = True
+    ws_data = common.Data(ws)
+    if not ws_data.exists:
+        common.no_lake(ws)
+    else:
+        reader = queries.LakeReader(ws)
+        try:
+            df, truncated = queries.run_user_sql(reader, sql, max_rows=MAX_ROWS)
+        except queries.SqlRefused as e:
+            st.error(str(e), icon=":material/block:")
+        except duckdb.Error as e:
+            st.error(f"DuckDB could not run the query: {e}", icon=":material/error:")
+        else:
+            st.caption(
+                f"{len(df):,} row{'s' if len(df) != 1 else ''}"
+                + (f" (first {MAX_ROWS:,} shown)" if truncated else "")
+            )
+            st.dataframe(df, hide_index=True, width="stretch")
+            st.download_button(
+                "Download CSV",
+                df.to_csv(index=False).encode(),
+                file_name="esm3-query.csv",
+                mime="text/csv",
+                icon=":material/download:",
+            )
+        finally:
+            common.report_bad_files(reader.bad_files)
+            reader.close()

@@ -1,0 +1,144 @@
+"""Stability: gradient norm against the clip threshold, clipped fraction, learning rate,
+update-to-weight ratio, largest attention logit, non-finite and skipped steps, with
+spikes, rollbacks and requeues marked on every curve."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard import charts, common
+from esm3.metrics import queries
+
+st.title("Stability")
+ws = common.workspace()
+METRICS = ["grad_norm", "lr", "update_ratio", "max_attn_logit"]
+
+with common.Data(ws) as data:
+    if not data.exists:
+        common.no_lake(ws)
+        st.stop()
+    with common.section("the run list"):
+        runs_available = data(queries.run_ids_with_steps)
+    if not runs_available:
+        common.empty("training steps", "Stability curves appear once a training run logs steps.")
+        st.stop()
+    c = st.columns([4, 1, 1])
+    with c[0]:
+        runs = common.pick_runs(data)
+    log_grad = c[1].toggle("Log grad norm", value=True, key="stab_log")
+    mark = c[2].toggle("Mark events", value=True, key="stab_mark")
+    points = st.sidebar.select_slider(
+        "Points per curve", [250, 500, 1000, 2000, 4000], value=2000, key="stab_points"
+    )
+
+
+@st.fragment(run_every=common.run_every())
+def curves() -> None:
+    if not runs:
+        st.info("Pick at least one run.")
+        return
+    with common.Data(ws) as data:
+        with common.section("the stability curves"):
+            df = data(queries.series, runs, METRICS, max_points=points)
+            ev = data(queries.step_events, runs)
+            clip = data(queries.clip_threshold, runs[0])
+            marks = ev if mark else None
+            k = st.columns(6)
+            k[0].metric("Spikes", int((ev["kind"] == "spike").sum()), border=True)
+            k[1].metric("Non-finite steps", int(df["nonfinite"].sum()), border=True)
+            k[2].metric("Skipped steps", int(df["skipped"].sum()), border=True)
+            k[3].metric("Rollbacks", int((ev["kind"] == "rollback").sum()), border=True)
+            k[4].metric(
+                "Requeues",
+                int(ev["kind"].isin(["requeue", "resume", "restart"]).sum()),
+                border=True,
+            )
+            steps = int(df["n"].sum())
+            frac = float((df["clipped_frac"] * df["n"]).sum() / steps) if steps else 0.0
+            k[5].metric("Clipped steps", f"{frac:.1%}", border=True, help=f"of {steps:,} steps")
+
+            g = st.columns(2)
+            g[0].altair_chart(
+                charts.metric_chart(
+                    df,
+                    "grad_norm",
+                    "gradient L2 norm (before clipping)",
+                    title="Gradient norm",
+                    log_y=log_grad,
+                    threshold=clip,
+                    threshold_label=f"clip {clip:g}",
+                    events=marks,
+                ),
+                width="stretch",
+            )
+            g[1].altair_chart(
+                charts.metric_chart(
+                    df.assign(clipped_pct=df["clipped_frac"] * 100),
+                    "clipped_pct",
+                    "steps clipped (%)",
+                    title="Clipped fraction",
+                    band=False,
+                    events=marks,
+                ),
+                width="stretch",
+            )
+            g = st.columns(2)
+            g[0].altair_chart(
+                charts.metric_chart(
+                    df, "lr", "learning rate", title="Learning rate", band=False, events=marks
+                ),
+                width="stretch",
+            )
+            g[1].altair_chart(
+                charts.metric_chart(
+                    df,
+                    "update_ratio",
+                    "‖Δw‖ / ‖w‖",
+                    title="Update-to-weight ratio",
+                    log_y=True,
+                    events=marks,
+                ),
+                width="stretch",
+            )
+            g = st.columns(2)
+            g[0].altair_chart(
+                charts.metric_chart(
+                    df,
+                    "max_attn_logit",
+                    "max |q·k| / √d (logit)",
+                    agg="max",
+                    title="Largest attention logit",
+                    band=False,
+                    events=marks,
+                ),
+                width="stretch",
+            )
+            g[1].altair_chart(charts.count_bars(df), width="stretch")
+        with common.section("the stability events"):
+            st.subheader("Events")
+            if ev.empty:
+                st.success(
+                    "No spikes, non-finite steps, skips or rollbacks.", icon=":material/check:"
+                )
+            else:
+                st.dataframe(
+                    ev,
+                    hide_index=True,
+                    width="stretch",
+                    column_config={"time": st.column_config.DatetimeColumn("time (UTC)")},
+                )
+        with common.section("the requeues and restarts"):
+            rs = data(queries.restarts, runs)
+            st.subheader("Requeues and restarts")
+            if rs.empty:
+                st.caption("None.")
+            else:
+                st.dataframe(
+                    rs,
+                    hide_index=True,
+                    width="stretch",
+                    column_config={"time": st.column_config.DatetimeColumn("time (UTC)")},
+                )
+
+
+curves()

@@ -1,0 +1,771 @@
+"""Every query the dashboard and the `esm3` command share, over the lake's catalog views.
+
+Readers never lock: each `LakeReader` opens a private in-memory DuckDB with the catalog's
+views (`esm3.metrics.catalog.view_sql`) over the append-only Parquet files. One corrupt
+file must not take down every page, so the reader builds the views itself: a table whose
+files cannot be read is re-viewed over an explicit list of its readable files, and the
+skipped files are reported in `LakeReader.bad_files` (path -> reason).
+
+Long curves are downsampled in SQL: `series` buckets each run's steps into at most
+`max_points` buckets (avg/min/max per bucket), so a page ships a few thousand points per
+run whatever the number of `train_steps` rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from esm3.metrics.catalog import SqlRefused, check_read_only, view_sql
+from esm3.metrics.lake import lake_dir
+from esm3.metrics.schema import TABLES
+
+__all__ = [
+    "EXAMPLE_QUERIES",
+    "LOSS_TRACKS",
+    "LakeReader",
+    "SqlRefused",
+    "alerts",
+    "clip_threshold",
+    "dataset_table",
+    "expected_unique",
+    "expected_unique_curve",
+    "failures",
+    "job_state_counts",
+    "job_tasks",
+    "lake_exists",
+    "lake_signature",
+    "rejects_by_reason",
+    "restarts",
+    "run_ids_with_steps",
+    "run_user_sql",
+    "runs_overview",
+    "series",
+    "stage_boundaries",
+    "step_events",
+    "token_table",
+    "tokens_seen",
+    "validation_loss",
+]
+
+# train_steps columns holding a loss, total first
+LOSS_TRACKS: tuple[str, ...] = (
+    "loss",
+    "loss_sequence",
+    "loss_structure",
+    "loss_ss8",
+    "loss_sasa",
+    "loss_function",
+    "loss_residue",
+)
+FAILED_STATES = ("FAILED", "TIMEOUT", "LOST")
+# events that mark a point on the training curves
+STEP_EVENT_KINDS = ("spike", "nonfinite", "skip", "rollback", "requeue", "resume", "restart")
+VALIDATION_KINDS = ("validation", "val", "eval")
+DEFAULT_CLIP = 1.0  # the paper's gradient clipping threshold (A.2.3)
+
+_PARQUET_PATH = re.compile(r"(/[^'\"\n]+?\.parquet)")
+# DuckDB errors that can come from an unreadable file (not from the SQL itself)
+_NOT_FILE_ERRORS = (
+    duckdb.ParserException,
+    duckdb.BinderException,
+    duckdb.CatalogException,
+    duckdb.ConversionException,
+    duckdb.PermissionException,
+    duckdb.InterruptException,
+)
+
+
+def _q(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def lake_exists(workspace: str | Path) -> bool:
+    """True when the workspace has a lake folder (a reader never creates one)."""
+    return lake_dir(workspace).is_dir()
+
+
+def _table_files(root: Path, table: str) -> list[Path]:
+    d = root / table
+    return sorted(d.rglob("*.parquet")) if d.is_dir() else []
+
+
+def lake_signature(workspace: str | Path, tables: Iterable[str] = TABLES) -> tuple:
+    """A cheap fingerprint of the lake's files (count, newest mtime, bytes per table).
+
+    It changes whenever a writer adds a file, so callers can cache query results on it.
+    """
+    root = lake_dir(workspace)
+    sig = []
+    for table in tables:
+        n = size = newest = 0
+        for dirpath, _, names in os.walk(root / table):
+            for name in names:
+                if not name.endswith(".parquet"):
+                    continue
+                try:
+                    st = os.stat(os.path.join(dirpath, name))
+                except FileNotFoundError:  # renamed away between listing and stat
+                    continue
+                n += 1
+                size += st.st_size
+                newest = max(newest, st.st_mtime_ns)
+        sig.append((table, n, newest, size))
+    return tuple(sig)
+
+
+# files found unreadable (or fully read and found fine) in this process, by identity;
+# lake files are never rewritten in place, so a verdict holds while (size, mtime) holds
+_verdicts: dict[tuple[str, int, int, bool], str | None] = {}
+_verdicts_lock = threading.Lock()
+
+
+def _identity(path: Path) -> tuple[str, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (str(path), st.st_size, st.st_mtime_ns)
+
+
+def _check_file(path: Path, *, full: bool) -> str | None:
+    """None if `path` is a readable Parquet file, else the reason (footer only unless `full`)."""
+    ident = _identity(path)
+    if ident is None:
+        return None
+    key = (*ident, full)
+    with _verdicts_lock:
+        if key in _verdicts:
+            return _verdicts[key]
+    try:
+        if full:
+            pq.read_table(path)
+        else:
+            pq.read_metadata(path)
+        verdict = None
+    except Exception as e:  # noqa: BLE001 - any failure to read means the file is unusable
+        verdict = f"{type(e).__name__}: {e}".strip()
+    with _verdicts_lock:
+        _verdicts[key] = verdict
+    return verdict
+
+
+@dataclass
+class _Glob:
+    table: str
+    literal: str  # the read_parquet glob literal as it appears in the view SQL
+
+
+class LakeReader:
+    """Read-only SQL over the catalog views of one workspace, robust to corrupt lake files.
+
+    One reader is meant for one page render: the views see the files present when it
+    connects (plus later files, for tables with no bad file). `bad_files` maps each
+    skipped file (path relative to the workspace) to the reason it could not be read.
+    """
+
+    def __init__(self, workspace: str | Path) -> None:
+        self.workspace = Path(workspace).resolve()
+        self.root = lake_dir(self.workspace)
+        self.bad_files: dict[str, str] = {}
+        self._bad_abs: set[str] = set()
+        self._listed: set[str] = set()  # tables viewed over an explicit list of files
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._lock = threading.Lock()
+
+    # -- connection -------------------------------------------------------------------------
+
+    def _glob(self, stmt: str) -> _Glob | None:
+        for table in TABLES:
+            lit = _q(str(self.root / table / "**" / "*.parquet"))
+            if lit in stmt:
+                return _Glob(table, lit)
+        return None
+
+    def _mark_bad(self, path: Path | str, reason: str) -> None:
+        p = Path(path)
+        self._bad_abs.add(str(p))
+        self._listed.update(t for t in TABLES if (self.root / t) in p.parents)
+        try:
+            rel = str(p.relative_to(self.workspace))
+        except ValueError:
+            rel = str(p)
+        first = reason.strip().splitlines()[0] if reason.strip() else "unreadable"
+        self.bad_files[rel] = first
+
+    def _locate_bad(self, tables: Iterable[str], err: Exception) -> bool:
+        """Find unreadable files behind `err` among `tables`' files; True if any new one."""
+        found = False
+        for m in _PARQUET_PATH.findall(str(err)):
+            p = Path(m)
+            if p.is_file() and str(p) not in self._bad_abs and self.root in p.parents:
+                self._mark_bad(p, str(err))
+                found = True
+        if found:
+            return True
+        # the error names no file: check footers first (cheap), then decode whole files
+        for full in (False, True):
+            for table in tables:
+                for p in _table_files(self.root, table):
+                    if str(p) in self._bad_abs:
+                        continue
+                    reason = _check_file(p, full=full)
+                    if reason:
+                        self._mark_bad(p, reason)
+                        found = True
+            if found:
+                return True
+        return False
+
+    def _source(self, g: _Glob) -> str:
+        files = [str(p) for p in _table_files(self.root, g.table) if str(p) not in self._bad_abs]
+        if not files:  # keep the view typed and empty
+            cols = ", ".join(
+                f"CAST(NULL AS {_duck_type(f.type)}) AS {f.name}" for f in TABLES[g.table]
+            )
+            return f"(SELECT {cols} WHERE false)"
+        return "[" + ", ".join(_q(f) for f in files) + "]"
+
+    def _rewrite(self, stmt: str, g: _Glob | None) -> str:
+        if g is None or g.table not in self._listed:
+            return stmt
+        src = self._source(g)
+        if src.startswith("("):
+            return re.sub(r"read_parquet\(" + re.escape(g.literal) + r"[^)]*\)", src, stmt)
+        return stmt.replace(g.literal, src)
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"no lake at {self.root}")
+        con = duckdb.connect(":memory:")
+        for stmt in view_sql(self.workspace):
+            g = self._glob(stmt)
+            while True:
+                try:
+                    con.execute(self._rewrite(stmt, g))
+                    break
+                except duckdb.Error as e:
+                    if g is None or g.table in self._listed and "No files found" in str(e):
+                        raise
+                    if "No files found" in str(e):  # a table no writer has created yet
+                        self._listed.add(g.table)
+                        continue
+                    if isinstance(e, _NOT_FILE_ERRORS) or not self._locate_bad([g.table], e):
+                        raise
+        con.execute(f"SET allowed_directories=[{_q(str(self.root))}]")
+        con.execute("SET enable_external_access=false")
+        con.execute("SET lock_configuration=true")
+        return con
+
+    def connection(self) -> duckdb.DuckDBPyConnection:
+        with self._lock:
+            if self._con is None:
+                self._con = self._connect()
+            return self._con
+
+    def close(self) -> None:
+        with self._lock:
+            if self._con is not None:
+                self._con.close()
+                self._con = None
+
+    def __enter__(self) -> LakeReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def sql(self, sql: str, params: Sequence | dict | None = None) -> pd.DataFrame:
+        """Run trusted SQL (the module's own queries) and return a DataFrame.
+
+        A file that turns out unreadable while the query runs is skipped and the query
+        re-run without it.
+        """
+        while True:
+            cur = self.connection().cursor()
+            try:
+                return cur.sql(sql, params=params).df()
+            except duckdb.Error as e:
+                if isinstance(e, _NOT_FILE_ERRORS) or not self._locate_bad(TABLES, e):
+                    raise
+            finally:
+                cur.close()
+            self.close()  # rebuild the views without the file just found unreadable
+
+
+def _duck_type(t) -> str:  # pyarrow type -> DuckDB type name, for typed empty views
+    import pyarrow as pa
+
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMPTZ" if t.tz else "TIMESTAMP"
+    return {
+        pa.string(): "VARCHAR",
+        pa.int32(): "INTEGER",
+        pa.int64(): "BIGINT",
+        pa.float64(): "DOUBLE",
+        pa.bool_(): "BOOLEAN",
+    }.get(t, "VARCHAR")
+
+
+# -- overview -------------------------------------------------------------------------------
+
+
+def runs_overview(r: LakeReader) -> pd.DataFrame:
+    """One row per run: status, kind, nodes, progress against the token budget, last step,
+    last loss and alert counts, newest first.
+
+    Columns: run_id, name, kind, status, cluster, nodes, world_size, param_count,
+    token_budget, tokens_seen, progress (fraction of the budget, None without one),
+    last_step, last_loss, last_time, steps (rows), spikes, nonfinite, skipped, rollbacks,
+    requeues, failed_jobs, jobs, alerts (one line), submitted_at, started_at, finished_at.
+    """
+    df = r.sql(
+        f"""
+        WITH last AS (
+          SELECT run_id, count(*) AS steps, max(step) AS last_step,
+                 arg_max(loss, (step, attempt)) AS last_loss,
+                 arg_max(tokens_seen, (step, attempt)) AS tokens_seen,
+                 max(time) AS last_time,
+                 count(*) FILTER (WHERE skipped) AS skipped_rows,
+                 count(*) FILTER (WHERE NOT isfinite(loss)) AS nonfinite_rows
+          FROM train_steps_all GROUP BY run_id),
+        ev AS (
+          SELECT run_id,
+                 count(*) FILTER (WHERE kind = 'spike') AS spikes,
+                 count(*) FILTER (WHERE kind = 'nonfinite') AS nonfinite_events,
+                 count(*) FILTER (WHERE kind = 'skip') AS skip_events,
+                 count(*) FILTER (WHERE kind = 'rollback') AS rollbacks,
+                 count(*) FILTER (WHERE kind IN ('requeue', 'resume', 'restart')) AS requeues
+          FROM events GROUP BY run_id),
+        jb AS (
+          SELECT run_id, count(*) AS jobs,
+                 count(*) FILTER (WHERE state IN {FAILED_STATES}) AS failed_jobs
+          FROM jobs GROUP BY run_id),
+        ids AS (SELECT run_id FROM runs UNION SELECT run_id FROM last)
+        SELECT ids.run_id, r.name, r.kind, r.status, r.cluster, r.nodes, r.world_size,
+               r.param_count, r.token_budget, l.tokens_seen,
+               CASE WHEN r.token_budget > 0 THEN l.tokens_seen / r.token_budget END AS progress,
+               l.last_step, l.last_loss, l.last_time, coalesce(l.steps, 0) AS steps,
+               coalesce(ev.spikes, 0) AS spikes,
+               greatest(coalesce(ev.nonfinite_events, 0), coalesce(l.nonfinite_rows, 0))
+                 AS nonfinite,
+               greatest(coalesce(ev.skip_events, 0), coalesce(l.skipped_rows, 0)) AS skipped,
+               coalesce(ev.rollbacks, 0) AS rollbacks, coalesce(ev.requeues, 0) AS requeues,
+               coalesce(jb.failed_jobs, 0) AS failed_jobs, coalesce(jb.jobs, 0) AS jobs,
+               r.submitted_at, r.started_at, r.finished_at
+        FROM ids LEFT JOIN runs r USING (run_id) LEFT JOIN last l USING (run_id)
+             LEFT JOIN ev USING (run_id) LEFT JOIN jb USING (run_id)
+        ORDER BY coalesce(r.started_at, r.submitted_at, l.last_time) DESC NULLS LAST, run_id
+        """
+    )
+    df["alerts"] = [_alert_line(row) for row in df.itertuples()]
+    return df
+
+
+def _alert_line(row) -> str:
+    parts = []
+    for n, word in (
+        (row.failed_jobs, "failed job"),
+        (row.nonfinite, "non-finite step"),
+        (row.spikes, "spike"),
+        (row.rollbacks, "rollback"),
+        (row.skipped, "skipped step"),
+    ):
+        if n:
+            parts.append(f"{n} {word}{'' if n == 1 else 's'}")
+    return ", ".join(parts)
+
+
+def alerts(r: LakeReader, limit: int = 200) -> pd.DataFrame:
+    """Warnings and errors, newest first: events of severity warning/error and failed jobs.
+
+    Columns: time, run_id, source (event kind or 'job'), step, message.
+    """
+    return r.sql(
+        f"""
+        SELECT time, run_id, kind AS source, severity, step, message FROM events
+        WHERE severity IN ('warning', 'error') OR kind IN ('spike', 'nonfinite', 'rollback')
+        UNION ALL
+        SELECT coalesce(ended_at, updated_at), run_id, 'job', 'error', NULL,
+               concat_ws(' ', stage, 'job', job_id, 'rank', rank::VARCHAR, 'attempt',
+                         attempt::VARCHAR, state, 'on', node, ':', error)
+        FROM jobs WHERE state IN {FAILED_STATES}
+        ORDER BY 1 DESC NULLS LAST LIMIT {int(limit)}
+        """
+    )
+
+
+def run_ids_with_steps(r: LakeReader) -> list[str]:
+    """Runs that logged train steps, most recently active first."""
+    df = r.sql(
+        "SELECT run_id FROM train_steps_all GROUP BY run_id ORDER BY max(time) DESC NULLS LAST"
+    )
+    return [str(x) for x in df["run_id"]]
+
+
+# -- token counts ---------------------------------------------------------------------------
+
+
+def dataset_table(r: LakeReader) -> pd.DataFrame:
+    """Table S3: the latest statistics per dataset (columns of `dataset_stats`)."""
+    return r.sql(
+        """SELECT * EXCLUDE (rn) FROM (
+             SELECT *, row_number() OVER (PARTITION BY dataset ORDER BY computed_at DESC) rn
+             FROM dataset_stats) WHERE rn = 1
+           ORDER BY CASE type WHEN 'sequence' THEN 0 WHEN 'structure' THEN 1 ELSE 2 END,
+                    tokens DESC NULLS LAST"""
+    )
+
+
+def token_table(r: LakeReader) -> pd.DataFrame:
+    """Table S4: the latest unique samples and tokens per (dataset, type)."""
+    return r.sql(
+        """SELECT * EXCLUDE (rn) FROM (
+             SELECT *, row_number() OVER (PARTITION BY dataset, type ORDER BY computed_at DESC) rn
+             FROM token_stats) WHERE rn = 1
+           ORDER BY CASE type WHEN 'sequence' THEN 0 WHEN 'structure' THEN 1 ELSE 2 END,
+                    unique_tokens DESC NULLS LAST"""
+    )
+
+
+def tokens_seen(r: LakeReader, run_ids: Sequence[str]) -> pd.DataFrame:
+    """Cumulative tokens seen per dataset at each run's last logged step.
+
+    Columns: run_id, step, dataset, tokens_seen. From `train_steps.tokens_by_dataset`.
+    """
+    if not run_ids:
+        return pd.DataFrame(columns=["run_id", "step", "dataset", "tokens_seen"])
+    raw = r.sql(
+        """SELECT run_id, max(step) AS step,
+                  arg_max(tokens_by_dataset, (step, attempt)) AS by_dataset
+           FROM train_steps_all WHERE run_id IN (SELECT unnest($ids)) GROUP BY run_id""",
+        {"ids": list(run_ids)},
+    )
+    rows = []
+    for rec in raw.itertuples():
+        try:
+            parsed = json.loads(rec.by_dataset) if rec.by_dataset else {}
+        except (TypeError, ValueError):
+            parsed = {}
+        for ds, n in (parsed if isinstance(parsed, dict) else {}).items():
+            rows.append((rec.run_id, int(rec.step), str(ds), float(n)))
+    return pd.DataFrame(rows, columns=["run_id", "step", "dataset", "tokens_seen"])
+
+
+def expected_unique(n: float | np.ndarray, k: float | np.ndarray) -> np.ndarray:
+    """Expected number of distinct items after `k` draws with replacement from `n` items:
+    n (1 - (1 - 1/n)^k) (Table S4's formula), computed stably for large n and k.
+    """
+    n = np.asarray(n, dtype=float)
+    k = np.asarray(k, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = -n * np.expm1(k * np.log1p(-1.0 / n))
+    return np.where(n > 0, out, 0.0)
+
+
+def expected_unique_curve(
+    tokens: float, samples: float, seen: float = 0.0, points: int = 200, *, log: bool = False
+) -> pd.DataFrame:
+    """Expected unique tokens (y) against tokens drawn (x) from a dataset of `tokens` tokens
+    in `samples` samples of equal length: tokens/samples * expected_unique(samples, x / len).
+
+    x runs up to max(3 * tokens, 1.2 * seen), from 0 (linear) or, with `log`, from
+    min(seen, tokens) / 100 on a geometric grid. Columns: tokens_drawn, unique_tokens.
+    """
+    hi = max(3.0 * tokens, 1.2 * seen, 1.0)
+    if log:
+        lo = max(1.0, min(seen or tokens, tokens) / 100.0)
+        x = np.geomspace(lo, hi, points)
+    else:
+        x = np.linspace(0.0, hi, points)
+    avg_len = tokens / samples if samples else 0.0
+    y = avg_len * expected_unique(samples, x / avg_len) if avg_len else np.zeros_like(x)
+    return pd.DataFrame({"tokens_drawn": x, "unique_tokens": y})
+
+
+# -- curves ---------------------------------------------------------------------------------
+
+
+def series(
+    r: LakeReader,
+    run_ids: Sequence[str],
+    metrics: Sequence[str],
+    *,
+    max_points: int = 2000,
+    steps: tuple[int | None, int | None] = (None, None),
+) -> pd.DataFrame:
+    """Per-run curves of `train_steps` columns, bucketed by step in SQL.
+
+    Each run's step range is cut into at most `max_points` buckets of equal width; one row
+    per (run_id, bucket): step (first step of the bucket), width (steps per bucket), n
+    (rows), for every metric m: m (mean of finite values), m_min, m_max; and nonfinite
+    (rows whose loss is NaN/inf), skipped, clipped_frac (fraction of rows clipped).
+    Uses the `train_steps` view, so a step recomputed after a resume counts once.
+    """
+    cols = [m for m in metrics if m in TABLES["train_steps"].names]
+    if len(cols) != len(metrics):
+        unknown = sorted(set(metrics) - set(cols))
+        raise KeyError(f"train_steps has no column(s) {unknown}")
+    empty = ["run_id", "step", "width", "n", "nonfinite", "skipped", "clipped_frac"]
+    empty += [c for m in cols for c in (m, f"{m}_min", f"{m}_max")]
+    if not run_ids:
+        return pd.DataFrame(columns=empty)
+    lo, hi = steps
+    where = "run_id IN (SELECT unnest($ids))"
+    params: dict = {"ids": list(run_ids), "points": int(max(1, max_points))}
+    if lo is not None:
+        where += " AND step >= $lo"
+        params["lo"] = int(lo)
+    if hi is not None:
+        where += " AND step <= $hi"
+        params["hi"] = int(hi)
+    aggs = ",\n".join(
+        f"avg({m}) FILTER (WHERE isfinite({m})) AS {m}, "
+        f"min({m}) FILTER (WHERE isfinite({m})) AS {m}_min, "
+        f"max({m}) FILTER (WHERE isfinite({m})) AS {m}_max"
+        for m in cols
+    )
+    aggs = (aggs + ",") if aggs else ""
+    df = r.sql(
+        f"""
+        WITH s AS (SELECT * FROM train_steps WHERE {where}),
+        w AS (SELECT run_id, min(step) AS lo,
+                     greatest(1, ceil((max(step) - min(step) + 1) / $points))::BIGINT AS width
+              FROM train_steps_all WHERE {where} GROUP BY run_id)
+        SELECT s.run_id, w.lo + (s.step - w.lo) // w.width * w.width AS step,
+               any_value(w.width) AS width, count(*) AS n, {aggs}
+               count(*) FILTER (WHERE NOT isfinite(loss)) AS nonfinite,
+               count(*) FILTER (WHERE skipped) AS skipped,
+               avg(clipped::DOUBLE) AS clipped_frac
+        FROM s JOIN w USING (run_id)
+        GROUP BY ALL ORDER BY s.run_id, step
+        """,
+        params,
+    )
+    return df
+
+
+def stage_boundaries(r: LakeReader, run_ids: Sequence[str]) -> pd.DataFrame:
+    """Stage changes (events kind='stage'): run_id, step, message."""
+    return r.sql(
+        """SELECT run_id, step, coalesce(message, '') AS message FROM events
+           WHERE kind = 'stage' AND run_id IN (SELECT unnest($ids)) ORDER BY run_id, step""",
+        {"ids": list(run_ids)},
+    )
+
+
+def step_events(
+    r: LakeReader, run_ids: Sequence[str], kinds: Sequence[str] = STEP_EVENT_KINDS
+) -> pd.DataFrame:
+    """Events to mark on curves: run_id, step, kind, severity, value, message, time."""
+    return r.sql(
+        """SELECT run_id, step, kind, severity, value, coalesce(message, '') AS message, time
+           FROM events WHERE run_id IN (SELECT unnest($ids)) AND kind IN (SELECT unnest($k))
+           ORDER BY run_id, step, time""",
+        {"ids": list(run_ids), "k": list(kinds)},
+    )
+
+
+def validation_loss(r: LakeReader, run_ids: Sequence[str]) -> pd.DataFrame:
+    """Validation losses logged as events (kind 'validation'/'val'/'eval'), long format.
+
+    `value` is the total loss (track 'loss'); a JSON `detail` object may add per-track
+    values under the train_steps column names. Columns: run_id, step, track, value.
+    """
+    raw = r.sql(
+        """SELECT run_id, step, value, detail FROM events
+           WHERE kind IN (SELECT unnest($k)) AND run_id IN (SELECT unnest($ids))
+           ORDER BY run_id, step""",
+        {"ids": list(run_ids), "k": list(VALIDATION_KINDS)},
+    )
+    rows = []
+    for rec in raw.itertuples():
+        if rec.value is not None and np.isfinite(rec.value):
+            rows.append((rec.run_id, rec.step, "loss", float(rec.value)))
+        try:
+            detail = json.loads(rec.detail) if rec.detail else {}
+        except (TypeError, ValueError):
+            detail = {}
+        if isinstance(detail, dict):
+            for k, v in detail.items():
+                if k in LOSS_TRACKS and k != "loss" and isinstance(v, int | float):
+                    rows.append((rec.run_id, rec.step, k, float(v)))
+    return pd.DataFrame(rows, columns=["run_id", "step", "track", "value"])
+
+
+def clip_threshold(r: LakeReader, run_id: str) -> float:
+    """The run's gradient clipping threshold from its config JSON (keys grad_clip,
+    clip_grad_norm, max_grad_norm, at any depth), else the paper's 1.0."""
+    df = r.sql("SELECT config FROM runs WHERE run_id = $id", {"id": run_id})
+    if df.empty or not df["config"].iloc[0]:
+        return DEFAULT_CLIP
+    try:
+        cfg = json.loads(df["config"].iloc[0])
+    except (TypeError, ValueError):
+        return DEFAULT_CLIP
+    stack = [cfg]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in ("grad_clip", "clip_grad_norm", "max_grad_norm") and isinstance(
+                    v, int | float
+                ):
+                    return float(v)
+                stack.append(v)
+    return DEFAULT_CLIP
+
+
+def restarts(r: LakeReader, run_ids: Sequence[str]) -> pd.DataFrame:
+    """Requeues and restarts: job attempts after the first, and requeue/resume events.
+
+    Columns: run_id, time, what, step, detail.
+    """
+    return r.sql(
+        """SELECT run_id, coalesce(started_at, submitted_at, updated_at) AS time,
+                  'job ' || job_id || ' rank ' || rank::VARCHAR || ' attempt '
+                    || attempt::VARCHAR AS what,
+                  NULL::BIGINT AS step, state || coalesce(' on ' || node, '') AS detail
+           FROM jobs WHERE run_id IN (SELECT unnest($ids)) AND (attempt > 0 OR state = 'REQUEUED')
+           UNION ALL
+           SELECT run_id, time, kind, step, coalesce(message, '') FROM events
+           WHERE run_id IN (SELECT unnest($ids)) AND kind IN ('requeue', 'resume', 'restart')
+           ORDER BY 1, 2 NULLS LAST""",
+        {"ids": list(run_ids)},
+    )
+
+
+# -- jobs -----------------------------------------------------------------------------------
+
+
+def job_state_counts(r: LakeReader) -> pd.DataFrame:
+    """Tasks per (run, stage, state), counting each task's latest attempt.
+
+    Columns: run_id, stage, state, tasks.
+    """
+    return r.sql(
+        """SELECT run_id, coalesce(stage, '') AS stage, state, count(*) AS tasks FROM (
+             SELECT * FROM jobs QUALIFY row_number() OVER (
+               PARTITION BY run_id, job_id, rank ORDER BY attempt DESC) = 1)
+           GROUP BY ALL ORDER BY run_id, stage, state"""
+    )
+
+
+def job_tasks(r: LakeReader, run_id: str | None = None, limit: int = 5000) -> pd.DataFrame:
+    """Each task's latest attempt: run_id, stage, job_id, array_index, rank, attempts,
+    state, node, exit_code, error, started_at, ended_at, updated_at."""
+    where = "WHERE run_id = $id" if run_id else ""
+    return r.sql(
+        f"""SELECT run_id, stage, job_id, array_index, rank, attempt + 1 AS attempts, state,
+                   node, exit_code, error, started_at, ended_at, updated_at FROM jobs {where}
+            QUALIFY row_number() OVER (PARTITION BY run_id, job_id, rank ORDER BY attempt DESC) = 1
+            ORDER BY run_id, stage, array_index NULLS FIRST, rank LIMIT {int(limit)}""",
+        {"id": run_id} if run_id else None,
+    )
+
+
+def failures(r: LakeReader, limit: int = 1000) -> pd.DataFrame:
+    """Failed attempts with their error text, newest first: run_id, stage, job_id,
+    array_index, rank, attempt, state, node, exit_code, error, ended_at."""
+    return r.sql(
+        f"""SELECT run_id, stage, job_id, array_index, rank, attempt, state, node, exit_code,
+                   coalesce(error, '') AS error, coalesce(ended_at, updated_at) AS ended_at
+            FROM jobs WHERE state IN {FAILED_STATES}
+            ORDER BY ended_at DESC NULLS LAST LIMIT {int(limit)}"""
+    )
+
+
+def rejects_by_reason(r: LakeReader) -> pd.DataFrame:
+    """Refused input records per (stage, reason): records, files, one example record."""
+    return r.sql(
+        """SELECT coalesce(stage, '') AS stage, reason, count(*) AS records,
+                  count(DISTINCT source) AS files,
+                  arg_min(source || ' : ' || coalesce(record, '?'), time) AS example,
+                  arg_min(coalesce(detail, ''), time) AS example_detail
+           FROM rejects GROUP BY ALL ORDER BY records DESC, stage, reason"""
+    )
+
+
+# -- user SQL -------------------------------------------------------------------------------
+
+EXAMPLE_QUERIES: dict[str, str] = {
+    "Runs, newest first": (
+        "SELECT run_id, kind, status, nodes, world_size, token_budget, started_at\n"
+        "FROM runs ORDER BY submitted_at DESC NULLS LAST LIMIT 50"
+    ),
+    "Last step and loss per run": (
+        "SELECT run_id, max(step) AS last_step, arg_max(loss, step) AS last_loss,\n"
+        "       max(tokens_seen) AS tokens_seen\nFROM train_steps GROUP BY run_id ORDER BY run_id"
+    ),
+    "Loss per track every 1,000 steps": (
+        "SELECT run_id, step // 1000 * 1000 AS step, avg(loss_sequence) AS sequence,\n"
+        "       avg(loss_structure) AS structure, avg(loss_function) AS function\n"
+        "FROM train_steps GROUP BY ALL ORDER BY run_id, step"
+    ),
+    "Spikes, non-finite steps and rollbacks": (
+        "SELECT run_id, step, kind, severity, value, message FROM events\n"
+        "WHERE kind IN ('spike', 'nonfinite', 'skip', 'rollback') ORDER BY time DESC"
+    ),
+    "Job states per stage": (
+        "SELECT run_id, stage, state, count(*) AS tasks FROM jobs GROUP BY ALL ORDER BY ALL"
+    ),
+    "Failed jobs with errors": (
+        "SELECT run_id, stage, job_id, rank, attempt, node, exit_code, error FROM jobs\n"
+        "WHERE state IN ('FAILED', 'TIMEOUT', 'LOST') ORDER BY updated_at DESC"
+    ),
+    "Table S3: tokens per dataset": (
+        "SELECT dataset, type, clustering_level, clustering_count, expansion_level,\n"
+        "       expansion_count, tokens / 1e9 AS tokens_billion, release\n"
+        "FROM dataset_stats ORDER BY tokens DESC"
+    ),
+    "Table S4: unique tokens per dataset": (
+        "SELECT dataset, type, unique_samples / 1e6 AS samples_million,\n"
+        "       unique_tokens / 1e6 AS tokens_million FROM token_stats ORDER BY type, dataset"
+    ),
+    "Rejected records by reason": (
+        "SELECT stage, reason, count(*) AS records FROM rejects GROUP BY ALL ORDER BY records DESC"
+    ),
+}
+
+
+def run_user_sql(r: LakeReader, sql: str, max_rows: int = 10_000) -> tuple[pd.DataFrame, bool]:
+    """Run a user's read-only SQL over the catalog; returns (rows, truncated).
+
+    Raises SqlRefused, with a message saying why, for anything but a query (DROP, INSERT,
+    ATTACH, COPY, SET, ...) and for access outside the lake (URLs, other files); other
+    DuckDB errors propagate as `duckdb.Error` with DuckDB's message.
+    """
+    con = r.connection().cursor()
+    try:
+        check_read_only(con, sql)
+        try:
+            rel = con.sql(sql)
+        except duckdb.PermissionException as e:
+            raise SqlRefused(
+                "refused: the catalog reads only the workspace's lake; external access "
+                f"(URLs, files outside the lake, extensions) is disabled. DuckDB said: {e}"
+            ) from e
+        if rel is None:
+            return pd.DataFrame(), False
+        try:
+            df = rel.limit(max_rows + 1).df()
+        except duckdb.PermissionException as e:
+            raise SqlRefused(
+                "refused: the catalog reads only the workspace's lake; external access "
+                f"(URLs, files outside the lake, extensions) is disabled. DuckDB said: {e}"
+            ) from e
+    finally:
+        con.close()
+    return df.head(max_rows), len(df) > max_rows
