@@ -81,7 +81,7 @@ def write_shard(
 
 def stored_result(path: str | Path) -> ShardResult:
     """The summary and rejects stored in a finished shard, with summary['skipped'] = True."""
-    meta = pq.read_schema(path).metadata or {}
+    meta = pq.read_metadata(path).metadata or {}  # file key-value metadata
     summary = json.loads(meta.get(b"esm3.summary", b"{}"))
     summary["skipped"] = True
     return ShardResult(summary, json.loads(meta.get(b"esm3.rejects", b"[]")))

@@ -1,0 +1,161 @@
+"""InterPro labels: protein2ipr and InterProScan TSV ingest, vocabulary, attachment.
+
+There is no real protein2ipr.dat.gz in any package, so the tests write small files in its
+format for real UniProt accessions of the structures and sequences at hand: P01892 (HLA-A2,
+chain A of 1BD2/3PWP), P61769 (beta-2-microglobulin, chain B), P00974 (BPTI, 5PTI) and
+M4KW32 (an ABC transporter from mmseqs2's example UniProt sequences).
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from esm3.data.interpro import (
+    IPR_SCHEMA,
+    Annotation,
+    attach_annotations,
+    ingest_interproscan,
+    ingest_protein2ipr,
+    interpro_vocabulary,
+    load_annotations,
+    map_annotations,
+)
+from esm3.data.structures.records import read_shard
+from esm3.data.structures.stages import StructureStageConfig, process_structure_shard
+from tests.realdata import mda_file, uniprot_fasta
+
+P2IPR = [
+    "P00974\tIPR002223\tPancreatic trypsin inhibitor Kunitz domain\tPF00014\t39\t89",
+    "P00974\tIPR002223\tPancreatic trypsin inhibitor Kunitz domain\tSM00131\t37\t90",
+    "P00974\tIPR036880\tPancreatic trypsin inhibitor Kunitz domain superfamily\tG3DSA:4.10.410.10\t36\t93",
+    "P01892\tIPR001039\tMHC class I, alpha chain, alpha1/alpha2\tPF00129\t25\t203",
+    "P01892\tIPR003597\tImmunoglobulin C1-set\tPF07654\t210\t296",
+    "P01892\tIPR010579\tMHC class I, alpha chain, C-terminal\tPF06623\t309\t365",
+    "P61769\tIPR003597\tImmunoglobulin C1-set\tPF07654\t25\t111",
+    "M4KW32\tIPR003439\tABC transporter-like, ATP-binding domain\tPF00005\t21\t170",
+]
+BAD = [
+    "P61769\tIPR007110\tImmunoglobulin-like domain\tPS50835\t22",  # 5 columns
+    "P61769\tIPR007110\tImmunoglobulin-like domain\tPS50835\tten\t114",  # not a number
+    "P61769\tIPR007110\tImmunoglobulin-like domain\tPS50835\t114\t22",  # start > end
+    "P61769\tIPRX\tImmunoglobulin-like domain\tPS50835\t22\t114",  # not an IPR id
+]
+
+
+@pytest.fixture
+def protein2ipr(tmp_path):
+    path = tmp_path / "protein2ipr.dat.gz"
+    lines = P2IPR[:4] + BAD[:1] + P2IPR[4:] + BAD[1:]
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def test_protein2ipr_ingest_with_malformed_lines(protein2ipr, tmp_path):
+    out = tmp_path / "ipr.parquet"
+    summary, rejects = ingest_protein2ipr(protein2ipr, out)
+    assert summary["rows"] == 8 and summary["malformed"] == 4 and summary["lines"] == 12
+    assert [r["record"] for r in rejects] == ["line 5", "line 10", "line 11", "line 12"]
+    assert rejects[0]["reason"] == "malformed" and rejects[0]["detail"] == "5 columns, expected 6"
+    assert "not integers" in rejects[1]["detail"] and "start <= end" in rejects[2]["detail"]
+    assert rejects[0]["source"] == str(protein2ipr) and rejects[0]["stage"] == "interpro"
+    table = pq.read_table(out)
+    assert table.schema.equals(IPR_SCHEMA)
+    assert table.slice(0, 1).to_pylist()[0] == {
+        "accession": "P00974", "ipr": "IPR002223",
+        "name": "Pancreatic trypsin inhibitor Kunitz domain", "signature": "PF00014",
+        "start": 39, "end": 89,
+    }  # fmt: skip
+    again = ingest_protein2ipr(protein2ipr, out)
+    assert again.summary["skipped"] is True and again.rejects == rejects
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ipr.parquet", "protein2ipr.dat.gz"]
+
+
+def test_ingest_keeps_only_wanted_accessions(protein2ipr, tmp_path):
+    summary, _ = ingest_protein2ipr(protein2ipr, tmp_path / "o.parquet", accessions={"P61769"})
+    assert summary["rows"] == 1 and summary["filtered"] == 7
+
+
+def test_vocabulary(protein2ipr, tmp_path):
+    ingest_protein2ipr(protein2ipr, tmp_path / "ipr.parquet")
+    vocab = interpro_vocabulary([tmp_path / "ipr.parquet"]).to_pylist()
+    assert [v["ipr"] for v in vocab] == sorted({x.split("\t")[1] for x in P2IPR})
+    counts = {v["ipr"]: v["count"] for v in vocab}
+    assert counts["IPR003597"] == 2 and counts["IPR002223"] == 2
+
+
+def test_interproscan_tsv(tmp_path):
+    # InterProScan 5 TSV with --iprlookup --goterms --pathways: 15 columns, or 11 when the
+    # match has no InterPro entry
+    rows = [
+        "M4KW32\t3c1f0e7d\t377\tPfam\tPF00005\tABC transporter\t21\t170\t1.2E-30\tT\t01-02-2023"
+        "\tIPR003439\tABC transporter-like, ATP-binding domain\tGO:0005524|GO:0016887\t-",
+        "M4KW32\t3c1f0e7d\t377\tSMART\tSM00382\tAAA\t30\t161\t3.4E-12\tT\t01-02-2023"
+        "\tIPR003593\tAAA+ ATPase domain\t-\t-",
+        "M4KW32\t3c1f0e7d\t377\tMobiDBLite\tmobidb-lite\tconsensus disorder\t350\t377\t-\tT"
+        "\t01-02-2023",
+        "M4KW32\t3c1f0e7d\t377\tPfam\tPF00005",
+    ]
+    src = tmp_path / "mgnify.tsv"
+    src.write_text("\n".join(rows) + "\n")
+    summary, rejects = ingest_interproscan(src, tmp_path / "o.parquet")
+    assert summary["rows"] == 2 and summary["no_ipr"] == 1 and summary["malformed"] == 1
+    assert rejects[0]["record"] == "line 4" and "5 columns" in rejects[0]["detail"]
+    got = load_annotations([tmp_path / "o.parquet"], ["M4KW32"])
+    assert got == {"M4KW32": [Annotation("IPR003439", 21, 170), Annotation("IPR003593", 30, 161)]}
+
+
+def test_map_annotations_through_residue_positions():
+    anns = [Annotation("IPR001039", 25, 203), Annotation("IPR010579", 309, 365)]
+    positions = np.arange(25, 25 + 275)  # chain residue i is UniProt position 25 + i
+    assert map_annotations(anns, positions, 275) == [{"ipr": "IPR001039", "start": 1, "end": 179}]
+    # duplicates from several member signatures collapse; spans clip to the sequence
+    dup = [Annotation("IPR002223", 39, 89)] * 2 + [Annotation("IPR036880", 36, 93)]
+    assert map_annotations(dup, None, 58) == [
+        {"ipr": "IPR002223", "start": 39, "end": 58},
+        {"ipr": "IPR036880", "start": 36, "end": 58},
+    ]
+
+
+def test_attach_to_real_uniprot_sequences(protein2ipr, tmp_path):
+    ingest_protein2ipr(protein2ipr, tmp_path / "ipr.parquet")
+    seqs = {}
+    with gzip.open(uniprot_fasta(), "rt") as f:
+        acc = None
+        for line in f:
+            if line.startswith(">"):
+                acc = line.split("|")[1]
+            elif acc in ("M4KW32", "W0FSK4"):
+                seqs[acc] = seqs.get(acc, "") + line.strip()
+    accs = ["M4KW32", "W0FSK4", None]
+    lookup = load_annotations([tmp_path / "ipr.parquet"], [a for a in accs if a])
+    out = attach_annotations(accs, [len(seqs["M4KW32"]), len(seqs["W0FSK4"]), 10], lookup)
+    assert out == [[{"ipr": "IPR003439", "start": 21, "end": 170}], None, None]
+
+
+@pytest.mark.skipif(shutil.which("mkdssp") is None, reason="mkdssp not installed")
+def test_structures_carry_function_labels_in_chain_coordinates(protein2ipr, tmp_path):
+    ingest_protein2ipr(protein2ipr, tmp_path / "ipr.parquet")
+    process_structure_shard(
+        [mda_file("3PWP.cif.gz"), mda_file("5PTI.cif.gz")],
+        tmp_path / "s.parquet",
+        StructureStageConfig("pdb"),
+        annotations=[tmp_path / "ipr.parquet"],
+    )
+    rows = {r["id"]: r for r in read_shard(tmp_path / "s.parquet")}
+    # 3PWP chain A residue 1 = P01892 position 25 (SIFTS): UniProt 25-203 -> chain 1-179
+    assert rows["3PWP_A"]["annotations"] == [
+        {"ipr": "IPR001039", "start": 1, "end": 179},
+        {"ipr": "IPR003597", "start": 186, "end": 272},
+    ]
+    # beta-2-microglobulin: an extra Met numbered 0 (outside SIFTS), then residue 1 is
+    # P61769 position 21, so UniProt 25-111 is chain positions 6-92
+    assert rows["3PWP_B"]["annotations"] == [{"ipr": "IPR003597", "start": 6, "end": 92}]
+    # 5PTI residue 1 = P00974 position 36
+    assert rows["5PTI_A"]["annotations"][0] == {"ipr": "IPR036880", "start": 1, "end": 58}
+    assert rows["3PWP_C"]["annotations"] is None  # the peptide has no UniProt reference
