@@ -88,6 +88,7 @@ def baseline_structures(files: list[Path], tmp: Path) -> int:
 
 
 def _bench_pipeline(files: list[Path], quick: bool) -> list[dict]:
+    from esm3.data.structures.filters import PDBFilter
     from esm3.data.structures.io import read_structure
     from esm3.data.structures.stages import (
         StepTimes,
@@ -98,7 +99,8 @@ def _bench_pipeline(files: list[Path], quick: bool) -> list[dict]:
 
     train = [c.backbone for f in files for c in read_structure(f).chains]
     tok = KMeansStructureTokenizer(16 if quick else 256, iterations=5).fit(train)
-    cfg = StructureStageConfig("pdb", sasa=True, ss8=True)
+    # every chain, as the baseline does
+    cfg = StructureStageConfig("pdb", PDBFilter(one_chain_per_entity=False), sasa=True, ss8=True)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         # warm both sides (biotite's CCD and radius caches, mkdssp's dictionary in the page
