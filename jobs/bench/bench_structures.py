@@ -98,7 +98,7 @@ def _bench_pipeline(files: list[Path], quick: bool) -> list[dict]:
     from esm3.tokenize.structure import KMeansStructureTokenizer
 
     train = [c.backbone for f in files for c in read_structure(f).chains]
-    tok = KMeansStructureTokenizer(16 if quick else 256, iterations=5).fit(train)
+    tok = KMeansStructureTokenizer(4 if quick else 256, iterations=5).fit(train)
     # every chain, as the baseline does
     cfg = StructureStageConfig("pdb", PDBFilter(one_chain_per_entity=False), sasa=True, ss8=True)
     with tempfile.TemporaryDirectory() as d:
@@ -193,7 +193,7 @@ def _bench_tokens(files: list[Path], quick: bool) -> list[dict]:
     from esm3.tokenize.structure import KMeansStructureTokenizer
 
     bbs = [c.backbone for f in files for c in read_structure(f).chains]
-    k = 16 if quick else 4096
+    k = 4 if quick else 4096
     residues = sum(len(b) for b in bbs)
     if residues < k:  # a 4096-code book needs more residues than the files hold
         rng = np.random.default_rng(0)
