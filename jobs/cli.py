@@ -12,11 +12,9 @@ import logging
 import os
 import sys
 
+from jobs.errors import UserError
+
 EPILOG = "Workspace: --workspace, else $ESM3_WORKSPACE, else ./workspace."
-
-
-class UserError(Exception):
-    """An error the user can fix: printed as one line, exit code 2."""
 
 
 def _ws_arg(p: argparse.ArgumentParser) -> None:
@@ -200,7 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _ws_arg(s)
     _cluster_arg(s)
-    s.add_argument("--shards", type=int, default=4, help="array tasks (default 4)")
+    s.add_argument(
+        "--config", help="TOML config (default: the embedded demo: 4 shards of mmseqs2-examples)"
+    )
+    s.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. shards=8"
+    )
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser(

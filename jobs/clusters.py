@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -111,6 +112,28 @@ def container_python(c: Container, workspace: Path, folder: Path) -> str | None:
     return shlex.join(cmd)
 
 
+def check_ready(profile: ClusterProfile) -> Path | None:
+    """Raise a one-line error unless the profile's scheduler can take jobs now.
+
+    Returns the SLURM_CONF the profile needs (None: the site default or no scheduler).
+    Called before anything is recorded or submitted.
+    """
+    if profile.executor == "local":
+        return None
+    if not shutil.which("sbatch"):
+        raise ConfigError(
+            f"profile '{profile.name}' needs SLURM's sbatch, which is not on PATH "
+            "(install slurm-client, or use --cluster local)"
+        )
+    conf = profile.slurm_conf_path()
+    if conf is not None:
+        if profile.slurm_conf == "local":
+            slurm_local.require_running(conf)
+        elif not conf.exists():
+            raise ConfigError(f"cluster key 'slurm_conf': {conf} does not exist")
+    return conf
+
+
 @dataclass
 class Resources:
     """Per-submission overrides of the profile's resources (None: the profile's value)."""
@@ -156,12 +179,8 @@ def make_executor(
         )
         return ex
 
-    conf = profile.slurm_conf_path()
+    conf = check_ready(profile)
     if conf is not None:
-        if profile.slurm_conf == "local":
-            slurm_local.require_running(conf)
-        elif not conf.exists():
-            raise ConfigError(f"cluster key 'slurm_conf': {conf} does not exist")
         os.environ["SLURM_CONF"] = str(conf)
         setup.insert(0, f"export SLURM_CONF={shlex.quote(str(conf))}")
     ex = submitit.SlurmExecutor(folder, max_num_timeout=profile.max_requeues, python=python)

@@ -9,9 +9,22 @@ from __future__ import annotations
 import gzip
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 DEMO_FASTA = Path("/usr/share/doc/mmseqs2/example-data/DB.fasta.gz")
+
+
+@dataclass
+class DemoConfig:
+    fasta: str = str(DEMO_FASTA)
+    shards: int = 4
+
+    def validate(self) -> None:
+        from jobs.config import ConfigError
+
+        if self.shards < 1:
+            raise ConfigError(f"config key 'shards': {self.shards} must be >= 1")
 
 
 def shard_stats(fasta: str, shard: int, n_shards: int, out: str) -> dict[str, object]:
@@ -57,24 +70,26 @@ def run_demo(a) -> int:  # type: ignore[no-untyped-def]
     """Submit the demo array on the chosen profile, wait, and show the records with SQL."""
     from esm3.metrics.catalog import query
     from jobs import launch, workspace
-    from jobs.cli import UserError, _print_frame
-    from jobs.clusters import load_profile
+    from jobs.cli import _print_frame
+    from jobs.clusters import check_ready, load_profile
+    from jobs.config import load, to_dict
+    from jobs.errors import UserError
 
-    if not DEMO_FASTA.exists():
-        raise UserError(f"{DEMO_FASTA} is missing: install Debian's mmseqs2-examples (make setup)")
+    cfg = load(DemoConfig, a.config, a.overrides)
+    fasta = Path(cfg.fasta)
+    if not fasta.exists():
+        hint = " (install Debian's mmseqs2-examples: make setup)" if fasta == DEMO_FASTA else ""
+        raise UserError(f"input {fasta} does not exist{hint}")
     profile = load_profile(a.cluster)
     ws = workspace.prepare(a.workspace)
-    n = a.shards
+    check_ready(profile)  # before anything is recorded
+    n = cfg.shards
     run_id = launch.start_run(
-        ws,
-        kind="demo",
-        name="uniprot-shard-stats",
-        profile=profile,
-        config={"fasta": str(DEMO_FASTA), "shards": n},
+        ws, kind="demo", name="uniprot-shard-stats", profile=profile, config=to_dict(cfg)
     )
     out = workspace.run_dir(ws, run_id)
-    items = [(str(DEMO_FASTA), i, n, str(out / f"shard-{i}.json")) for i in range(n)]
-    print(f"run {run_id}: {n} array tasks on '{profile.name}' over {DEMO_FASTA.name}")
+    items = [(str(fasta), i, n, str(out / f"shard-{i}.json")) for i in range(n)]
+    print(f"run {run_id}: {n} array tasks on '{profile.name}' over {fasta}")
     sub = launch.submit_array(
         ws, profile, run_id=run_id, stage="shard-stats", fn=shard_stats, items=items
     )

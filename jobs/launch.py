@@ -120,11 +120,21 @@ class Submission:
         for j in self.jobs:
             try:
                 res = j.results()
-            except Exception as e:  # the job raised: its traceback is in the message
-                raise JobFailed(f"{self.stage}: job {j.job_id} failed: {_last_line(str(e))}") from e
+            except Exception as e:  # the job raised: its own record has the traceback
+                raise JobFailed(f"{self.stage}: job {j.job_id} failed: {self._error(j)}") from e
             out.append(res[0] if len(res) == 1 else res)
         self.results = out
         return out
+
+    def _error(self, job: submitit.Job[Any]) -> str:
+        df = query(
+            self.ws,
+            f"SELECT error FROM jobs WHERE run_id = '{self.run_id}' AND job_id = '{job.job_id}' "
+            "AND error IS NOT NULL ORDER BY updated_at DESC LIMIT 1",
+        )
+        log_file = job.paths.stdout
+        where = f" (log: {log_file})"
+        return (_last_line(df.error[0]) if len(df) else "no error recorded") + where
 
     def _raise_if_dead(self) -> None:
         records.reconcile(self.ws, self.run_id)

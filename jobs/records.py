@@ -180,10 +180,14 @@ def slurm_states(
 def _pid_alive(pid: str) -> bool:
     try:
         os.kill(int(pid), 0)
-        return True
     except (ValueError, ProcessLookupError):
         return False
     except PermissionError:
+        return True
+    try:  # a zombie (ended, not yet reaped by its parent) is not alive
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
         return True
 
 

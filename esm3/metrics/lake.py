@@ -70,6 +70,7 @@ def _jsonable(v: Any) -> Any:
 
 def to_arrow(table: str, rows: Iterable[Mapping[str, Any]]) -> pa.Table:
     """Rows (dicts) -> an Arrow table with the contract schema; unknown keys are an error."""
+    table_dir(".", table)  # validates the name
     schema = TABLES[table]
     names = set(schema.names)
     stamp = now()

@@ -25,8 +25,10 @@ import pyarrow.parquet as pq
 SUITE = "sequences"
 REAL_FASTA = Path("/usr/share/doc/mmseqs2/example-data/DB.fasta.gz")
 _VALID = set("ACDEFGHIKLMNPQRSTVWYXBUZO")
-_UNIPROT = re.compile(r"^(?:sp|tr)\|([^|\s]+)\|(\S*)(?:\s+(.*?))??(?:\s+OS=(.*?))?"
-                      r"(?:\s+OX=(\d+))?(?:\s+[A-Z]{2}=.*)?$")
+_UNIPROT = re.compile(
+    r"^(?:sp|tr)\|([^|\s]+)\|(\S*)(?:\s+(.*?))??(?:\s+OS=(.*?))?"
+    r"(?:\s+OX=(\d+))?(?:\s+[A-Z]{2}=.*)?$"
+)
 
 
 def baseline_ingest(path: Path, out: Path, dataset: str, batch: int = 50_000) -> int:
@@ -125,8 +127,16 @@ def _peak_rss_mb(path: Path, out: Path) -> float:
 
 
 def _row(name, metric, value, unit, baseline=None, ratio=None, **params) -> dict:
-    return dict(suite=SUITE, name=name, metric=metric, value=float(value), unit=unit,
-                baseline=baseline, ratio=ratio, params=params)
+    return dict(
+        suite=SUITE,
+        name=name,
+        metric=metric,
+        value=float(value),
+        unit=unit,
+        baseline=baseline,
+        ratio=ratio,
+        params=params,
+    )
 
 
 def bench_ingest(quick: bool, tmp: Path) -> list[dict]:
@@ -155,21 +165,52 @@ def bench_ingest(quick: bool, tmp: Path) -> list[dict]:
             base_s.append(time.perf_counter() - t)
         assert n_base == summary["written"], (n_base, summary)
         ours, base = min(ours_s), min(base_s)
-        params = dict(input="mmseqs2-examples DB.fasta.gz", wrap=wrap or "none",
-                      records=summary["records"], bytes=nbytes)
+        params = dict(
+            input="mmseqs2-examples DB.fasta.gz",
+            wrap=wrap or "none",
+            records=summary["records"],
+            bytes=nbytes,
+        )
         tag = f"ingest_wrap{wrap or 0}"
-        rows.append(_row(tag, "throughput", nbytes / ours / 1e6, "MB/s",
-                         nbytes / base / 1e6, base / ours, **params))
-        rows.append(_row(tag, "records_per_s", summary["records"] / ours, "seq/s",
-                         summary["records"] / base, base / ours, **params))
+        rows.append(
+            _row(
+                tag,
+                "throughput",
+                nbytes / ours / 1e6,
+                "MB/s",
+                nbytes / base / 1e6,
+                base / ours,
+                **params,
+            )
+        )
+        rows.append(
+            _row(
+                tag,
+                "records_per_s",
+                summary["records"] / ours,
+                "seq/s",
+                summary["records"] / base,
+                base / ours,
+                **params,
+            )
+        )
     if not quick:
         mems = {}
         for copies in (1, 10):
             src = tmp / f"mem{copies}.fasta.gz"
             _make_input(REAL_FASTA, src, copies, 60)
             mems[copies] = _peak_rss_mb(src, tmp / f"mem{copies}.parquet")
-        rows.append(_row("ingest_peak_memory", "peak_rss_10x", mems[10], "MB", mems[1],
-                         mems[10] / mems[1], note="child process peak RSS; ratio 10x / 1x"))
+        rows.append(
+            _row(
+                "ingest_peak_memory",
+                "peak_rss_10x",
+                mems[10],
+                "MB",
+                mems[1],
+                mems[10] / mems[1],
+                note="child process peak RSS; ratio 10x / 1x",
+            )
+        )
     return rows
 
 
@@ -183,10 +224,20 @@ def synthetic_clusters(n_rows: int, seed: int = 0) -> tuple[pa.Table, pa.Table]:
     high_rep = np.maximum.accumulate(np.where(rng.random(n_rows) < 0.5, np.arange(n_rows), 0))
     low_rep = np.maximum.accumulate(np.where(rng.random(n_rows) < 0.17, np.arange(n_rows), 0))
     member = pa.array(ids, pa.string())
-    high = pa.table({"level": pa.array(np.full(n_rows, 0.9)), "representative":
-                     pa.array(ids[high_rep], pa.string()), "member": member})
-    low = pa.table({"level": pa.array(np.full(n_rows, 0.7)), "representative":
-                    pa.array(ids[low_rep], pa.string()), "member": member})
+    high = pa.table(
+        {
+            "level": pa.array(np.full(n_rows, 0.9)),
+            "representative": pa.array(ids[high_rep], pa.string()),
+            "member": member,
+        }
+    )
+    low = pa.table(
+        {
+            "level": pa.array(np.full(n_rows, 0.7)),
+            "representative": pa.array(ids[low_rep], pa.string()),
+            "member": member,
+        }
+    )
     return low, high
 
 
@@ -198,8 +249,17 @@ def bench_expansion(quick: bool) -> list[dict]:
     t = time.perf_counter()
     expanded, stats = expand_clusters(low, high, cap=20, seed=0)
     dt = time.perf_counter() - t
-    return [_row("expansion", "rows_per_s", 2 * n / dt, "rows/s", rows=2 * n,
-                 expanded=expanded.num_rows, seconds=dt)]
+    return [
+        _row(
+            "expansion",
+            "rows_per_s",
+            2 * n / dt,
+            "rows/s",
+            rows=2 * n,
+            expanded=expanded.num_rows,
+            seconds=dt,
+        )
+    ]
 
 
 def bench_sampler(quick: bool) -> list[dict]:
@@ -217,8 +277,18 @@ def bench_sampler(quick: bool) -> list[dict]:
     for _ in range(steps):
         sampler.sample(batch)
     dt = time.perf_counter() - t
-    return [_row("sampler", "samples_per_s", steps * batch / dt, "samples/s",
-                 batch=batch, steps=steps, datasets=2, note="one process, one thread")]
+    return [
+        _row(
+            "sampler",
+            "samples_per_s",
+            steps * batch / dt,
+            "samples/s",
+            batch=batch,
+            steps=steps,
+            datasets=2,
+            note="one process, one thread",
+        )
+    ]
 
 
 def run(quick: bool = False) -> list[dict]:

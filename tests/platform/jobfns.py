@@ -1,0 +1,41 @@
+"""Functions the platform tests run as real jobs (importable by the job processes)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+
+def square(x: int) -> dict[str, object]:
+    return {"x": x, "y": x * x, "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname()}
+
+
+def boom(message: str) -> None:
+    raise ValueError(message)
+
+
+def sleep(seconds: float) -> str:
+    time.sleep(seconds)
+    return "slept"
+
+
+def allreduce() -> dict[str, object]:
+    """Every rank contributes rank+1; the all-reduced sum is world*(world+1)/2."""
+    import torch
+    import torch.distributed as dist
+
+    from jobs.distributed import init_from_submitit
+
+    info = init_from_submitit()
+    t = torch.tensor([float(info.rank + 1)])
+    dist.all_reduce(t)
+    dist.barrier()
+    dist.destroy_process_group()
+    return {
+        "rank": info.rank,
+        "world": info.world_size,
+        "sum": t.item(),
+        "backend": info.backend,
+        "node": os.environ.get("SLURMD_NODENAME"),
+    }

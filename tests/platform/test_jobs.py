@@ -1,0 +1,154 @@
+"""Jobs through the same code path as `make submit-*`, on the real local SLURM cluster
+and on the local executor; every job records its own lifecycle."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from esm3.metrics.catalog import query
+from jobs import launch
+from jobs.clusters import Resources, load_profile
+from tests.platform import jobfns
+
+
+def _run(ws, profile, kind="test"):
+    return launch.start_run(ws, kind=kind, name="t", profile=profile)
+
+
+def _array(ws, profile):
+    run_id = _run(ws, profile)
+    sub = launch.submit_array(
+        ws, profile, run_id=run_id, stage="square", fn=jobfns.square, items=[(i,) for i in range(4)]
+    )
+    results = sub.wait(timeout_s=180)
+    assert [r["y"] for r in results] == [0, 1, 4, 9]
+    jobs = query(ws, f"SELECT * FROM jobs WHERE run_id = '{run_id}' ORDER BY array_index")
+    assert jobs.array_index.tolist() == [0, 1, 2, 3]
+    assert set(jobs.state) == {"COMPLETED"} and set(jobs.exit_code) == {0}
+    assert jobs.started_at.notna().all() and jobs.ended_at.notna().all()
+    assert (jobs.ended_at >= jobs.started_at).all()
+    assert query(ws, f"SELECT status FROM runs WHERE run_id = '{run_id}'").status[0] == "COMPLETED"
+    return results, jobs
+
+
+@pytest.mark.slurm
+def test_array_on_slurm(slurm_cluster, workspace):
+    results, jobs = _array(workspace, load_profile("slurm-local"))
+    assert jobs.job_id.str.fullmatch(r"\d+_[0-3]").all()
+    assert set(jobs.node) <= {"node1", "node2"}
+    assert [r["node"] for r in results] == jobs.node.tolist()
+    slurm_ids = query(workspace, "SELECT slurm_job_id FROM runs").slurm_job_id[0]
+    assert slurm_ids == jobs.job_id[0].split("_")[0]
+
+
+def test_array_on_local(workspace):
+    _, jobs = _array(workspace, load_profile("local"))
+    assert jobs.job_id.str.fullmatch(r"\d+").all()  # local job ids are process ids
+    assert set(jobs.cluster) == {"local"}
+
+
+@pytest.mark.slurm
+def test_two_node_job_all_reduces_over_gloo(slurm_cluster, workspace):
+    profile = load_profile("slurm-local")
+    run_id = _run(workspace, profile)
+    sub = launch.submit_job(
+        workspace,
+        profile,
+        run_id=run_id,
+        stage="allreduce",
+        fn=jobfns.allreduce,
+        resources=Resources(nodes=2, tasks_per_node=1),
+    )
+    (per_rank,) = sub.wait(timeout_s=240)
+    assert [r["rank"] for r in per_rank] == [0, 1]
+    assert all(r["world"] == 2 and r["sum"] == 3.0 and r["backend"] == "gloo" for r in per_rank)
+    assert {r["node"] for r in per_rank} == {"node1", "node2"}
+    jobs = query(
+        workspace, f"SELECT rank, node, state FROM jobs WHERE run_id = '{run_id}' ORDER BY rank"
+    )
+    assert jobs.to_dict("records") == [
+        {"rank": 0, "node": per_rank[0]["node"], "state": "COMPLETED"},
+        {"rank": 1, "node": per_rank[1]["node"], "state": "COMPLETED"},
+    ]
+
+
+@pytest.mark.slurm
+def test_failing_job_is_recorded_with_its_error(slurm_cluster, workspace):
+    profile = load_profile("slurm-local")
+    run_id = _run(workspace, profile)
+    sub = launch.submit_job(
+        workspace,
+        profile,
+        run_id=run_id,
+        stage="boom",
+        fn=jobfns.boom,
+        args=("shard 7 is corrupt",),
+    )
+    with pytest.raises(launch.JobFailed, match="ValueError: shard 7 is corrupt"):
+        sub.wait(timeout_s=120)
+    job = query(workspace, f"SELECT * FROM jobs WHERE run_id = '{run_id}'").iloc[0]
+    assert job.state == "FAILED" and job.exit_code == 1
+    assert "ValueError: shard 7 is corrupt" in job.error and "jobfns.py" in job.error
+    assert (
+        query(workspace, f"SELECT status FROM runs WHERE run_id = '{run_id}'").status[0] == "FAILED"
+    )
+
+
+def _wait_state(ws, run_id, state, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        df = query(ws, f"SELECT state FROM jobs WHERE run_id = '{run_id}'")
+        if len(df) and (df.state == state).all():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"jobs of {run_id} not {state} after {timeout}s: {df.state.tolist()}")
+
+
+@pytest.mark.slurm
+def test_scancelled_job_shows_as_cancelled(slurm_cluster, workspace):
+    profile = load_profile("slurm-local")
+    run_id = _run(workspace, profile)
+    sub = launch.submit_job(
+        workspace, profile, run_id=run_id, stage="sleep", fn=jobfns.sleep, args=(120,)
+    )
+    _wait_state(workspace, run_id, "RUNNING")
+    subprocess.run(["scancel", sub.job_ids[0]], check=True, env=slurm_cluster.env())
+    # SLURM shows the job COMPLETING for KillWait seconds, then CANCELLED
+    deadline = time.monotonic() + 60
+    while True:
+        r = subprocess.run(
+            [sys.executable, "-m", "jobs.cli", "status", run_id, "-w", str(workspace), "-f", "csv"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        if "CANCELLED" in r.stdout.splitlines()[1] or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert "CANCELLED" in r.stdout.splitlines()[1], r.stdout  # the run
+    job = query(workspace, f"SELECT * FROM jobs WHERE run_id = '{run_id}'").iloc[0]
+    assert job.state == "CANCELLED" and "JobState=CANCELLED" in job.error
+    with pytest.raises(launch.JobFailed, match="CANCELLED"):
+        sub.wait(timeout_s=30)
+
+
+def test_local_job_killed_from_outside_is_lost_not_running(workspace):
+    import os
+    import signal
+
+    profile = load_profile("local")
+    run_id = _run(workspace, profile)
+    sub = launch.submit_job(
+        workspace, profile, run_id=run_id, stage="sleep", fn=jobfns.sleep, args=(120,)
+    )
+    _wait_state(workspace, run_id, "RUNNING")
+    controller = int(sub.job_ids[0])
+    subprocess.run(["pkill", "-KILL", "-P", str(controller)], check=False)  # the task
+    os.kill(controller, signal.SIGKILL)
+    time.sleep(0.5)
+    with pytest.raises(launch.JobFailed, match="LOST"):
+        sub.wait(timeout_s=30, poll_s=0.2)
+    assert query(workspace, f"SELECT state FROM jobs WHERE run_id = '{run_id}'").state[0] == "LOST"

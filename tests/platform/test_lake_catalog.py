@@ -1,0 +1,164 @@
+import subprocess
+import sys
+import threading
+import time
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+
+from esm3.metrics.catalog import SqlRefused, connect, query, refresh_catalog_file
+from esm3.metrics.lake import LakeWriter, lake_dir, write_rows
+from esm3.metrics.schema import TABLES
+
+
+def test_every_contract_table_is_queryable_when_empty(workspace):
+    for table in TABLES:
+        df = query(workspace, f"SELECT * FROM {table}")
+        assert len(df) == 0
+        # the view exposes the documented columns
+        assert set(TABLES[table].names) <= set(df.columns), table
+
+
+def test_rows_round_trip_and_unknown_columns_are_refused(workspace):
+    write_rows(
+        workspace,
+        "rejects",
+        [dict(run_id="r", stage="ingest", source="a.fa", record="7", reason="bad letter")],
+    )
+    df = query(workspace, "SELECT * FROM rejects")
+    assert df.loc[0, "reason"] == "bad letter" and df.loc[0, "time"] is not None
+    with pytest.raises(KeyError, match="no column"):
+        write_rows(workspace, "rejects", [dict(run_id="r", colour="red")])
+    with pytest.raises(KeyError, match="unknown table"):
+        write_rows(workspace, "nope", [{}])
+
+
+def test_files_appear_whole_under_their_final_name(workspace):
+    path = write_rows(workspace, "events", [dict(run_id="r1", step=1, kind="checkpoint")])
+    assert path.parent.name == "run_id=r1" and path.suffix == ".parquet"
+    assert pq.read_table(path).num_rows == 1
+    leftovers = [p for p in lake_dir(workspace).rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_latest_versions_win(workspace):
+    base = dict(run_id="r", job_id="5_0", rank=0, attempt=0, stage="s")
+    write_rows(workspace, "jobs", [dict(base, state="SUBMITTED")])
+    write_rows(workspace, "jobs", [dict(base, state="RUNNING", node="node1")])
+    write_rows(workspace, "jobs", [dict(base, state="COMPLETED", exit_code=0)])
+    df = query(workspace, "SELECT state, exit_code FROM jobs")
+    assert df.to_dict("records") == [{"state": "COMPLETED", "exit_code": 0}]
+    assert len(query(workspace, "SELECT * FROM jobs_history")) == 3
+
+
+def test_run_status_follows_its_jobs(workspace):
+    write_rows(workspace, "runs", [dict(run_id="r", kind="demo", status="SUBMITTED")])
+    for i in range(2):
+        write_rows(
+            workspace,
+            "jobs",
+            [dict(run_id="r", job_id=f"1_{i}", rank=0, attempt=0, state="RUNNING")],
+        )
+    assert query(workspace, "SELECT status FROM runs").status[0] == "RUNNING"
+    write_rows(
+        workspace, "jobs", [dict(run_id="r", job_id="1_0", rank=0, attempt=0, state="COMPLETED")]
+    )
+    write_rows(
+        workspace, "jobs", [dict(run_id="r", job_id="1_1", rank=0, attempt=0, state="FAILED")]
+    )
+    assert query(workspace, "SELECT status FROM runs").status[0] == "FAILED"
+
+
+def test_resumed_steps_keep_the_latest_attempt(workspace):
+    write_rows(
+        workspace, "train_steps", [dict(run_id="r", step=s, attempt=0, loss=1.0) for s in range(5)]
+    )
+    write_rows(
+        workspace,
+        "train_steps",
+        [dict(run_id="r", step=s, attempt=1, loss=2.0) for s in range(3, 6)],
+    )
+    df = query(workspace, "SELECT step, loss FROM train_steps ORDER BY step")
+    assert df.step.tolist() == [0, 1, 2, 3, 4, 5]
+    assert df.loss.tolist() == [1, 1, 1, 2, 2, 2]
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "CREATE TABLE x (a INT)",
+        "INSERT INTO runs (run_id) VALUES ('x')",
+        "COPY (SELECT 1) TO 'out.csv'",
+        "ATTACH 'other.duckdb'",
+        "DROP VIEW runs",
+        "SELECT 1; DELETE FROM runs",
+        "SET enable_external_access = true",
+    ],
+)
+def test_writes_are_refused(workspace, sql):
+    with pytest.raises(SqlRefused, match="refused|read-only"):
+        query(workspace, sql)
+
+
+def test_files_outside_the_lake_are_not_readable(workspace, tmp_path):
+    secret = tmp_path / "secret.csv"
+    secret.write_text("a\n1\n")
+    for sql in (
+        f"SELECT * FROM read_csv('{secret}')",
+        "SELECT * FROM read_csv('http://example.org/x.csv')",
+    ):
+        with pytest.raises(duckdb.Error, match="disabled by configuration|Permission"):
+            query(workspace, sql)
+
+
+def test_reads_never_block_a_writer(workspace):
+    """A reader holding a connection open while a writer appends: both proceed."""
+    con = connect(workspace)
+    n_before = con.execute("SELECT count(*) FROM train_steps").fetchone()[0]
+    errors = []
+
+    def writer():
+        try:
+            with LakeWriter(workspace, "train_steps", flush_rows=10, background=False) as w:
+                for s in range(200):
+                    w.add(dict(run_id="live", step=s, attempt=0, loss=1.0))
+        except Exception as e:  # pragma: no cover - the assertion below reports it
+            errors.append(e)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    counts = []
+    while t.is_alive():
+        counts.append(con.execute("SELECT count(*) FROM train_steps").fetchone()[0])
+    t.join(timeout=30)
+    assert not errors
+    assert counts == sorted(counts)  # monotone: never a partial or vanished file
+    assert con.execute("SELECT count(*) FROM train_steps").fetchone()[0] == n_before + 200
+
+
+def test_catalog_file_for_any_duckdb_client_while_it_is_open(workspace):
+    write_rows(workspace, "runs", [dict(run_id="r", kind="demo", status="COMPLETED")])
+    path = refresh_catalog_file(workspace)
+    # an external client holds the file open read-only in another process
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import duckdb,time; c=duckdb.connect({str(path)!r}, read_only=True); "
+            "print(c.execute('select count(*) from runs').fetchone()[0], flush=True); time.sleep(5)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "1"
+        t0 = time.monotonic()
+        refresh_catalog_file(workspace)  # never waits on the client's lock
+        write_rows(workspace, "runs", [dict(run_id="r2", kind="demo", status="COMPLETED")])
+        assert time.monotonic() - t0 < 4
+        con = duckdb.connect(str(path), read_only=True)
+        assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == 2
+        con.close()
+    finally:
+        holder.kill()
