@@ -13,15 +13,13 @@ PYTEST_ARGS ?=
 # The CPU build of torch: a plain `torch` requirement would pull several GB of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
-IMAGE ?= esm3-suite:latest
-BASE_IMAGE ?=
 export ESM3_WORKSPACE ?= $(abspath $(WORKSPACE))
 
 .PHONY: help setup tools demo test lint format bench submit-preprocess submit-train \
-        dashboard sql slurm-up slurm-down image sif test-images clean
+        dashboard sql slurm-up slurm-down clean
 
 help:  ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /\1\t/' | column -t -s $$'\t'
 
 tools:  ## install (Debian, root) or check the system tools: mmseqs2, mkdssp, SLURM, munge
 	@bash containers/install-tools.sh --slurm
@@ -81,12 +79,7 @@ dashboard: setup  ## Streamlit dashboard on the workspace (localhost)
 sql: setup  ## read-only SQL: make sql Q="SELECT ..." [FORMAT=csv|json]
 	@$(ESM3) sql --format $(FORMAT) "$(Q)"
 
-image:  ## build the image with podman (BASE_IMAGE= to swap the base)
-	podman build -f containers/Dockerfile $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -t $(IMAGE) .
-
-sif: image  ## Apptainer .sif from the image
-	podman save --format docker-archive -o build/esm3.tar $(IMAGE)
-	apptainer build esm3.sif containers/esm3.def
-
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+include containers/images.mk

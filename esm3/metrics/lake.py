@@ -178,3 +178,31 @@ class LakeWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def write_table(workspace: str | Path, table: str, data: pa.Table) -> Path | None:
+    """Write an Arrow table (columns a subset of the contract's) as new lake file(s).
+
+    For bulk writers (benchmarks, compaction): no per-row Python work.
+    """
+    schema = TABLES[table_dir(workspace, table).name]
+    extra = set(data.column_names) - set(schema.names)
+    if extra:
+        raise KeyError(f"table {table!r} has no column(s) {sorted(extra)}")
+    cols = [
+        data.column(f.name).cast(f.type)
+        if f.name in data.column_names
+        else pa.nulls(data.num_rows, f.type)
+        for f in schema
+    ]
+    full = pa.Table.from_arrays(cols, schema=schema)
+    if full.num_rows == 0:
+        return None
+    d = table_dir(workspace, table)
+    if table not in PARTITIONED:
+        return _write_part(d, full)
+    last = None
+    for rid in pc.unique(full.column("run_id")).to_pylist():
+        part = full.filter(pc.equal(full.column("run_id"), rid))
+        last = _write_part(d / f"run_id={_SAFE.sub('_', str(rid))}", part)
+    return last
