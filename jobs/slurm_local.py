@@ -15,14 +15,14 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger("esm3.slurm")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_NODES = 2
-DEFAULT_PORT = 16817  # slurmctld; slurmd ports follow it
+DEFAULT_PORT = 16817  # slurmctld (env ESM3_SLURM_PORT); slurmd ports follow it
 
 
 class SlurmLocalError(RuntimeError):
@@ -43,7 +43,7 @@ class LocalCluster:
     nodes: int = DEFAULT_NODES
     cpus_per_node: int = 0  # 0: this host's core count
     mem_mb_per_node: int = 0  # 0: a share of this host's memory
-    port: int = DEFAULT_PORT
+    port: int = field(default_factory=lambda: int(os.environ.get("ESM3_SLURM_PORT", DEFAULT_PORT)))
 
     @property
     def node_names(self) -> list[str]:
