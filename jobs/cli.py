@@ -7,6 +7,8 @@ is submitted.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -148,6 +150,23 @@ def cmd_dashboard(a: argparse.Namespace) -> int:
 
 # --- parser -------------------------------------------------------------------------------
 
+STAGE_MODULES = ("preprocess", "train")
+
+
+class _Common:
+    """What stage modules use to build their subparsers the same way as the rest."""
+
+    epilog = EPILOG
+    workspace = staticmethod(_ws_arg)
+    cluster = staticmethod(_cluster_arg)
+
+    @staticmethod
+    def print_frame(df, fmt: str = "table") -> None:  # type: ignore[no-untyped-def]
+        _print_frame(df, fmt)
+
+
+COMMON = _Common()
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -157,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log more (INFO)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # stage commands live with their orchestration: a module `jobs/<name>.py` adds its own
+    # subparser with `add_parser(subparsers, COMMON)`, setting `fn` to its entry point
+    for name in STAGE_MODULES:
+        if importlib.util.find_spec(f"jobs.{name}") is not None:
+            importlib.import_module(f"jobs.{name}").add_parser(sub, COMMON)
 
     s = sub.add_parser(
         "slurm",
