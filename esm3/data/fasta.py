@@ -74,7 +74,7 @@ SEQUENCE_SCHEMA = pa.schema(
 REJECT_KEYS = ("stage", "source", "record", "reason", "detail")
 REJECT_SCHEMA = pa.schema([(k, pa.string()) for k in REJECT_KEYS])
 
-DEFAULT_BLOCK_BYTES = 8 << 20
+DEFAULT_BLOCK_BYTES = 4 << 20
 
 _VALID = np.zeros(256, dtype=bool)
 _VALID[np.frombuffer(ALPHABET.encode(), np.uint8)] = True
@@ -177,6 +177,20 @@ def _check_binary(path: Path, pos: int, block: bytes) -> None:
             f"{path}: binary content (NUL byte) at byte {pos + at}, in the record starting at "
             f"byte {pos + rec + 1 if rec >= 0 else pos}"
         )
+
+
+def _gather(lines: pa.Array, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The bytes of the selected lines back to back, and their offsets (shape (k + 1,))."""
+    picked = lines.filter(pa.array(mask))
+    offsets = np.frombuffer(picked.buffers()[1], dtype=np.int32)[: len(picked) + 1]
+    data = picked.buffers()[2]
+    if data is None or len(picked) == 0:
+        return np.zeros(0, dtype=np.uint8), np.zeros(1, dtype=np.int64)
+    start = offsets[0]
+    return (
+        np.frombuffer(data, dtype=np.uint8)[start : offsets[-1]],
+        (offsets - start).astype(np.int64),
+    )
 
 
 def _record_lengths(
@@ -308,14 +322,20 @@ def parse_headers(headers: pa.StringArray, header_format: HeaderFormat = "auto")
     if header_format != "auto":
         cols = _PARSERS[header_format](headers)
     else:
-        cols = _fields_plain(headers)
+        cols = None
         for fmt, prefixes in _AUTO_PREFIX.items():
             mask = pc.starts_with(headers, prefixes[0])
             for prefix in prefixes[1:]:
                 mask = pc.or_(mask, pc.starts_with(headers, prefix))
-            if pc.any(mask).as_py():
+            hits = pc.sum(mask).as_py() or 0
+            if hits == len(headers) and cols is None:  # the usual case: one convention a file
+                cols = _PARSERS[fmt](headers)
+                break
+            if hits:
+                cols = cols or _fields_plain(headers)
                 special = _PARSERS[fmt](headers)
                 cols = {k: pc.if_else(mask, special[k], v) for k, v in cols.items()}
+        cols = cols or _fields_plain(headers)
     empty = pa.scalar(None, pa.string())
     out = {}
     for k, v in cols.items():
@@ -339,33 +359,47 @@ def parse_block(
 
     `base` is the block's offset in the input. Returns the valid rows and the reject rows.
     """
+    if not block.endswith(b"\n"):
+        block += b"\n"  # only the input's last block can lack it; every line now ends in \n
     buf = np.frombuffer(block, dtype=np.uint8)
     n = len(buf)
     nl = np.flatnonzero(buf == _NL)
-    # header lines: a '>' at the start of a line (block start or after a newline)
-    cand = nl[:-1] + 1 if len(nl) and nl[-1] == n - 1 else nl + 1
-    hdr_start = np.concatenate(([0], cand[buf[cand] == _GT]))
-    hdr_end = nl[np.searchsorted(nl, hdr_start)] if len(nl) else np.array([n])
-    if len(nl) and hdr_start[-1] > nl[-1]:  # last header without a newline
-        hdr_end = np.concatenate((nl[np.searchsorted(nl, hdr_start[:-1])], [n]))
-    hdr_end = hdr_end - (buf[np.maximum(hdr_end - 1, 0)] == ord("\r"))
+    line_start = np.empty(len(nl), dtype=np.int64)
+    line_start[0] = 0
+    line_start[1:] = nl[:-1] + 1
+    is_hdr = buf[line_start] == _GT  # the block starts with '>', so line 0 is a header
+    hdr_line = np.flatnonzero(is_hdr)
+    hdr_start = line_start[hdr_line]
+    hdr_end = nl[hdr_line]
+    cr = buf[hdr_end - 1] == ord("\r")
+    hdr_end = hdr_end - cr
     records = len(hdr_start)
 
-    # header bytes (after '>'), gathered by index: headers are a small part of the bytes
-    hlen = hdr_end - hdr_start - 1
+    # the block's lines as one Arrow binary array (zero-copy); filtering it gathers the
+    # header lines and the sequence lines into two contiguous buffers with C++ memcpy
+    lines = pa.Array.from_buffers(
+        pa.binary(),
+        len(nl),
+        [None, pa.py_buffer(np.append(line_start, n).astype(np.int32)), pa.py_buffer(block)],
+    )
+    hdr_lines, hoff_full = _gather(lines, is_hdr)
+    drop = np.zeros(len(hdr_lines), dtype=bool)
+    drop[hoff_full[:-1]] = True  # '>'
+    drop[hoff_full[1:] - 1] = True  # '\n'
+    drop[hoff_full[1:][cr] - 2] = True  # '\r'
+    header_bytes = hdr_lines[~drop]
     hoff = np.zeros(records + 1, dtype=np.int64)
-    np.cumsum(hlen, out=hoff[1:])
-    hidx = np.arange(hoff[-1], dtype=np.int64) + np.repeat(hdr_start + 1 - hoff[:-1], hlen)
-    header_bytes = buf[hidx]
+    np.cumsum(hdr_end - hdr_start - 1, out=hoff[1:])
 
-    # sequence bytes: bytes above 0x20 (not whitespace/newline) outside header lines
-    seq_mask = buf > 0x20
-    seq_mask[hidx] = False
-    seq_mask[hdr_start] = False
-    seq = buf[seq_mask]
+    # sequence bytes: bytes above 0x20 (not whitespace/newline) of the other lines
+    seq_lines, soff = _gather(lines, ~is_hdr)
+    keep = seq_lines > 0x20
+    seq = seq_lines[keep]
     seq_len = _record_lengths(buf, nl, hdr_start, hdr_end, len(seq))
-    if seq_len is None:  # whitespace inside sequence lines: count exactly
-        seq_len = np.add.reduceat(seq_mask.view(np.uint8), hdr_start, dtype=np.int64)
+    if seq_len is None:  # whitespace inside sequence lines: count per line, then per record
+        per_line = np.add.reduceat(keep.view(np.uint8), soff[:-1], dtype=np.int64)
+        rec = (np.cumsum(is_hdr) - 1)[~is_hdr]
+        seq_len = np.bincount(rec, weights=per_line, minlength=records).astype(np.int64)
     off = np.zeros(records + 1, dtype=np.int64)
     np.cumsum(seq_len, out=off[1:])
 
