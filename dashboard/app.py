@@ -1,6 +1,6 @@
 """The ESM3 suite's dashboard: `streamlit run dashboard/app.py -- --workspace PATH`.
 
-Pages live in `dashboard/pages/`; this script sets up the navigation and the sidebar
+Pages live in `dashboard/views/` (not `pages/`, which Streamlit would also auto-list); this script sets up the navigation and the sidebar
 that every page shares (workspace, auto-refresh).
 """
 
@@ -21,17 +21,17 @@ from dashboard import common  # noqa: E402
 st.set_page_config(page_title="ESM3 training suite", page_icon=":material/biotech:", layout="wide")
 
 PAGES = [
-    st.Page("pages/overview.py", title="Overview", icon=":material/dashboard:", default=True),
-    st.Page("pages/tokens.py", title="Token counts", icon=":material/database:", url_path="tokens"),
-    st.Page("pages/loss.py", title="Loss", icon=":material/show_chart:", url_path="loss"),
+    st.Page("views/overview.py", title="Overview", icon=":material/dashboard:", default=True),
+    st.Page("views/tokens.py", title="Token counts", icon=":material/database:", url_path="tokens"),
+    st.Page("views/loss.py", title="Loss", icon=":material/show_chart:", url_path="loss"),
     st.Page(
-        "pages/stability.py",
+        "views/stability.py",
         title="Stability",
         icon=":material/monitor_heart:",
         url_path="stability",
     ),
-    st.Page("pages/jobs.py", title="Jobs", icon=":material/lan:", url_path="jobs"),
-    st.Page("pages/sql.py", title="SQL", icon=":material/terminal:", url_path="sql"),
+    st.Page("views/jobs.py", title="Jobs", icon=":material/lan:", url_path="jobs"),
+    st.Page("views/sql.py", title="SQL", icon=":material/terminal:", url_path="sql"),
 ]
 page = st.navigation(PAGES)
 

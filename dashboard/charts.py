@@ -22,16 +22,21 @@ STATE_COLORS = {
     "LOST": "#8c564b",
     "CANCELLED": "#7f7f7f",
 }
+# event colours stay clear of the run palette below; the pages' captions name them
 EVENT_COLORS = {
     "spike": "#ff7f0e",
     "nonfinite": "#9467bd",
-    "skip": "#bcbd22",
+    "skip": "#888888",
     "rollback": "#d62728",
-    "requeue": "#17becf",
-    "resume": "#17becf",
-    "restart": "#17becf",
+    "requeue": "#222222",
+    "resume": "#222222",
+    "restart": "#222222",
     "stage": "#555555",
 }
+EVENT_CAPTION = (
+    "Dashed rules: :orange[spike], :violet[non-finite step], :gray[skipped step], "
+    ":red[rollback], black: requeue or restart."
+)
 TYPE_COLORS = {"sequence": "#1f77b4", "structure": "#2ca02c", "annotation": "#ff7f0e"}
 TRACK_TITLES = {
     "loss": "total loss",
@@ -43,6 +48,9 @@ TRACK_TITLES = {
     "loss_residue": "residue annotations",
 }
 HEIGHT = 260
+RUN_SCALE = alt.Scale(
+    range=["#1f77b4", "#2ca02c", "#17becf", "#8c564b", "#bcbd22", "#aec7e8", "#98df8a", "#6b6ecf"]
+)
 
 
 def ema(values: Sequence[float], smoothing: float, width: int | Sequence[int] = 1) -> np.ndarray:
@@ -69,116 +77,167 @@ def ema(values: Sequence[float], smoothing: float, width: int | Sequence[int] = 
     return out
 
 
-def _event_rules(events: pd.DataFrame, y_title: str | None = None) -> alt.Chart | None:
+def _event_rules(events: pd.DataFrame | None, legend: bool = True) -> alt.Chart | None:
+    """Dashed vertical rules at event steps, coloured by kind through the `stroke` channel
+    (so the runs keep their own `color` legend)."""
     if events is None or events.empty:
         return None
-    ev = events.dropna(subset=["step"]).copy()
+    ev = events.dropna(subset=["step"])
     if ev.empty:
         return None
-    kinds = sorted(ev["kind"].unique())
+    kinds = [k for k in EVENT_COLORS if k in set(ev["kind"])] + sorted(
+        set(ev["kind"]) - set(EVENT_COLORS)
+    )
     return (
         alt.Chart(ev)
-        .mark_rule(strokeDash=[4, 3], strokeWidth=1.5, opacity=0.8)
+        .mark_rule(strokeDash=[4, 3], strokeWidth=1.5, opacity=0.85)
         .encode(
             x=alt.X("step:Q"),
-            color=alt.Color(
+            # explicit pixel extent: a rule with no y breaks the layout on a log y scale
+            y=alt.value(0),
+            y2=alt.value("height"),
+            stroke=alt.Stroke(
                 "kind:N",
                 title="event",
                 scale=alt.Scale(domain=kinds, range=[EVENT_COLORS.get(k, "#444") for k in kinds]),
-                legend=alt.Legend(orient="bottom"),
+                legend=alt.Legend() if legend else None,
             ),
-            tooltip=["run_id", "step", "kind", "message"],
+            tooltip=["run_id:N", "step:Q", "kind:N", "message:N"],
         )
     )
 
 
-def loss_chart(
+def loss_long(
     curves: pd.DataFrame,
-    track: str,
-    *,
+    tracks: Sequence[str],
     smoothing: float,
-    log_y: bool,
-    show_raw: bool,
     stages: pd.DataFrame | None = None,
     validation: pd.DataFrame | None = None,
-) -> alt.LayerChart:
-    """One track's loss per run: raw bucket means (faint), EMA (solid), min-max band,
-    stage boundaries (dashed rules) and validation losses (points).
-
-    `curves`: rows of `queries.series` with columns run_id, step, width, `track`,
-    `track`_min, `track`_max.
-    """
-    rows = []
-    for run_id, g in curves.groupby("run_id", sort=False):
-        g = g.sort_values("step")
-        rows.append(
-            pd.DataFrame(
-                {
-                    "run_id": run_id,
-                    "step": g["step"].to_numpy(),
-                    "raw": g[track].to_numpy(dtype=float),
-                    "lo": g[f"{track}_min"].to_numpy(dtype=float),
-                    "hi": g[f"{track}_max"].to_numpy(dtype=float),
-                    "smoothed": ema(g[track].to_numpy(dtype=float), smoothing, g["width"]),
-                }
+) -> pd.DataFrame:
+    """One long frame for the faceted loss chart: per (track, run, bucket) the bucket mean
+    (raw), min (lo), max (hi) and the EMA (smoothed); stage boundaries repeated in every
+    track; validation losses. Column `layer` says which ('curve', 'stage', 'validation')."""
+    parts = []
+    for track in tracks:
+        for run_id, g in curves.groupby("run_id", sort=False):
+            g = g.sort_values("step")
+            raw = g[track].to_numpy(dtype=float)
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "layer": "curve",
+                        "track": TRACK_TITLES.get(track, track),
+                        "run_id": run_id,
+                        "step": g["step"].to_numpy(),
+                        "raw": raw,
+                        "lo": g[f"{track}_min"].to_numpy(dtype=float),
+                        "hi": g[f"{track}_max"].to_numpy(dtype=float),
+                        "smoothed": ema(raw, smoothing, g["width"].to_numpy()),
+                    }
+                )
             )
-        )
-    df = pd.concat(rows) if rows else pd.DataFrame(columns=["run_id", "step", "raw", "smoothed"])
-    df = df.replace([np.inf, -np.inf], np.nan)
+        if stages is not None and not stages.empty:
+            parts.append(
+                stages.assign(layer="stage", track=TRACK_TITLES.get(track, track))[
+                    ["layer", "track", "run_id", "step", "message"]
+                ]
+            )
+        if validation is not None and not validation.empty:
+            v = validation[validation["track"] == track]
+            if not v.empty:
+                parts.append(
+                    v.assign(layer="validation", track=TRACK_TITLES.get(track, track))[
+                        ["layer", "track", "run_id", "step", "value"]
+                    ]
+                )
+    if not parts:
+        return pd.DataFrame(columns=["layer", "track", "run_id", "step", "raw", "smoothed"])
+    return pd.concat(parts, ignore_index=True).replace([np.inf, -np.inf], np.nan)
+
+
+def loss_facets(
+    long: pd.DataFrame, *, log_y: bool, show_raw: bool, columns: int = 2, width: int = 440
+) -> alt.FacetChart:
+    """Small multiples, one per track: raw bucket means (faint) with their min-max band,
+    the EMA (solid), stage boundaries (dashed rules), validation losses (diamonds)."""
     scale = alt.Scale(type="log" if log_y else "linear", zero=False)
-    y_title = f"{TRACK_TITLES.get(track, track)} loss (nats/token)"
+    y_title = "loss (nats/token)"
     x = alt.X("step:Q", title="step")
-    color = alt.Color("run_id:N", title="run", legend=alt.Legend(orient="bottom"))
-    base = alt.Chart(df)
+    color = alt.Color("run_id:N", title="run", scale=RUN_SCALE)
+    curve = alt.Chart().transform_filter(alt.datum.layer == "curve")
     layers = []
     if show_raw:
         layers.append(
-            base.mark_area(opacity=0.12).encode(
+            curve.mark_area(opacity=0.12).encode(
                 x=x, y=alt.Y("lo:Q", scale=scale, title=y_title), y2="hi:Q", color=color
             )
         )
         layers.append(
-            base.mark_line(opacity=0.35, strokeWidth=1).encode(
+            curve.mark_line(opacity=0.35, strokeWidth=1).encode(
                 x=x, y=alt.Y("raw:Q", scale=scale, title=y_title), color=color
             )
         )
     layers.append(
-        base.mark_line(strokeWidth=2).encode(
+        curve.mark_line(strokeWidth=2).encode(
             x=x,
             y=alt.Y("smoothed:Q", scale=scale, title=y_title),
             color=color,
             tooltip=[
-                "run_id",
-                "step",
+                "track:N",
+                "run_id:N",
+                "step:Q",
                 alt.Tooltip("smoothed:Q", format=".4f", title="smoothed"),
                 alt.Tooltip("raw:Q", format=".4f", title="bucket mean"),
             ],
         )
     )
-    if stages is not None and not stages.empty:
+    if (long["layer"] == "stage").any():
         layers.append(
-            alt.Chart(stages)
-            .mark_rule(strokeDash=[6, 4], color="#555")
-            .encode(x="step:Q", tooltip=["run_id", "step", "message"])
-        )
-    if validation is not None and not validation.empty:
-        v = validation[validation["track"] == track]
-        if not v.empty:
-            layers.append(
-                alt.Chart(v)
-                .mark_point(shape="diamond", size=60, filled=True)
-                .encode(
-                    x="step:Q",
-                    y=alt.Y("value:Q", scale=scale),
-                    color=color,
-                    tooltip=["run_id", "step", alt.Tooltip("value:Q", format=".4f")],
-                )
+            alt.Chart()
+            .transform_filter(alt.datum.layer == "stage")
+            .mark_rule(strokeDash=[6, 4], color="#555", strokeWidth=1.5)
+            .encode(
+                x="step:Q",
+                y=alt.value(0),
+                y2=alt.value("height"),
+                tooltip=["run_id:N", "step:Q", "message:N"],
             )
+        )
+    if (long["layer"] == "validation").any():
+        layers.append(
+            alt.Chart()
+            .transform_filter(alt.datum.layer == "validation")
+            .mark_point(shape="diamond", size=70, filled=True, opacity=1)
+            .encode(
+                x="step:Q",
+                y=alt.Y("value:Q", scale=scale),
+                color=color,
+                tooltip=[
+                    "run_id:N",
+                    "step:Q",
+                    alt.Tooltip("value:Q", format=".4f", title="validation"),
+                ],
+            )
+        )
+    order = [TRACK_TITLES.get(t, t) for t in TRACK_TITLES if TRACK_TITLES[t] in set(long["track"])]
     return (
-        alt.layer(*layers)
-        .properties(title=TRACK_TITLES.get(track, track), height=HEIGHT)
-        .interactive(bind_y=False)
+        alt.layer(*layers, data=long)
+        .properties(width=width, height=HEIGHT - 40)
+        .facet(facet=alt.Facet("track:N", title=None, sort=order), columns=columns)
+        .resolve_scale(y="independent")
     )
+
+
+def rolling_fraction(curves: pd.DataFrame, column: str, points: int = 100) -> pd.Series:
+    """Per run, a rolling mean of the per-bucket fraction `column`, weighted by rows (n),
+    over about 1/`points` of the run: per-step 0/1 flags read as a rate."""
+    out = pd.Series(np.nan, index=curves.index, dtype=float)
+    for _, g in curves.groupby("run_id", sort=False):
+        g = g.sort_values("step")
+        win = max(1, len(g) // points)
+        hits = (g[column] * g["n"]).rolling(win, min_periods=1).sum()
+        out.loc[g.index] = hits / g["n"].rolling(win, min_periods=1).sum()
+    return out
 
 
 def metric_chart(
@@ -192,15 +251,20 @@ def metric_chart(
     threshold: float | None = None,
     threshold_label: str = "",
     events: pd.DataFrame | None = None,
+    event_legend: bool = False,
     band: bool = True,
 ) -> alt.LayerChart:
     """A downsampled per-run curve with optional min-max band, a horizontal threshold and
     event rules. `agg`: 'mean' plots `column`, 'max' plots `column`_max."""
     y_col = column if agg == "mean" else f"{column}_{agg}"
     df = curves.replace([np.inf, -np.inf], np.nan)
+    if log_y:  # a log axis cannot show zeros
+        for c in (y_col, f"{column}_min", f"{column}_max"):
+            if c in df:
+                df[c] = df[c].where(df[c] > 0)
     scale = alt.Scale(type="log" if log_y else "linear", zero=False)
     x = alt.X("step:Q", title="step")
-    color = alt.Color("run_id:N", title="run", legend=alt.Legend(orient="bottom"))
+    color = alt.Color("run_id:N", title="run", scale=RUN_SCALE)
     layers = []
     if band and f"{column}_min" in df and f"{column}_max" in df:
         layers.append(
@@ -220,47 +284,47 @@ def metric_chart(
             x=x,
             y=alt.Y(f"{y_col}:Q", scale=scale, title=y_title),
             color=color,
-            tooltip=["run_id", "step", alt.Tooltip(f"{y_col}:Q", format=".4g")],
+            tooltip=["run_id:N", "step:Q", alt.Tooltip(f"{y_col}:Q", format=".4g", title=y_title)],
         )
     )
     if threshold is not None:
         t = pd.DataFrame({"y": [threshold], "label": [threshold_label]})
-        layers.append(alt.Chart(t).mark_rule(color="#d62728", strokeDash=[2, 2]).encode(y="y:Q"))
         layers.append(
             alt.Chart(t)
-            .mark_text(align="left", dx=4, dy=-6, color="#d62728")
-            .encode(y="y:Q", text="label:N", x=alt.value(0))
+            .mark_rule(color="#d62728", strokeWidth=2, strokeDash=[6, 3])
+            .encode(y="y:Q")
         )
-    rules = _event_rules(events)
+        layers.append(
+            alt.Chart(t)
+            .mark_text(align="right", baseline="bottom", dx=-4, dy=-3, color="#d62728")
+            .encode(y="y:Q", x=alt.value("width"), text="label:N")
+        )
+    rules = _event_rules(events, legend=event_legend)
     if rules is not None:
         layers.append(rules)
-    return (
-        alt.layer(*layers)
-        .resolve_scale(color="independent")
-        .properties(title=title, height=HEIGHT)
-        .interactive(bind_y=False)
-    )
+    return alt.layer(*layers).properties(title=title, height=HEIGHT).interactive(bind_y=False)
 
 
 def count_bars(curves: pd.DataFrame) -> alt.Chart:
-    """Non-finite and skipped steps per bucket, per run."""
+    """Non-finite and skipped steps per bucket, per run, on the runs' full step range."""
     long = curves.melt(
         id_vars=["run_id", "step", "width"], value_vars=["nonfinite", "skipped"], var_name="what"
     )
     long = long[long["value"] > 0]
+    lo = float(curves["step"].min()) if not curves.empty else 0.0
+    hi = float((curves["step"] + curves["width"]).max()) if not curves.empty else 1.0
     return (
         alt.Chart(long)
-        .mark_bar(size=6)
+        .mark_bar(size=5)
         .encode(
-            x=alt.X("step:Q", title="step"),
-            y=alt.Y("sum(value):Q", title="steps (per bucket)"),
+            x=alt.X("step:Q", title="step", scale=alt.Scale(domain=[lo, hi])),
+            y=alt.Y("sum(value):Q", title="steps", axis=alt.Axis(tickMinStep=1)),
             color=alt.Color(
                 "what:N",
                 title="",
                 scale=alt.Scale(domain=["nonfinite", "skipped"], range=["#9467bd", "#bcbd22"]),
-                legend=alt.Legend(orient="bottom"),
             ),
-            tooltip=["run_id", "step", "what", "value"],
+            tooltip=["run_id:N", "step:Q", "what:N", "value:Q"],
         )
         .properties(title="Non-finite and skipped steps", height=HEIGHT)
     )
@@ -281,12 +345,10 @@ def type_bars(df: pd.DataFrame, value: str, title: str, x_title: str) -> alt.Cha
                 "type:N",
                 title="type",
                 scale=alt.Scale(domain=types, range=[TYPE_COLORS.get(t, "#888") for t in types]),
-                legend=alt.Legend(orient="bottom"),
             ),
-            yOffset="type:N",
             tooltip=["dataset", "type", alt.Tooltip(f"{value}:Q", format=",.3~f")],
         )
-        .properties(title=title, height=alt.Step(14))
+        .properties(title=title, height=alt.Step(22))
     )
 
 
@@ -302,7 +364,7 @@ def seen_vs_unique(curves: pd.DataFrame, points: pd.DataFrame) -> alt.LayerChart
     y = alt.Y(
         "unique_tokens:Q", title="expected unique tokens (billions)", scale=alt.Scale(type="log")
     )
-    color = alt.Color("dataset:N", title="dataset", legend=alt.Legend(orient="bottom", columns=4))
+    color = alt.Color("dataset:N", title="dataset")
     line = alt.Chart(curves).mark_line().encode(x=x, y=y, color=color)
     pts = (
         alt.Chart(points)
@@ -324,28 +386,33 @@ def seen_vs_unique(curves: pd.DataFrame, points: pd.DataFrame) -> alt.LayerChart
 
 
 def seen_bars(df: pd.DataFrame) -> alt.LayerChart:
-    """Tokens seen per dataset (bars) against the dataset's size (ticks), in billions."""
-    bars = (
+    """Tokens seen per dataset (dots) against the dataset's size (red ticks), in billions
+    on a log axis (a run's first steps draw a tiny fraction of each dataset)."""
+    x = alt.X("tokens_seen:Q", title="tokens (billions, log scale)", scale=alt.Scale(type="log"))
+    y = alt.Y("dataset:N", title=None, sort="-x")
+    tooltip = [
+        "dataset:N",
+        alt.Tooltip("tokens_seen:Q", format=",.4f", title="seen (B)"),
+        alt.Tooltip("dataset_tokens:Q", format=",.3f", title="dataset (B)"),
+        alt.Tooltip("epochs:Q", format=".5f"),
+    ]
+    rules = (
+        alt.Chart(df.dropna(subset=["dataset_tokens"]))
+        .mark_rule(color="#bbb")
+        .encode(y=y, x="tokens_seen:Q", x2="dataset_tokens:Q")
+    )
+    dots = (
         alt.Chart(df)
-        .mark_bar()
-        .encode(
-            y=alt.Y("dataset:N", title=None, sort="-x"),
-            x=alt.X("tokens_seen:Q", title="tokens (billions)"),
-            tooltip=[
-                "dataset",
-                alt.Tooltip("tokens_seen:Q", format=",.3f", title="seen (B)"),
-                alt.Tooltip("dataset_tokens:Q", format=",.3f", title="dataset (B)"),
-                alt.Tooltip("epochs:Q", format=".4f"),
-            ],
-        )
+        .mark_circle(size=110, color="#1f77b4", opacity=1)
+        .encode(x=x, y=y, tooltip=tooltip)
     )
     ticks = (
         alt.Chart(df.dropna(subset=["dataset_tokens"]))
-        .mark_tick(color="#d62728", thickness=2, size=18)
-        .encode(y=alt.Y("dataset:N", sort="-x"), x="dataset_tokens:Q")
+        .mark_tick(color="#d62728", thickness=3, size=18)
+        .encode(y=y, x="dataset_tokens:Q", tooltip=tooltip)
     )
-    return alt.layer(bars, ticks).properties(
-        title="Tokens seen per dataset (bars) and dataset size (red ticks)", height=alt.Step(22)
+    return alt.layer(rules, dots, ticks).properties(
+        title="Tokens seen per dataset (blue) and dataset size (red)", height=alt.Step(28)
     )
 
 
@@ -359,13 +426,12 @@ def state_bars(counts: pd.DataFrame) -> alt.Chart:
         alt.Chart(df)
         .mark_bar()
         .encode(
-            y=alt.Y("group:N", title=None),
+            y=alt.Y("group:N", title=None, axis=alt.Axis(labelLimit=260)),
             x=alt.X("sum(tasks):Q", title="tasks (latest attempt)"),
             color=alt.Color(
                 "state:N",
                 title="state",
                 scale=alt.Scale(domain=states, range=[STATE_COLORS.get(s, "#888") for s in states]),
-                legend=alt.Legend(orient="bottom"),
             ),
             tooltip=["run_id", "stage", "state", "tasks"],
         )

@@ -26,6 +26,7 @@ def command(
         "--server.headless", "true" if headless else "false",
         "--server.fileWatcherType", "none",
         "--browser.gatherUsageStats", "false",
+        "--client.toolbarMode", "viewer",
         "--", "--workspace", str(Path(workspace).expanduser().resolve()),
     ]  # fmt: skip
 

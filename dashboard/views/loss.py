@@ -20,7 +20,7 @@ with common.Data(ws) as data:
     if not runs_available:
         common.empty("training steps", "Loss curves appear once a training run logs its steps.")
         st.stop()
-    c = st.columns([3, 3, 2, 1, 1])
+    c = st.columns(2)
     with c[0]:
         runs = common.pick_runs(data)
     tracks = c[1].multiselect(
@@ -30,7 +30,8 @@ with common.Data(ws) as data:
         format_func=lambda t: charts.TRACK_TITLES.get(t, t),
         key="loss_tracks",
     )
-    smoothing = c[2].slider(
+    c = st.columns([4, 1, 1])
+    smoothing = c[0].slider(
         "Smoothing (EMA weight per step)",
         0.0,
         0.999,
@@ -40,8 +41,10 @@ with common.Data(ws) as data:
         key="loss_smoothing",
         help="0 shows the bucket means as they are; closer to 1 smooths more.",
     )
-    log_y = c[3].toggle("Log scale", key="loss_log")
-    show_raw = c[4].toggle("Raw", value=True, key="loss_raw", help="Bucket means and min-max band")
+    log_y = c[1].toggle("Log scale", key="loss_log")
+    show_raw = c[2].toggle(
+        "Raw curves", value=True, key="loss_raw", help="Bucket means (faint) and min-max band"
+    )
     points = st.sidebar.select_slider(
         "Points per curve",
         [250, 500, 1000, 2000, 4000],
@@ -78,20 +81,20 @@ def curves() -> None:
             f"{len(stages)} stage change{'s' if len(stages) != 1 else ''}, "
             f"{val['step'].nunique() if not val.empty else 0} validation evaluations."
         )
-        grid = st.columns(2)
-        for i, track in enumerate(tracks):
-            grid[i % 2].altair_chart(
-                charts.loss_chart(
-                    df,
-                    track,
-                    smoothing=smoothing,
-                    log_y=log_y,
-                    show_raw=show_raw,
-                    stages=stages,
-                    validation=val,
-                ),
-                width="stretch",
-            )
+        st.altair_chart(
+            charts.loss_facets(
+                charts.loss_long(df, tracks, smoothing, stages, val),
+                log_y=log_y,
+                show_raw=show_raw,
+                columns=2 if len(tracks) > 1 else 1,
+                width=380 if len(tracks) > 1 else 820,
+            ),
+            width="content",
+        )
+        st.caption(
+            "Faint lines: mean of each bucket of steps, with its min-max band; solid: EMA; "
+            "dashed rules: stage changes; diamonds: validation loss."
+        )
 
 
 curves()

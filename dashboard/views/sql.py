@@ -33,16 +33,16 @@ if "sql_text" not in st.session_state:
     st.session_state["sql_text"] = queries.EXAMPLE_QUERIES[names[0]]
 with st.form("sql_form"):
     sql = st.text_area("Query", key="sql_text", height=160)
-    submitted = st.form_submit_button("Run", type="primary", icon=":material/play_arrow:")
+    st.form_submit_button("Run", type="primary", icon=":material/play_arrow:")
 
 with st.expander("Columns of each table"):
     for name, schema in TABLES.items():
         st.markdown(f"**{name}**: " + ", ".join(f"`{f.name}` {f.type}" for f in schema))
 
-if submitted or st.session_state.get("sql_ran"):
-    st.session_state["sql_ran"] = True
-    ws_data = common.Data(ws)
-    if not ws_data.exists:
+# the query runs on load too (the form only changes it on submit), so the page opens with
+# the first example's result
+if sql.strip():
+    if not queries.lake_exists(ws):
         common.no_lake(ws)
     else:
         reader = queries.LakeReader(ws)

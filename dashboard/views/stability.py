@@ -62,21 +62,21 @@ def curves() -> None:
                 charts.metric_chart(
                     df,
                     "grad_norm",
-                    "gradient L2 norm (before clipping)",
-                    title="Gradient norm",
+                    "L2 norm",
+                    title="Gradient norm (L2, before clipping)",
                     log_y=log_grad,
                     threshold=clip,
-                    threshold_label=f"clip {clip:g}",
+                    threshold_label=f"clip threshold {clip:g}",
                     events=marks,
                 ),
                 width="stretch",
             )
             g[1].altair_chart(
                 charts.metric_chart(
-                    df.assign(clipped_pct=df["clipped_frac"] * 100),
+                    df.assign(clipped_pct=charts.rolling_fraction(df, "clipped_frac") * 100),
                     "clipped_pct",
-                    "steps clipped (%)",
-                    title="Clipped fraction",
+                    "clipped (%)",
+                    title="Clipped steps (%, rolling mean)",
                     band=False,
                     events=marks,
                 ),
@@ -85,7 +85,12 @@ def curves() -> None:
             g = st.columns(2)
             g[0].altair_chart(
                 charts.metric_chart(
-                    df, "lr", "learning rate", title="Learning rate", band=False, events=marks
+                    df,
+                    "lr",
+                    "learning rate",
+                    title="Learning rate (per step)",
+                    band=False,
+                    events=marks,
                 ),
                 width="stretch",
             )
@@ -94,7 +99,7 @@ def curves() -> None:
                     df,
                     "update_ratio",
                     "‖Δw‖ / ‖w‖",
-                    title="Update-to-weight ratio",
+                    title="Update-to-weight ratio (‖Δw‖ / ‖w‖)",
                     log_y=True,
                     events=marks,
                 ),
@@ -105,15 +110,17 @@ def curves() -> None:
                 charts.metric_chart(
                     df,
                     "max_attn_logit",
-                    "max |q·k| / √d (logit)",
+                    "logit",
                     agg="max",
-                    title="Largest attention logit",
+                    title="Largest attention logit (max q·k/√d per bucket)",
                     band=False,
                     events=marks,
                 ),
                 width="stretch",
             )
             g[1].altair_chart(charts.count_bars(df), width="stretch")
+            if mark and not ev.empty:
+                st.caption(charts.EVENT_CAPTION)
         with common.section("the stability events"):
             st.subheader("Events")
             if ev.empty:

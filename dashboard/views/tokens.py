@@ -27,7 +27,6 @@ def table_s3(data: common.Data) -> pd.DataFrame:
     c[0].metric("Datasets", len(s3), border=True)
     c[1].metric("Sequences", common.fmt_tokens(s3["sequences"].sum()), border=True)
     c[2].metric("Tokens", common.fmt_tokens(s3["tokens"].sum()), border=True)
-    left, right = st.columns([3, 2])
     view = s3.assign(
         clustering=[
             _level(lv, n)
@@ -39,7 +38,7 @@ def table_s3(data: common.Data) -> pd.DataFrame:
         ],
         tokens_b=s3["tokens"] / 1e9,
     )
-    left.dataframe(
+    st.dataframe(
         view[
             [
                 "dataset",
@@ -62,7 +61,7 @@ def table_s3(data: common.Data) -> pd.DataFrame:
             "tokens_b": st.column_config.NumberColumn("tokens (B)", format="%.3f"),
         },
     )
-    right.altair_chart(
+    st.altair_chart(
         charts.type_bars(view, "tokens_b", "Tokens per dataset", "tokens (billions)"),
         width="stretch",
     )
@@ -92,9 +91,9 @@ def table_s4(data: common.Data) -> None:
         )
     cols[-1].metric("all unique tokens", common.fmt_tokens(s4["unique_tokens"].sum()), border=True)
     view = s4.assign(samples_m=s4["unique_samples"] / 1e6, tokens_m=s4["unique_tokens"] / 1e6)
-    left, right = st.columns([3, 2])
-    left.dataframe(
-        view[["dataset", "type", "samples_m", "tokens_m", "repeats", "token_budget"]],
+    shown = ["dataset", "type", "samples_m", "tokens_m", "repeats", "token_budget"]
+    st.dataframe(
+        view[[c for c in shown if view[c].notna().any() or c in ("dataset", "type")]],
         hide_index=True,
         width="stretch",
         column_config={
@@ -104,7 +103,7 @@ def table_s4(data: common.Data) -> None:
             "token_budget": st.column_config.NumberColumn("token budget", format="compact"),
         },
     )
-    right.altair_chart(
+    st.altair_chart(
         charts.type_bars(view, "tokens_m", "Unique tokens per dataset", "unique tokens (millions)"),
         width="stretch",
     )

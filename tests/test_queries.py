@@ -1,0 +1,298 @@
+"""The queries the dashboard and the CLI share, on workspaces written by the lake's writers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from dashboard import demo_data
+from esm3.metrics import queries as Q
+from esm3.metrics.lake import ensure_lake, write_rows
+
+STEPS = 300
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory) -> tuple[Path, dict[str, demo_data.SimRun]]:
+    ws = tmp_path_factory.mktemp("ws")
+    sims = demo_data.seed(ws, steps=STEPS)
+    return ws, sims
+
+
+def _rows(ws: Path, table: str) -> list[dict]:
+    """Every row the writers put in a table, read back with pyarrow (not through DuckDB)."""
+    out = []
+    for f in sorted((ws / "lake" / table).rglob("*.parquet")):
+        out.extend(pq.read_table(f).to_pylist())
+    return out
+
+
+def _dedup_steps(ws: Path, run_id: str) -> dict[int, dict]:
+    """step -> the row of its latest attempt: what `train_steps` promises, computed in Python."""
+    best: dict[int, dict] = {}
+    for r in _rows(ws, "train_steps"):
+        if r["run_id"] == run_id and (
+            r["step"] not in best or r["attempt"] > best[r["step"]]["attempt"]
+        ):
+            best[r["step"]] = r
+    return best
+
+
+def test_overview_matches_what_was_written(seeded):
+    ws, sims = seeded
+    with Q.LakeReader(ws) as r:
+        df = Q.runs_overview(r).set_index("run_id")
+    assert set(df.index) == {"train-a", "train-b", "prep-seq-01"}
+    for rid, sim in sims.items():
+        row = df.loc[rid]
+        assert row["last_step"] == sim.last_step
+        assert row["last_loss"] == pytest.approx(sim.last_loss)
+        assert row["tokens_seen"] == sim.tokens_seen
+        assert row["progress"] == pytest.approx(sim.tokens_seen / sim.token_budget)
+        assert (row["spikes"], row["rollbacks"], row["nonfinite"], row["skipped"]) == (1, 1, 1, 1)
+        assert "1 spike" in row["alerts"] and "1 rollback" in row["alerts"]
+    assert df.loc["train-a", "status"] == "RUNNING"
+    assert df.loc["train-b", "status"] == "COMPLETED"
+    # the preprocessing array has a failed task: the catalog derives FAILED, the alert says so
+    assert df.loc["prep-seq-01", "failed_jobs"] == 1
+    assert df.loc["prep-seq-01", "alerts"] == "1 failed job"
+    assert math.isnan(df.loc["prep-seq-01", "progress"])
+
+
+def test_series_downsamples_in_sql_and_keeps_the_latest_attempt(seeded):
+    ws, sims = seeded
+    sim = sims["train-a"]
+    truth = _dedup_steps(ws, "train-a")
+    with Q.LakeReader(ws) as r:
+        full = Q.series(r, ["train-a"], ["loss_sequence", "grad_norm"], max_points=10_000)
+        small = Q.series(r, ["train-a"], ["loss_sequence", "grad_norm"], max_points=40)
+    # one point per step when the budget allows, and each is the latest attempt's value
+    assert len(full) == len(truth) == STEPS
+    assert (full["width"] == 1).all()
+    lo, back = sim.rollback[1], sim.rollback[0]
+    for step in (lo, back, STEPS - 1):
+        got = full.loc[full["step"] == step, "loss_sequence"].item()
+        assert got == pytest.approx(truth[step]["loss_sequence"])
+        assert truth[step]["attempt"] == 1
+    # at most max_points buckets of equal width; each bucket's mean/min/max over its steps
+    width = math.ceil(STEPS / 40)
+    assert len(small) <= 40 and (small["width"] == width).all()
+    assert small["n"].sum() == STEPS
+    for b in small.itertuples():
+        vals = [truth[s]["grad_norm"] for s in range(b.step, b.step + width) if s in truth]
+        fin = [v for v in vals if math.isfinite(v)]
+        assert b.n == len(vals)
+        assert b.grad_norm == pytest.approx(np.mean(fin))
+        assert (b.grad_norm_min, b.grad_norm_max) == pytest.approx((min(fin), max(fin)))
+    # the non-finite step is counted, not averaged in
+    assert small["nonfinite"].sum() == 1 and small["skipped"].sum() == 1
+    clipped = sum(bool(r["clipped"]) for r in truth.values())
+    assert (small["clipped_frac"] * small["n"]).sum() == pytest.approx(clipped)
+
+
+def test_series_rejects_unknown_columns(seeded):
+    ws, _ = seeded
+    with Q.LakeReader(ws) as r, pytest.raises(KeyError, match="no column"):
+        Q.series(r, ["train-a"], ["loss; DROP VIEW runs"])
+
+
+def test_events_stages_validation_and_restarts(seeded):
+    ws, sims = seeded
+    sim = sims["train-a"]
+    with Q.LakeReader(ws) as r:
+        stages = Q.stage_boundaries(r, ["train-a"])
+        ev = Q.step_events(r, ["train-a"])
+        val = Q.validation_loss(r, ["train-a"])
+        rs = Q.restarts(r, ["train-a"])
+        clip = Q.clip_threshold(r, "train-a")
+    assert stages["step"].tolist() == [sim.stage_step]
+    assert ev.set_index("kind")["step"].to_dict() == {
+        "spike": sim.spike_step,
+        "nonfinite": sim.nonfinite_step,
+        "skip": sim.nonfinite_step,
+        "rollback": sim.rollback[0],
+        "requeue": sim.rollback[0],
+    }
+    written = [e for e in _rows(ws, "events") if e["run_id"] == "train-a"]
+    val_events = [e for e in written if e["kind"] == "validation"]
+    assert sorted(val[val["track"] == "loss"]["step"]) == sorted(e["step"] for e in val_events)
+    first = min(val_events, key=lambda e: e["step"])
+    detail = json.loads(first["detail"])
+    got = val[(val["step"] == first["step"]) & (val["track"] == "loss_ss8")]["value"].item()
+    assert got == pytest.approx(detail["loss_ss8"])
+    # two ranks were requeued (attempt 0 REQUEUED, attempt 1 started) plus the requeue event
+    assert (rs["what"] == "requeue").sum() == 1
+    assert rs["what"].str.contains("attempt 1").sum() == 2
+    assert clip == 1.0
+
+
+def test_jobs_failures_and_rejects(seeded):
+    ws, _ = seeded
+    with Q.LakeReader(ws) as r:
+        counts = Q.job_state_counts(r)
+        tasks = Q.job_tasks(r, "prep-seq-01")
+        fail = Q.failures(r)
+        rej = Q.rejects_by_reason(r)
+    prep = counts[counts["run_id"] == "prep-seq-01"].set_index("state")["tasks"].to_dict()
+    assert prep == {"COMPLETED": 7, "FAILED": 1}  # the requeued task completed on attempt 1
+    assert len(tasks) == 8
+    assert tasks.set_index("array_index").loc[3, "attempts"] == 2
+    assert len(fail) == 1 and fail["exit_code"].item() == 137
+    assert "out of memory" in fail["error"].item()
+    assert rej.set_index("reason")["records"].to_dict() == {
+        "too_short": 7,
+        "invalid_residue": 3,
+        "duplicate_id": 2,
+    }
+
+
+def test_token_tables_and_tokens_seen(seeded):
+    ws, sims = seeded
+    with Q.LakeReader(ws) as r:
+        s3 = Q.dataset_table(r).set_index("dataset")
+        s4 = Q.token_table(r)
+        seen = Q.tokens_seen(r, ["train-b"])
+    assert s3.loc["UniRef", "tokens"] == 54_600_000_000
+    assert s3.loc["MGnify", "expansion_count"] == 621_000_000
+    assert s3["tokens"].sum() == pytest.approx(612.181e9)  # Table S3's column
+    by_type = s4.groupby("type")["unique_tokens"].sum()
+    assert by_type["sequence"] == pytest.approx(484_420e6)  # paper: 484,441M (rounded rows)
+    assert by_type["annotation"] == pytest.approx(105_957e6)
+    assert dict(zip(seen["dataset"], seen["tokens_seen"], strict=True)) == pytest.approx(
+        sims["train-b"].tokens_by_dataset
+    )
+
+
+def test_latest_dataset_stats_win(tmp_path):
+    ensure_lake(tmp_path)
+    row = {"run_id": "p", "dataset": "UniRef", "type": "sequence", "tokens": 1}
+    write_rows(tmp_path, "dataset_stats", [row | {"computed_at": demo_data.T0}])
+    write_rows(tmp_path, "dataset_stats", [row | {"tokens": 2}])
+    with Q.LakeReader(tmp_path) as r:
+        assert Q.dataset_table(r)["tokens"].tolist() == [2]
+
+
+@pytest.mark.parametrize(
+    ("n", "k"), [(1, 5), (10, 0), (10, 1), (10, 3), (1e6, 2.5e6), (2.029e9, 5e8)]
+)
+def test_expected_unique_closed_form(n, k):
+    got = Q.expected_unique(n, k)
+    want = n * (1 - (1 - 1 / n) ** k) if n < 1e5 else n * -math.expm1(k * math.log1p(-1 / n))
+    assert got == pytest.approx(want, rel=1e-12)
+    assert 0 <= got <= min(n, k) + 1e-9
+
+
+def test_expected_unique_limits():
+    # few draws from a huge set are all distinct; many draws exhaust a small set
+    assert Q.expected_unique(1e12, 1000) == pytest.approx(1000, rel=1e-6)
+    assert Q.expected_unique(50, 1e5) == pytest.approx(50)
+    c = Q.expected_unique_curve(tokens=1e9, samples=1e6, seen=5e9, log=True)
+    assert c["tokens_drawn"].max() == pytest.approx(6e9)
+    assert np.all(np.diff(c["unique_tokens"]) >= 0) and c["unique_tokens"].max() < 1e9
+
+
+def test_empty_lake_gives_empty_frames(tmp_path):
+    ensure_lake(tmp_path)
+    with Q.LakeReader(tmp_path) as r:
+        assert Q.runs_overview(r).empty
+        assert Q.run_ids_with_steps(r) == []
+        assert Q.series(r, [], ["loss"]).empty
+        assert Q.series(r, ["nope"], ["loss"]).empty
+        assert Q.job_state_counts(r).empty and Q.failures(r).empty
+        assert Q.rejects_by_reason(r).empty and Q.dataset_table(r).empty
+        assert Q.tokens_seen(r, ["nope"]).empty and Q.alerts(r).empty
+
+
+def test_missing_lake_is_not_created(tmp_path):
+    ws = tmp_path / "nowhere"
+    assert not Q.lake_exists(ws)
+    with pytest.raises(FileNotFoundError, match="no lake at"):
+        Q.LakeReader(ws).sql("SELECT 1")
+    assert not ws.exists()  # a reader never creates the workspace
+
+
+def test_signature_changes_when_a_file_lands(tmp_path):
+    ensure_lake(tmp_path)
+    before = Q.lake_signature(tmp_path)
+    assert before == Q.lake_signature(tmp_path)
+    write_rows(tmp_path, "events", [{"run_id": "r", "step": 1, "kind": "spike"}])
+    assert Q.lake_signature(tmp_path) != before
+
+
+@pytest.mark.parametrize(
+    ("sql", "says"),
+    [
+        ("DROP VIEW runs", "DROP statements are not allowed"),
+        ("INSERT INTO runs (run_id) VALUES ('x')", "INSERT statements are not allowed"),
+        ("ATTACH 'other.duckdb' AS o", "ATTACH statements are not allowed"),
+        ("COPY runs TO 'out.csv'", "COPY statements are not allowed"),
+        ("SELECT 1; DROP VIEW runs", "DROP statements are not allowed"),
+        ("SET enable_external_access = true", "SET statements are not allowed"),
+        ("SELECT * FROM read_csv('http://example.com/x.csv')", "external access"),
+        ("SELECT * FROM read_csv('/etc/passwd')", "external access"),
+        ("SELECT * FROM glob('/etc/*')", "external access"),
+    ],
+)
+def test_user_sql_refused(seeded, sql, says):
+    ws, _ = seeded
+    with Q.LakeReader(ws) as r, pytest.raises(Q.SqlRefused, match="refused") as e:
+        Q.run_user_sql(r, sql)
+    assert says in str(e.value)
+    # the views are intact afterwards
+    with Q.LakeReader(ws) as r:
+        assert len(Q.run_user_sql(r, "SELECT * FROM runs")[0]) == 3
+
+
+def test_user_sql_reads_and_truncates(seeded):
+    ws, sims = seeded
+    with Q.LakeReader(ws) as r:
+        df, cut = Q.run_user_sql(r, Q.EXAMPLE_QUERIES["Last step and loss per run"])
+        assert not cut
+        assert dict(zip(df["run_id"], df["last_step"], strict=True)) == {
+            k: v.last_step for k, v in sims.items()
+        }
+        df, cut = Q.run_user_sql(r, "SELECT * FROM train_steps", max_rows=10)
+        assert cut and len(df) == 10
+        for sql in Q.EXAMPLE_QUERIES.values():  # every saved example runs
+            Q.run_user_sql(r, sql)
+
+
+def _corrupt_data_pages(path: Path) -> None:
+    """Overwrite a file's column data with garbage, keeping its footer (metadata) valid."""
+    md = pq.read_metadata(path)
+    col = md.row_group(0).column(1)  # `step`
+    start = col.dictionary_page_offset or col.data_page_offset
+    raw = bytearray(path.read_bytes())
+    raw[start : start + col.total_compressed_size] = b"\xff" * col.total_compressed_size
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage_pages"])
+def test_corrupt_file_is_skipped_and_named(seeded, tmp_path, how):
+    src, _ = seeded
+    ws = tmp_path / "ws"
+    import shutil
+
+    shutil.copytree(src, ws)
+    files = sorted((ws / "lake" / "train_steps" / "run_id=train-a").glob("part-*.parquet"))
+    bad = files[1]
+    good_steps = sum(sum(pq.read_table(f, columns=["step"])["step"].to_pylist()) for f in files)
+    good_steps -= sum(pq.read_table(bad, columns=["step"])["step"].to_pylist())
+    if how == "truncated":
+        bad.write_bytes(bad.read_bytes()[:200])
+    else:
+        _corrupt_data_pages(bad)
+    with Q.LakeReader(ws) as r:
+        # sum(step) decodes the pages (count(*) would only read the footers)
+        rows = r.sql("SELECT sum(step) AS s FROM train_steps_all WHERE run_id = 'train-a'")
+        assert rows["s"].item() == good_steps
+        overview = Q.runs_overview(r)  # every other table still reads
+        assert len(overview) == 3
+        rel = str(bad.relative_to(ws))
+        assert list(r.bad_files) == [rel]
+        assert r.bad_files[rel]  # with the reason
