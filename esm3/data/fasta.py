@@ -13,8 +13,9 @@ Alphabet
     The 20 standard amino acids plus X, B, U, Z, O. Lowercase letters (soft-masked
     regions in some databases) are upper-cased by default (`lowercase="upper"`; counted in
     the summary) or rejected with `lowercase="reject"`. One terminal '*' (the stop codon
-    that gene callers write, as in JGI/IMG protein files) is removed. Whitespace and '\\r'
-    inside sequence lines are ignored. Any other character rejects the record.
+    that gene callers write, as in JGI/IMG protein files) is removed. Bytes <= 0x20
+    (whitespace, '\\r', control characters) inside sequence lines are ignored. Any other
+    character rejects the record.
 
 Rejects (the `rejects` table: stage, source, record, reason, detail)
     ``invalid_characters``, ``lowercase``, ``empty_sequence``, ``empty_id``,
@@ -24,7 +25,9 @@ Errors (`FastaError`, naming the file and where possible the record)
     empty file, not FASTA (no leading '>'), binary content (NUL bytes), truncated or
     corrupt gzip. No shard is written in that case.
 
-Header conventions (`header_format`, default "auto" detects the first three per record)
+Header conventions (`header_format`; the default "auto" recognises UniProt and UniRef per
+record and otherwise keeps the first word as id, which is also the MGnify convention; JGI and
+OAS headers cannot be told apart from plain ones, so name them explicitly)
     uniprot  ``sp|P12345|NAME_HUMAN Desc OS=Homo sapiens OX=9606 GN=.. PE=1 SV=1``:
              id = accession, name = entry name, taxon = OS, taxid = OX
     uniref   ``UniRef90_P12345 Desc n=3 Tax=Homo sapiens TaxID=9606 RepID=NAME_HUMAN``:
@@ -80,8 +83,6 @@ _VALID = np.zeros(256, dtype=bool)
 _VALID[np.frombuffer(ALPHABET.encode(), np.uint8)] = True
 _LOWER = np.zeros(256, dtype=bool)
 _LOWER[np.frombuffer(ALPHABET.lower().encode(), np.uint8)] = True
-_SEQ_BYTE = np.ones(256, dtype=bool)  # bytes that belong to a sequence (not space/newline)
-_SEQ_BYTE[[ord(" "), ord("\t"), ord("\r"), ord("\v"), ord("\f"), ord("\n")]] = False
 _CLASS = np.where(_VALID, 0, np.where(_LOWER, 1, 2)).astype(np.uint8)  # 0 ok, 1 lower, 2 bad
 _NL, _GT, _STAR = 10, ord(">"), ord("*")
 

@@ -113,7 +113,20 @@ def _peak_rss_child(path: str, out: str, queue) -> None:
     from esm3.data.fasta import ingest_fasta
 
     ingest_fasta(path, out, dataset="bench")
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    queue.put(_own_peak_mb())
+
+
+def _own_peak_mb() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child
+    spawned from a large parent would report the parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _peak_rss_mb(path: Path, out: Path) -> float:
