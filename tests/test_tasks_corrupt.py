@@ -179,6 +179,7 @@ def test_bad_inputs():
         TaskConfig(ss8=TrackNoise("square_root", 1.5))
     # NaN atoms: that residue has no coordinates, never shown, no structure target
     p = _decorated(real_protein("5PTI.cif.gz"))
+    p.coords = p.coords.copy()  # the loaded chain is shared (cached) between tests
     p.coords[10, 0, 0] = np.nan
     p.structure_tokens[10] = 7
     cfg = dataclasses.replace(CFG, coordinates=TrackNoise("uniform", 0.0), gap_chain_p=1.0)
