@@ -80,7 +80,7 @@ sif-check:
 	  "apptainer build $(SIF) containers/esm3.def" >&2; exit 1; }
 
 test-images: $(if $(VENV),$(VENV)/.installed) image-cpu  ## build the CPU image for real, run smoke.sh in it, then the container tests
-	podman run --rm --network host $(IMAGE_CPU) esm3-smoke
+	podman run --rm --network host --no-healthcheck $(IMAGE_CPU) esm3-smoke
 	ESM3_TEST_IMAGES=1 $(or $(wildcard $(BIN)/python),python3) -m pytest tests/test_containers.py -v
 
 images-clean:  ## remove the images and the debootstrap tree

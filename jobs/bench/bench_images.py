@@ -90,7 +90,7 @@ def _timed_make_build(extra_args: str) -> float:
 
 def _timed_run(image: str, *cmd: str) -> float:
     t0 = time.perf_counter()
-    _podman("run", "--rm", "--network", "host", image, *cmd)
+    _podman("run", "--rm", "--network", "host", "--no-healthcheck", image, *cmd)
     return time.perf_counter() - t0
 
 
