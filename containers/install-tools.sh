@@ -10,7 +10,7 @@ TOOLS=(mmseqs mkdssp)
 for arg in "$@"; do
   case "$arg" in
     --slurm) PKGS+=(slurm-wlm munge); TOOLS+=(slurmctld slurmd munged sbatch) ;;
-    --browser) PKGS+=(chromium); TOOLS+=(chromium) ;;
+    --browser) PKGS+=(chromium chromium-driver); TOOLS+=(chromium chromedriver) ;;
     --images) PKGS+=(podman runc debootstrap); TOOLS+=(podman debootstrap) ;;
     *) echo "install-tools.sh: unknown option '$arg' (use --slurm, --browser, --images)" >&2; exit 2 ;;
   esac
