@@ -44,7 +44,7 @@ image-tools:  ## install (Debian, root) or check podman, runc and debootstrap
 image-wheels:
 	@mkdir -p $(IMAGE_WHEELS)
 
-image: image-tools image-wheels  ## build $(IMAGE) with podman (BASE_IMAGE=, TOOLS_BASE= to swap bases)
+image: image-tools image-wheels  ## build the GPU image (IMAGE=esm3-suite:latest; BASE_IMAGE=, TOOLS_BASE= swap bases)
 	$(_img_build) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
 	  $(if $(TOOLS_BASE),--build-arg TOOLS_BASE=$(TOOLS_BASE)) -t $(IMAGE) .
 
@@ -60,13 +60,13 @@ base-cpu: image-tools  ## Debian bookworm CPU base (debootstrap + podman import)
 	    --change 'ENV LANG=C.UTF-8' - $(BASE_CPU); \
 	  rm -rf $(BASE_CPU_DIR)/rootfs; fi
 
-image-cpu: base-cpu image-wheels  ## the image recipe on the CPU base, as $(IMAGE_CPU)
+image-cpu: base-cpu image-wheels  ## the same recipe on the CPU base (IMAGE_CPU=esm3-suite:cpu)
 	$(_img_pip) download -q --no-deps --only-binary=:all: --python-version $(BASE_CPU_PYTHON) \
 	  -d $(IMAGE_WHEELS) "$(IMAGE_TORCH_SPEC)"
 	$(_img_build) --build-arg BASE_IMAGE=$(BASE_CPU) --build-arg TOOLS_BASE=$(BASE_CPU) \
 	  --build-arg TORCH_SPEC="$(IMAGE_TORCH_SPEC)" -t $(IMAGE_CPU) .
 
-sif: sif-check image  ## Apptainer image $(SIF) from $(IMAGE) (containers/esm3.def)
+sif: sif-check image  ## Apptainer build/esm3.sif from the image (containers/esm3.def; needs apptainer)
 	mkdir -p $(dir $(IMAGE_ARCHIVE)) $(dir $(SIF))
 	rm -f $(IMAGE_ARCHIVE)
 	podman save --format docker-archive -o $(IMAGE_ARCHIVE) $(IMAGE)
@@ -81,7 +81,11 @@ sif-check:
 
 test-images: $(if $(VENV),$(VENV)/.installed) image-cpu  ## build the CPU image for real, run smoke.sh in it, then the container tests
 	podman run --rm --network host --no-healthcheck $(IMAGE_CPU) esm3-smoke
-	ESM3_TEST_IMAGES=1 $(or $(wildcard $(BIN)/python),python3) -m pytest tests/test_containers.py -v
+	@# the SLURM test submits a job whose profile runs its python in the image
+	@rc=0; $(if $(ESM3),$(ESM3) slurm up || rc=$$?;) \
+	  [ $$rc -ne 0 ] || ESM3_TEST_IMAGES=1 $(or $(wildcard $(BIN)/python),python3) -m pytest \
+	    tests/test_containers.py -v -rs || rc=$$?; \
+	  $(if $(ESM3),$(ESM3) slurm down;) exit $$rc
 
 images-clean:  ## remove the images and the debootstrap tree
 	-podman rmi -f $(IMAGE_CPU) $(BASE_CPU)
