@@ -165,23 +165,14 @@ def loss_facets(
     x = alt.X("step:Q", title="step")
     color = alt.Color("run_id:N", title="run", scale=RUN_SCALE)
     curve = alt.Chart().transform_filter(alt.datum.layer == "curve")
-    layers = []
-    if show_raw:
-        layers.append(
-            curve.mark_area(opacity=0.12).encode(
-                x=x, y=alt.Y("lo:Q", scale=scale, title=y_title), y2="hi:Q", color=color
-            )
-        )
-        layers.append(
-            curve.mark_line(opacity=0.35, strokeWidth=1).encode(
-                x=x, y=alt.Y("raw:Q", scale=scale, title=y_title), color=color
-            )
-        )
-    layers.append(
+    # the EMA goes first so the run legend draws line symbols; the faint layers add none
+    layers = [
         curve.mark_line(strokeWidth=2).encode(
             x=x,
             y=alt.Y("smoothed:Q", scale=scale, title=y_title),
-            color=color,
+            color=alt.Color(
+                "run_id:N", title="run", scale=RUN_SCALE, legend=alt.Legend(symbolType="stroke")
+            ),
             tooltip=[
                 "track:N",
                 "run_id:N",
@@ -190,7 +181,19 @@ def loss_facets(
                 alt.Tooltip("raw:Q", format=".4f", title="bucket mean"),
             ],
         )
-    )
+    ]
+    if show_raw:
+        faint = alt.Color("run_id:N", scale=RUN_SCALE, legend=None)
+        layers.append(
+            curve.mark_line(opacity=0.3, strokeWidth=1).encode(
+                x=x, y=alt.Y("raw:Q", scale=scale, title=y_title), color=faint
+            )
+        )
+        layers.append(
+            curve.mark_area(opacity=0.1).encode(
+                x=x, y=alt.Y("lo:Q", scale=scale, title=y_title), y2="hi:Q", color=faint
+            )
+        )
     if (long["layer"] == "stage").any():
         layers.append(
             alt.Chart()
@@ -264,19 +267,11 @@ def metric_chart(
                 df[c] = df[c].where(df[c] > 0)
     scale = alt.Scale(type="log" if log_y else "linear", zero=False)
     x = alt.X("step:Q", title="step")
-    color = alt.Color("run_id:N", title="run", scale=RUN_SCALE)
+    color = alt.Color(
+        "run_id:N", title="run", scale=RUN_SCALE, legend=alt.Legend(symbolType="stroke")
+    )
     layers = []
-    if band and f"{column}_min" in df and f"{column}_max" in df:
-        layers.append(
-            alt.Chart(df)
-            .mark_area(opacity=0.15)
-            .encode(
-                x=x,
-                y=alt.Y(f"{column}_min:Q", scale=scale, title=y_title),
-                y2=f"{column}_max:Q",
-                color=color,
-            )
-        )
+    # the line goes first so the shared run legend draws line symbols; the band adds none
     layers.append(
         alt.Chart(df)
         .mark_line(strokeWidth=1.6)
@@ -287,6 +282,17 @@ def metric_chart(
             tooltip=["run_id:N", "step:Q", alt.Tooltip(f"{y_col}:Q", format=".4g", title=y_title)],
         )
     )
+    if band and f"{column}_min" in df and f"{column}_max" in df:
+        layers.append(
+            alt.Chart(df)
+            .mark_area(opacity=0.15)
+            .encode(
+                x=x,
+                y=alt.Y(f"{column}_min:Q", scale=scale, title=y_title),
+                y2=f"{column}_max:Q",
+                color=alt.Color("run_id:N", scale=RUN_SCALE, legend=None),
+            )
+        )
     if threshold is not None:
         t = pd.DataFrame({"y": [threshold], "label": [threshold_label]})
         layers.append(

@@ -44,8 +44,9 @@ class Data:
     """Reads for one page run (or fragment run): one lazily opened `LakeReader`, results
     cached on the lake's fingerprint, unreadable files collected for the page to report."""
 
-    def __init__(self, ws: Path | None = None) -> None:
+    def __init__(self, ws: Path | None = None, *, report: bool = True) -> None:
         self.ws = ws or workspace()
+        self.report = report
         self.exists = queries.lake_exists(self.ws)
         self.sig = queries.lake_signature(self.ws) if self.exists else ()
         self._reader: queries.LakeReader | None = None
@@ -70,11 +71,15 @@ class Data:
             self._reader = None
 
     def __enter__(self) -> Data:
+        # the warning about unreadable files goes above what this block renders
+        self._slot = st.empty() if self.report else None
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-        report_bad_files(self.bad_files)
+        if self._slot is not None and self.bad_files:
+            with self._slot.container():
+                report_bad_files(self.bad_files)
 
 
 def report_bad_files(bad: dict[str, str]) -> None:

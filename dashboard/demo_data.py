@@ -95,7 +95,7 @@ def lr_at(step: int, peak: float = 4e-4, warmup: int = 200, total: int = 2000) -
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def _step_row(run_id: str, step: int, attempt: int, total: int, rng, spike: bool) -> dict:
+def step_row(run_id: str, step: int, attempt: int, total: int, rng, spike: bool) -> dict:
     frac = step / max(1, total)
     row: dict = {"run_id": run_id, "step": step, "attempt": attempt}
     row["stage"] = "stage1" if frac < 0.5 else "stage2"
@@ -188,7 +188,7 @@ def write_train_run(
         for attempt, rng_steps in plan:
             for step in rng_steps:
                 spike = step == sim.spike_step or (attempt == 0 and step >= sim.rollback[0] - 3)
-                row = _step_row(run_id, step, attempt, steps, rng, spike)
+                row = step_row(run_id, step, attempt, steps, rng, spike)
                 if step == sim.nonfinite_step:
                     row["loss"] = float("nan")
                     row["loss_structure"] = float("nan")

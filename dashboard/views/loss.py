@@ -11,7 +11,7 @@ from esm3.metrics import queries
 st.title("Loss")
 ws = common.workspace()
 
-with common.Data(ws) as data:
+with common.Data(ws, report=False) as data:  # the live part reports
     if not data.exists:
         common.no_lake(ws)
         st.stop()

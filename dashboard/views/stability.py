@@ -13,7 +13,7 @@ st.title("Stability")
 ws = common.workspace()
 METRICS = ["grad_norm", "lr", "update_ratio", "max_attn_logit"]
 
-with common.Data(ws) as data:
+with common.Data(ws, report=False) as data:  # the live part reports
     if not data.exists:
         common.no_lake(ws)
         st.stop()

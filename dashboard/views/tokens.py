@@ -111,7 +111,7 @@ def table_s4(data: common.Data) -> None:
 
 @st.fragment(run_every=common.run_every())
 def seen(s3: pd.DataFrame) -> None:
-    with common.Data(ws) as data, common.section("tokens seen"):
+    with common.Data(ws, report=False) as data, common.section("tokens seen"):
         _seen(data, s3)
 
 

@@ -201,7 +201,9 @@ class LakeReader:
         except ValueError:
             rel = str(p)
         first = reason.strip().splitlines()[0] if reason.strip() else "unreadable"
-        self.bad_files[rel] = first
+        # the path is the key already; keep the reason short
+        first = first.replace(f"'{p}'", "").replace(str(p), "").rstrip(" :'\"")
+        self.bad_files[rel] = first or "unreadable"
 
     def _locate_bad(self, tables: Iterable[str], err: Exception) -> bool:
         """Find unreadable files behind `err` among `tables`' files; True if any new one."""
