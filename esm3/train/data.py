@@ -1,0 +1,374 @@
+"""The training data loader: Parquet shards -> two-level sampling -> corruption -> batches.
+
+Every batch is a pure function of (seed, rank, training step, data index): the sampler's
+stream is keyed by (seed, rank) and counted by the data index (`TwoLevelSampler.sample_at`),
+and each sample's corruption draws from a generator seeded by (seed, data index, rank,
+sample). So any rank can build any step's batch in any worker process, a resumed run draws
+exactly what the uninterrupted one would, and skipping batches (rollback) is just a larger
+data index. The loader's state is (step, data offset).
+
+Records are held per dataset as Arrow tables in memory (columns needed for training only);
+worker processes share them copy-on-write after fork.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from esm3.data.sampler import ClusterIndex, TwoLevelSampler
+from esm3.tasks.batching import collate, pack_rows
+from esm3.tasks.corrupt import corrupt, inverse_folding_corrupt
+from esm3.tasks.sample import Protein
+from esm3.train.config import DatasetSpec, StageConfig, TrainConfig
+
+RECORD_COLUMNS = (
+    "id",
+    "dataset",
+    "sequence",
+    "length",
+    "coords",
+    "plddt",
+    "sasa",
+    "ss8",
+    "structure_tokens",
+    "annotations",
+    "residue_annotations",
+)
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message names the dataset and file."""
+
+
+def resolve_paths(patterns: list[str], root: str | Path, what: str) -> list[Path]:
+    """Files matching `patterns` (globs; relative ones under `root`), sorted; DataError when
+    a pattern matches nothing."""
+    out: list[Path] = []
+    for pat in patterns:
+        full = pat if Path(pat).is_absolute() else str(Path(root) / pat)
+        hits = sorted(glob.glob(full, recursive=True))
+        if not hits:
+            raise DataError(f"{what}: no file matches {full!r}")
+        out += [Path(h) for h in hits]
+    return list(dict.fromkeys(out))
+
+
+@dataclass
+class Dataset:
+    """One dataset's records and clusters.
+
+    member_rows: int64 (M,), the record row of each member of `clusters` (same order).
+    generated: record id -> sequences generated for its structure (inverse folding).
+    """
+
+    name: str
+    type: str
+    records: pa.Table
+    clusters: ClusterIndex
+    member_rows: np.ndarray
+    generated: dict[str, list[str]] = field(default_factory=dict)
+    dropped_members: int = 0  # cluster members without a record (e.g. purged)
+
+    def protein(self, row: int) -> Protein:
+        rec = {k: v[0] for k, v in self.records.slice(row, 1).to_pydict().items()}
+        rec["dataset"] = self.name
+        return Protein.from_record(rec)
+
+    def __len__(self) -> int:
+        return self.records.num_rows
+
+
+def _read_records(files: list[Path], name: str, max_records: int) -> pa.Table:
+    tables = []
+    n = 0
+    for f in files:
+        try:
+            schema = pq.read_schema(f)
+            cols = [c for c in RECORD_COLUMNS if c in schema.names]
+            if "id" not in cols or "sequence" not in cols:
+                raise DataError(f"dataset {name!r}: {f} has no 'id' and 'sequence' columns")
+            t = pq.read_table(f, columns=cols)
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - pyarrow's many error types
+            raise DataError(f"dataset {name!r}: {f} is not a readable Parquet shard ({e})") from e
+        tables.append(t)
+        n += t.num_rows
+        if max_records and n >= max_records:
+            break
+    table = pa.concat_tables(tables, promote_options="permissive")
+    if max_records:
+        table = table.slice(0, max_records)
+    if table.num_rows == 0:
+        raise DataError(f"dataset {name!r}: the shards hold no records ({files[0]} ...)")
+    return table
+
+
+def load_dataset(
+    spec: DatasetSpec, root: str | Path, *, max_records: int = 0, need_coords: bool = False
+) -> Dataset:
+    """Read one dataset's shards, clusters and generated sequences.
+
+    Cluster members without a record are dropped (counted); a center left without
+    members goes with them. need_coords keeps only records with coordinates (inverse folding).
+    """
+    files = resolve_paths(spec.shards, root, f"dataset {spec.name!r} shards")
+    records = _read_records(files, spec.name, max_records)
+    if need_coords:
+        if "coords" not in records.column_names:
+            raise DataError(f"dataset {spec.name!r}: no 'coords' column ({files[0]})")
+        records = records.filter(pc.is_valid(records.column("coords")))
+        if records.num_rows == 0:
+            raise DataError(f"dataset {spec.name!r}: no record has coordinates")
+    ids = records.column("id").combine_chunks()
+    if spec.clusters:
+        cfiles = resolve_paths(spec.clusters, root, f"dataset {spec.name!r} clusters")
+        ctab = pa.concat_tables(pq.read_table(f, columns=["center", "member"]) for f in cfiles)
+    else:
+        ctab = pa.table({"center": ids, "member": ids})
+    rows = pc.index_in(ctab.column("member"), value_set=ids)
+    keep = pc.is_valid(rows)
+    dropped = int(ctab.num_rows - pc.sum(keep).as_py()) if ctab.num_rows else 0
+    ctab = ctab.filter(keep)
+    if ctab.num_rows == 0:
+        raise DataError(f"dataset {spec.name!r}: no cluster member has a record in the shards")
+    index = ClusterIndex.from_table(ctab)
+    member_rows = pc.index_in(index.members, value_set=ids).to_numpy().astype(np.int64)
+    generated: dict[str, list[str]] = {}
+    if spec.inverse_folded:
+        gfiles = resolve_paths(spec.inverse_folded, root, f"dataset {spec.name!r} inverse_folded")
+        g = pa.concat_tables(pq.read_table(f, columns=["id", "sequence"]) for f in gfiles)
+        for rid, seq in zip(
+            g.column("id").to_pylist(), g.column("sequence").to_pylist(), strict=True
+        ):
+            generated.setdefault(rid, []).append(seq)
+    return Dataset(spec.name, spec.type, records, index, member_rows, generated, dropped)
+
+
+def load_datasets(cfg: TrainConfig, root: str | Path) -> dict[str, Dataset]:
+    need = cfg.data.task == "inverse_folding"
+    return {
+        d.name: load_dataset(d, root, max_records=cfg.data.max_records, need_coords=need)
+        for d in cfg.data.datasets
+    }
+
+
+def mixing_weights(cfg: TrainConfig, stage: StageConfig) -> dict[str, float]:
+    """Per-dataset weights of a stage: each type's share (sequence vs structure) split among
+    its datasets by their own weights; normalized to sum 1."""
+    w = {d.name: stage.weights.get(d.name, d.weight) for d in cfg.data.datasets}
+    share = {
+        "sequence": cfg.data.sequence_weight
+        if stage.sequence_weight is None
+        else stage.sequence_weight,
+        "structure": cfg.data.structure_weight
+        if stage.structure_weight is None
+        else stage.structure_weight,
+    }
+    out: dict[str, float] = {}
+    for typ in ("sequence", "structure"):
+        names = [d.name for d in cfg.data.datasets if d.type == typ]
+        tot = sum(w[n] for n in names)
+        for n in names:
+            out[n] = share[typ] * w[n] / tot if tot > 0 else 0.0
+    total = sum(out.values())
+    if total <= 0:
+        raise DataError(f"stage {stage.name!r}: every dataset has weight 0")
+    return {n: v / total for n, v in out.items()}
+
+
+def drop_tracks(p: Protein, tracks: list[str]) -> Protein:
+    """The protein with the tracks a stage has switched off removed (all MASK, no loss)."""
+    on = set(tracks)
+    return replace(
+        p,
+        structure_tokens=p.structure_tokens if "structure" in on else None,
+        coords=p.coords if "coords" in on else None,
+        plddt=p.plddt if "coords" in on else None,
+        ss8=p.ss8 if "ss8" in on else None,
+        sasa=p.sasa if "sasa" in on else None,
+        function=p.function if "function" in on else [],
+        residue_annotations=p.residue_annotations if "residue" in on else [],
+    )
+
+
+@dataclass
+class TrainBatch:
+    """One rank's batch of one step: model inputs, targets and loss masks as torch tensors."""
+
+    step: int
+    data_step: int
+    stage: int
+    inputs: dict[str, torch.Tensor]
+    targets: dict[str, torch.Tensor]
+    loss_masks: dict[str, torch.Tensor]
+    n_tokens: int  # real positions (all samples)
+    tokens_by_dataset: dict[str, int]
+    padding_fraction: float
+    fault: str = ""  # "nan" | "spike": a planted fault (stability drills)
+    bad_records: list[str] = field(default_factory=list)
+    build_s: float = 0.0
+
+
+class BatchBuilder:
+    """Builds the batch of (step, data index) for one rank. Picklable; used in workers."""
+
+    def __init__(
+        self, cfg: TrainConfig, datasets: dict[str, Dataset], *, rank: int, per_rank: int
+    ) -> None:
+        self.cfg = cfg
+        self.datasets = datasets
+        self.rank = rank
+        self.per_rank = per_rank
+        self.names = [d.name for d in cfg.data.datasets]
+        self._samplers: dict[int, TwoLevelSampler] = {}
+        self._tasks: dict[int, Any] = {}
+
+    def sampler(self, stage: int) -> TwoLevelSampler:
+        if stage not in self._samplers:
+            w = mixing_weights(self.cfg, self.cfg.stages[stage])
+            self._samplers[stage] = TwoLevelSampler(
+                {n: self.datasets[n].clusters for n in self.names},
+                w,
+                seed=self.cfg.seed,
+                rank=self.rank,
+            )
+        return self._samplers[stage]
+
+    def task_config(self, stage: int) -> Any:
+        if stage not in self._tasks:
+            ctx = self.cfg.stages[stage].context_length
+            self._tasks[stage] = replace(self.cfg.tasks, max_length=ctx)
+        return self._tasks[stage]
+
+    def proteins(
+        self, stage: int, data_step: int
+    ) -> list[tuple[str, Protein, np.random.Generator]]:
+        """The (dataset, protein, rng) triples of a data index, after the 50/50 rule."""
+        st = self.cfg.stages[stage]
+        draws = self.sampler(stage).sample_at(data_step, self.per_rank)
+        out = []
+        for i in range(self.per_rank):
+            ds = self.datasets[draws.names[int(draws.dataset[i])]]
+            row = int(ds.member_rows[int(draws.member[i])])
+            rng = np.random.default_rng([self.cfg.seed, data_step, self.rank, i])
+            p = ds.protein(row)
+            gen = ds.generated.get(p.id)
+            if gen and rng.random() < self.cfg.data.inverse_folding_prob:
+                seq = gen[int(rng.integers(len(gen)))]
+                if len(seq) == len(p):
+                    p = replace(p, sequence=seq)
+            out.append((ds.name, drop_tracks(p, st.tracks), rng))
+        return out
+
+    def build(self, step: int, data_step: int) -> TrainBatch:
+        import time
+
+        t0 = time.perf_counter()
+        stage, st = self.cfg.stage_at(step)
+        tcfg = self.task_config(stage)
+        fn = inverse_folding_corrupt if self.cfg.data.task == "inverse_folding" else corrupt
+        samples, by_ds, bad = [], dict.fromkeys(self.names, 0), []
+        for name, p, rng in self.proteins(stage, data_step):
+            try:
+                s = fn(p, rng, tcfg)
+            except ValueError as e:  # a record the tokenizers refuse: counted, not fatal
+                bad.append(f"{name}:{p.id}: {e}")
+                continue
+            samples.append(s)
+            by_ds[name] += int(s[0]["sequence"].shape[0])
+        if not samples:
+            raise DataError(f"step {step}: every sample of the batch was refused: {bad[:3]}")
+        rows = None
+        if self.cfg.data.pack:
+            rows = pack_rows([s[0]["sequence"].shape[0] for s in samples], st.context_length)
+        b = collate(samples, rows)
+        inputs, targets, masks = b.to_torch()
+        fault = ""
+        if data_step in self.cfg.stability.inject_nan:
+            fault = "nan"
+        elif data_step in self.cfg.stability.inject_spike:
+            fault = "spike"
+        return TrainBatch(
+            step,
+            data_step,
+            stage,
+            inputs,
+            targets,
+            masks,
+            b.n_tokens,
+            by_ds,
+            b.padding_fraction,
+            fault,
+            bad,
+            time.perf_counter() - t0,
+        )
+
+
+class _StepDataset(torch.utils.data.Dataset):
+    def __init__(self, builder: BatchBuilder) -> None:
+        self.builder = builder
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, key: tuple[int, int]) -> TrainBatch:
+        return self.builder.build(*key)
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # a worker builds numpy batches; leave the cores to training
+
+
+def batches(
+    builder: BatchBuilder,
+    start_step: int,
+    end_step: int,
+    data_offset: int,
+    *,
+    workers: int = 0,
+    prefetch: int = 2,
+) -> Iterator[TrainBatch]:
+    """Batches of steps [start_step, end_step) with data index step + data_offset, in order.
+
+    With workers > 0, worker processes build them ahead (`prefetch` each), so the training
+    step does not wait on data.
+    """
+    keys = [(s, s + data_offset) for s in range(start_step, end_step)]
+    if workers <= 0:
+        return (builder.build(*k) for k in keys)
+    loader = torch.utils.data.DataLoader(
+        _StepDataset(builder),
+        sampler=keys,
+        batch_size=None,
+        collate_fn=_identity,
+        num_workers=workers,
+        prefetch_factor=max(1, prefetch),
+        worker_init_fn=_worker_init,
+        multiprocessing_context="fork",
+    )
+    return iter(loader)
+
+
+def estimate_tokens(datasets: dict[str, Dataset]) -> dict[str, float]:
+    """Mean sample length (residues + 2) per dataset, for planning."""
+    out = {}
+    for n, d in datasets.items():
+        lens = pc.utf8_length(d.records.column("sequence")).to_numpy()
+        out[n] = float(np.mean(lens) + 2) if len(lens) else math.nan
+    return out
