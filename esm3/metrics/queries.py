@@ -90,6 +90,17 @@ def _q(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
+def _in_list(values: Sequence[str], params: dict, name: str) -> str:
+    """`($name0, $name1, ...)` with the values bound in `params`. A literal list keeps the
+    filter pushed down to the Parquet scan (hive partitions and the views' windows); an
+    `IN (SELECT unnest($list))` subquery makes DuckDB read every run's files."""
+    keys = []
+    for i, v in enumerate(values):
+        params[f"{name}{i}"] = str(v)
+        keys.append(f"${name}{i}")
+    return "(" + ", ".join(keys) + ")" if keys else "(NULL)"
+
+
 def lake_exists(workspace: str | Path) -> bool:
     """True when the workspace has a lake folder (a reader never creates one)."""
     return lake_dir(workspace).is_dir()
@@ -449,11 +460,13 @@ def tokens_seen(r: LakeReader, run_ids: Sequence[str]) -> pd.DataFrame:
     """
     if not run_ids:
         return pd.DataFrame(columns=["run_id", "step", "dataset", "tokens_seen"])
+    params: dict = {}
+    ids = _in_list(run_ids, params, "id")
     raw = r.sql(
-        """SELECT run_id, max(step) AS step,
+        f"""SELECT run_id, max(step) AS step,
                   arg_max(tokens_by_dataset, (step, attempt)) AS by_dataset
-           FROM train_steps_all WHERE run_id IN (SELECT unnest($ids)) GROUP BY run_id""",
-        {"ids": list(run_ids)},
+           FROM train_steps_all WHERE run_id IN {ids} GROUP BY run_id""",
+        params,
     )
     rows = []
     for rec in raw.itertuples():
@@ -525,8 +538,8 @@ def series(
     if not run_ids:
         return pd.DataFrame(columns=empty)
     lo, hi = steps
-    where = "run_id IN (SELECT unnest($ids))"
-    params: dict = {"ids": list(run_ids), "points": int(max(1, max_points))}
+    params: dict = {"points": int(max(1, max_points))}
+    where = f"run_id IN {_in_list(run_ids, params, 'id')}"
     if lo is not None:
         where += " AND step >= $lo"
         params["lo"] = int(lo)
@@ -561,10 +574,12 @@ def series(
 
 def stage_boundaries(r: LakeReader, run_ids: Sequence[str]) -> pd.DataFrame:
     """Stage changes (events kind='stage'): run_id, step, message."""
+    params: dict = {}
+    ids = _in_list(run_ids, params, "id")
     return r.sql(
-        """SELECT run_id, step, coalesce(message, '') AS message FROM events
-           WHERE kind = 'stage' AND run_id IN (SELECT unnest($ids)) ORDER BY run_id, step""",
-        {"ids": list(run_ids)},
+        f"""SELECT run_id, step, coalesce(message, '') AS message FROM events
+           WHERE kind = 'stage' AND run_id IN {ids} ORDER BY run_id, step""",
+        params,
     )
 
 
@@ -572,11 +587,13 @@ def step_events(
     r: LakeReader, run_ids: Sequence[str], kinds: Sequence[str] = STEP_EVENT_KINDS
 ) -> pd.DataFrame:
     """Events to mark on curves: run_id, step, kind, severity, value, message, time."""
+    params: dict = {}
+    ids, ks = _in_list(run_ids, params, "id"), _in_list(kinds, params, "k")
     return r.sql(
-        """SELECT run_id, step, kind, severity, value, coalesce(message, '') AS message, time
-           FROM events WHERE run_id IN (SELECT unnest($ids)) AND kind IN (SELECT unnest($k))
+        f"""SELECT run_id, step, kind, severity, value, coalesce(message, '') AS message, time
+           FROM events WHERE run_id IN {ids} AND kind IN {ks}
            ORDER BY run_id, step, time""",
-        {"ids": list(run_ids), "k": list(kinds)},
+        params,
     )
 
 
@@ -586,11 +603,12 @@ def validation_loss(r: LakeReader, run_ids: Sequence[str]) -> pd.DataFrame:
     `value` is the total loss (track 'loss'); a JSON `detail` object may add per-track
     values under the train_steps column names. Columns: run_id, step, track, value.
     """
+    params: dict = {}
+    ids, ks = _in_list(run_ids, params, "id"), _in_list(VALIDATION_KINDS, params, "k")
     raw = r.sql(
-        """SELECT run_id, step, value, detail FROM events
-           WHERE kind IN (SELECT unnest($k)) AND run_id IN (SELECT unnest($ids))
-           ORDER BY run_id, step""",
-        {"ids": list(run_ids), "k": list(VALIDATION_KINDS)},
+        f"""SELECT run_id, step, value, detail FROM events
+           WHERE kind IN {ks} AND run_id IN {ids} ORDER BY run_id, step""",
+        params,
     )
     rows = []
     for rec in raw.itertuples():
@@ -635,17 +653,19 @@ def restarts(r: LakeReader, run_ids: Sequence[str]) -> pd.DataFrame:
 
     Columns: run_id, time, what, step, detail.
     """
+    params: dict = {}
+    ids = _in_list(run_ids, params, "id")
     return r.sql(
-        """SELECT run_id, coalesce(started_at, submitted_at, updated_at) AS time,
+        f"""SELECT run_id, coalesce(started_at, submitted_at, updated_at) AS time,
                   'job ' || job_id || ' rank ' || rank::VARCHAR || ' attempt '
                     || attempt::VARCHAR AS what,
                   NULL::BIGINT AS step, state || coalesce(' on ' || node, '') AS detail
-           FROM jobs WHERE run_id IN (SELECT unnest($ids)) AND (attempt > 0 OR state = 'REQUEUED')
+           FROM jobs WHERE run_id IN {ids} AND (attempt > 0 OR state = 'REQUEUED')
            UNION ALL
            SELECT run_id, time, kind, step, coalesce(message, '') FROM events
-           WHERE run_id IN (SELECT unnest($ids)) AND kind IN ('requeue', 'resume', 'restart')
+           WHERE run_id IN {ids} AND kind IN ('requeue', 'resume', 'restart')
            ORDER BY 1, 2 NULLS LAST""",
-        {"ids": list(run_ids)},
+        params,
     )
 
 

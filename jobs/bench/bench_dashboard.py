@@ -1,0 +1,316 @@
+"""Dashboard benchmark: time to compute each page's queries, and to render each page with
+Streamlit's AppTest, on lakes of 1M and 10M `train_steps` rows over many runs (quick: 100k).
+
+The loss and stability pages are compared with the naive page that ships every row of the
+selected runs to the browser (`SELECT ... FROM train_steps WHERE run_id IN ...`), run side
+by side on the same lake: ratio = downsampled time / ship-all time, and the rows and Arrow
+bytes each would send.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from esm3.metrics import queries as Q
+from esm3.metrics.lake import ensure_lake, table_dir, write_rows
+from esm3.metrics.schema import TABLES
+
+SUITE = "dashboard"
+CHUNK = 10_000  # rows per file, as a LakeWriter flushing every 10,000 rows writes them
+SELECTED = 2  # runs overlaid on the loss and stability pages (their default)
+DATASETS = {"UniRef": 0.3, "MGnify": 0.25, "JGI": 0.2, "AlphaFoldDB": 0.15, "ESMAtlas": 0.1}
+T0 = datetime(2024, 3, 1, tzinfo=UTC)
+
+
+def _steps_table(run_id: str, steps: np.ndarray, attempt: int, rng) -> pa.Table:
+    """train_steps rows for one run, built column-wise (the writers' schema, no dict rows)."""
+    n = len(steps)
+    frac = steps / max(1, steps.max())
+    cols: dict[str, object] = {
+        "run_id": pa.array([run_id] * n),
+        "step": steps,
+        "attempt": np.full(n, attempt, np.int32),
+        "stage": pa.array(["stage1"] * n),
+    }
+    base = {"loss_sequence": 2.1, "loss_structure": 3.5, "loss_ss8": 0.7, "loss_sasa": 1.1}
+    base |= {"loss_function": 1.3, "loss_residue": 0.4}
+    total = np.zeros(n)
+    for k, v in base.items():
+        cols[k] = v * (1 + np.exp(-5 * frac)) + rng.normal(0, 0.02 * v, n)
+        total += cols[k]
+    cols["loss"] = total
+    cols["lr"] = 4e-4 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * frac)))
+    cols["grad_norm"] = rng.gamma(4.0, 0.2, n)
+    cols["clipped"] = cols["grad_norm"] > 1.0
+    cols["skipped"] = np.zeros(n, bool)
+    cols["update_ratio"] = np.abs(rng.normal(1e-3, 1e-4, n))
+    cols["max_attn_logit"] = 12 + 10 * frac + rng.normal(0, 0.5, n)
+    cols["tokens"] = np.full(n, 1_572_864, np.int64)
+    seen = (steps + 1) * 1_572_864
+    cols["tokens_seen"] = seen
+    parts = []
+    for i, (ds, w) in enumerate(DATASETS.items()):
+        parts += [
+            ("{" if i == 0 else ", ") + json.dumps(ds) + ": ",
+            pc.cast(pa.array((seen * w).astype(np.int64)), pa.string()),
+        ]
+    parts.append("}")
+    cols["tokens_by_dataset"] = pc.binary_join_element_wise(*parts, "")
+    for k in ("step_time_s", "data_wait_s", "tokens_per_s", "mfu", "mem_peak_gb"):
+        cols[k] = rng.random(n)
+    t = pa.array(steps * 1_000_000 + int(T0.timestamp() * 1e6), pa.int64())
+    cols["time"] = t.cast(TABLES["train_steps"].field("time").type)
+    schema = TABLES["train_steps"]
+    return pa.table({n: cols[n] for n in schema.names}).cast(schema)
+
+
+def make_lake(ws: Path, rows: int, runs: int, seed: int = 0) -> list[str]:
+    """A lake with `rows` train_steps rows over `runs` runs (1% recomputed after a rollback),
+    their runs/jobs/events records, and Tables S3/S4. Returns the run ids."""
+    ensure_lake(ws)
+    rng = np.random.default_rng(seed)
+    per = rows // runs
+    redo = max(1, per // 100)
+    ids = [f"bench-{i:03d}" for i in range(runs)]
+    for rid in ids:
+        d = table_dir(ws, "train_steps") / f"run_id={rid}"
+        d.mkdir(parents=True, exist_ok=True)
+        # attempt 0 logs steps [0, last); a rollback recomputes the last `redo` of them
+        last = per - redo
+        spans = [(0, s, min(s + CHUNK, last)) for s in range(0, last, CHUNK)]
+        spans += [(1, s, min(s + CHUNK, last)) for s in range(last - redo, last, CHUNK)]
+        for k, (attempt, lo, hi) in enumerate(spans):
+            if hi <= lo:
+                continue
+            table = _steps_table(rid, np.arange(lo, hi, dtype=np.int64), attempt, rng)
+            pq.write_table(table, d / f"part-bench-{k:05d}.parquet", compression="zstd")
+        base = {"run_id": rid, "kind": "train", "status": "RUNNING", "nodes": 4}
+        base |= {"world_size": 32, "token_budget": 2 * per * 1_572_864, "started_at": T0}
+        write_rows(ws, "runs", [base | {"config": {"optim": {"grad_clip": 1.0}}}])
+        write_rows(
+            ws,
+            "jobs",
+            [
+                {"run_id": rid, "stage": "train", "job_id": "7", "rank": r, "attempt": a}
+                | {"state": s, "node": f"node{r}"}
+                for r in range(4)
+                for a, s in ((0, "REQUEUED"), (1, "RUNNING"))
+            ],
+        )
+        ev = [{"run_id": rid, "step": int(s), "kind": "checkpoint"} for s in range(0, per, 1000)]
+        ev += [{"run_id": rid, "step": last, "kind": "rollback", "severity": "warning"}]
+        ev += [{"run_id": rid, "step": per // 2, "kind": "stage", "message": "stage 2"}]
+        ev += [{"run_id": rid, "step": per // 3, "kind": "spike", "severity": "warning"}]
+        write_rows(ws, "events", ev)
+    write_rows(
+        ws,
+        "dataset_stats",
+        [
+            {"run_id": "prep", "dataset": d, "type": "sequence", "sequences": 10**8}
+            | {"tokens": 3 * 10**10}
+            for d in DATASETS
+        ],
+    )
+    write_rows(
+        ws,
+        "token_stats",
+        [
+            {"run_id": "prep", "dataset": d, "type": "sequence", "unique_tokens": 1e10}
+            for d in DATASETS
+        ],
+    )
+    write_rows(
+        ws,
+        "rejects",
+        [{"run_id": "prep", "stage": "seq", "source": "x.fasta", "reason": "too_short"}] * 50,
+    )
+    return ids
+
+
+def _pages(ids: list[str]) -> dict[str, Callable[[Q.LakeReader], object]]:
+    """Each page's queries, as the page issues them on a cold cache."""
+    sel = ids[:SELECTED]
+    stab = ["grad_norm", "lr", "update_ratio", "max_attn_logit"]
+
+    def overview(r):
+        Q.runs_overview(r)
+        Q.alerts(r)
+
+    def tokens(r):
+        Q.dataset_table(r)
+        Q.token_table(r)
+        run = Q.run_ids_with_steps(r)[0]
+        Q.tokens_seen(r, [run])
+
+    def loss(r):
+        Q.run_ids_with_steps(r)
+        Q.series(r, sel, list(Q.LOSS_TRACKS), max_points=2000)
+        Q.stage_boundaries(r, sel)
+        Q.validation_loss(r, sel)
+
+    def stability(r):
+        Q.run_ids_with_steps(r)
+        Q.series(r, sel, stab, max_points=2000)
+        Q.step_events(r, sel)
+        Q.clip_threshold(r, sel[0])
+        Q.restarts(r, sel)
+
+    def jobs(r):
+        Q.job_state_counts(r)
+        Q.failures(r)
+        Q.job_tasks(r)
+        Q.rejects_by_reason(r)
+
+    def sql(r):
+        Q.run_user_sql(r, next(iter(Q.EXAMPLE_QUERIES.values())))
+
+    return {
+        "overview": overview,
+        "tokens": tokens,
+        "loss": loss,
+        "stability": stability,
+        "jobs": jobs,
+        "sql": sql,
+    }
+
+
+def _timed(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def _arrow_bytes(df) -> int:
+    sink = pa.BufferOutputStream()
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().size
+
+
+def _apptest(ws: Path, page: str) -> float:
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    app = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
+    os.environ["ESM3_WORKSPACE"] = str(ws)
+    at = AppTest.from_file(app, default_timeout=300)
+    at.session_state["refresh_s"] = 0
+    at.run()
+    st.cache_data.clear()  # a cold page: every query runs
+    path = None if page == "overview" else f"views/{page}.py"
+    t = time.perf_counter()
+    if path:
+        at.switch_page(path)
+    at.run()
+    dt = time.perf_counter() - t
+    if at.exception:
+        raise RuntimeError(f"page {page} raised: {at.exception[0].value}")
+    return dt
+
+
+def _measure(ws: Path, ids: list[str], params: dict, quick: bool, repeat: int) -> list[dict]:
+    out: list[dict] = []
+
+    def row(name: str, metric: str, value: float, unit: str, baseline=None, **extra) -> None:
+        out.append(
+            {
+                "suite": SUITE,
+                "name": name,
+                "metric": metric,
+                "value": float(value),
+                "unit": unit,
+                "baseline": None if baseline is None else float(baseline),
+                "ratio": float(value) / float(baseline) if baseline else None,
+                "params": params | extra,
+            }
+        )
+
+    for page, fn in _pages(ids).items():
+
+        def cold(fn=fn) -> None:
+            with Q.LakeReader(ws) as r:  # connect + views + queries, nothing cached
+                fn(r)
+
+        row(f"queries/{page}", "page_queries_s", _timed(cold, repeat)[0], "s")
+
+    # downsampled curves vs shipping every row of the selected runs, same reader
+    sel = ids[:SELECTED]
+    everything = (
+        f"SELECT run_id, step, {', '.join(Q.LOSS_TRACKS)} FROM train_steps "
+        "WHERE run_id IN (SELECT unnest($ids)) ORDER BY run_id, step"
+    )
+    with Q.LakeReader(ws) as r:
+        r.connection()
+        ds_s, ds = _timed(lambda: Q.series(r, sel, list(Q.LOSS_TRACKS)), repeat)
+        all_s, full = _timed(lambda: r.sql(everything, {"ids": sel}), repeat)
+    row(
+        "loss_curves/downsampled_vs_all_rows",
+        "query_s",
+        ds_s,
+        "s",
+        all_s,
+        rows_shipped=len(ds),
+        rows_all=len(full),
+    )
+    row("loss_curves/rows_to_browser", "rows", len(ds), "rows", len(full))
+    row(
+        "loss_curves/arrow_bytes_to_browser",
+        "bytes",
+        _arrow_bytes(ds),
+        "B",
+        _arrow_bytes(full),
+    )
+    for page in ["loss"] if quick else list(_pages(ids)):
+        row(f"render/{page}", "apptest_render_s", _apptest(ws, page), "s")
+    return out
+
+
+def run(quick: bool = False) -> list[dict]:
+    sizes = [(100_000, 5)] if quick else [(1_000_000, 20), (10_000_000, 50)]
+    repeat = 1 if quick else 2
+    out: list[dict] = []
+    saved_env = os.environ.get("ESM3_WORKSPACE")
+    try:
+        for rows, runs in sizes:
+            ws = Path(tempfile.mkdtemp(prefix="bench-dashboard-"))
+            try:
+                t = time.perf_counter()
+                ids = make_lake(ws, rows, runs)
+                params = {"rows": rows, "runs": runs, "selected_runs": SELECTED}
+                params |= {"max_points": 2000, "host": socket.gethostname()}
+                params |= {"lake_write_s": round(time.perf_counter() - t, 2)}
+                out += _measure(ws, ids, params, quick, repeat)
+            finally:
+                shutil.rmtree(ws, ignore_errors=True)
+    finally:
+        if saved_env is None:
+            os.environ.pop("ESM3_WORKSPACE", None)
+        else:
+            os.environ["ESM3_WORKSPACE"] = saved_env
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    for r in run(quick="--quick" in sys.argv):
+        extra = {k: v for k, v in r["params"].items() if k not in ("host",)}
+        ratio = f" ratio {r['ratio']:.3f}" if r["ratio"] is not None else ""
+        print(f"{r['name']:40s} {r['value']:12.3f} {r['unit']}{ratio}  {extra}")
