@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ def load_latest(
             return path, load(path, model, optimizer, process_group=process_group)
         except CheckpointMismatch:
             raise
-        except Exception as e:  # noqa: BLE001 - any read error: fall back to an older one
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - any read error: older one
             reason = (
                 f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
             )

@@ -63,13 +63,30 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
     fused = None
     if any(p.is_cuda for p in model.parameters()):
         fused = True
-    return torch.optim.AdamW(
+    opt = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),
         lr=lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
         fused=fused,
     )
+    init_state(opt)
+    return opt
+
+
+def init_state(opt: torch.optim.AdamW) -> None:
+    """Create AdamW's state for every parameter now (step 0, zero moments), exactly what its
+    first step would create, so that every checkpoint holds the same keys even when some
+    parameters have not had a gradient yet (a head whose track a stage leaves out)."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state[p]
+            if st:
+                continue
+            dev = p.device if group.get("fused") or group.get("capturable") else "cpu"
+            st["step"] = torch.zeros((), dtype=torch.float32, device=dev)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:

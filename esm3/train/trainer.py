@@ -424,8 +424,10 @@ def train(
                     )
                 sinks.step(row)
             if verdict.rollback:
+                # PaLM: return to a checkpoint from before the burst's first spike
+                first_spike = monitor.spike_steps[0]
                 last = ckpt.list_checkpoints(ckpt_dir)
-                target = [s for s, _ in last if s < step]
+                target = [s for s, _ in last if s < first_spike]
                 if not target:
                     event(
                         step,
@@ -446,7 +448,7 @@ def train(
                         expected_model=fp,
                         on_failure=on_bad_ckpt,
                         process_group=ckpt_pg,
-                        max_step=step - 1,
+                        max_step=first_spike - 1,
                     )
                     restore(state, rolling_back=True)
                     monitor.rolled_back()
