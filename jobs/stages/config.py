@@ -1,0 +1,291 @@
+"""The preprocessing config (TOML -> dataclasses) and the check of its inputs.
+
+Defaults are the paper's (appendix A.2.1): clustering at 70% with a 90% expansion level
+for UniRef, MGnify, AFDB and ESMAtlas, 70% only for JGI, 95% only for OAS; 25,000
+validation proteins per dataset purged at 70% identity; clusters capped at 20 members;
+SASA on AFDB and ESMAtlas, SS8 on PDB, AFDB and ESMAtlas (Table S5); 4096 structure codes.
+
+Input paths may be files or globs, and may start with `{workspace}` (the workspace root)
+or `{package:NAME}` (the folder of an installed Python package, e.g. MDAnalysisTests).
+`check_inputs` resolves them before anything is recorded or submitted; a path that
+matches nothing is one `ConfigError` line naming the dataset and the path.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from esm3.data.fasta import HeaderFormat
+from esm3.data.structures.filters import AFDBFilter, ESMAtlasFilter, PDBFilter
+from jobs.config import ConfigError, load
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "preprocess"
+DEFAULT_CONFIG = CONFIG_DIR / "demo.toml"
+
+SEQUENCE_FORMATS = ("fasta",)
+STRUCTURE_FORMATS = ("pdb", "afdb", "esmatlas")
+STAGES = (
+    "split",
+    "ingest",
+    "cluster",
+    "expand",
+    "validation",
+    "purge",
+    "sequence-stats",
+    "derive",
+    "structures",
+    "codebook",
+    "tokenize",
+    "structure-cluster",
+    "structure-expand",
+    "structure-stats",
+    "interpro",
+    "interpro-vocab",
+)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass
+class DatasetConfig:
+    """One source dataset (a row of Table S3)."""
+
+    name: str
+    type: Literal["sequence", "structure"]
+    paths: list[str]  # files or globs; `{workspace}/...`, `{package:NAME}/...` allowed
+    # sequence: fasta (plain or .gz); structure: pdb | afdb | esmatlas (mmCIF/PDB/BinaryCIF)
+    format: Literal["fasta", "pdb", "afdb", "esmatlas"] = "fasta"
+    header: HeaderFormat = "auto"  # FASTA header convention (see esm3.data.fasta)
+    # clustering level, then the optional expansion level (fractions of identity)
+    levels: list[float] = field(default_factory=lambda: [0.7, 0.9])
+    release: str = ""
+    split: int = 1  # sequence: input shards (array tasks) each input file is split into
+    shard_size: int = 100  # structure: files per array task
+    weight: float = 1.0  # mixing weight: this dataset's share of the token budget
+    purge: bool = True  # sequence: sample validation from it and purge its training set
+    cap: int = 20  # members per cluster after expansion
+    lowercase: Literal["upper", "reject"] = "upper"
+    metadata: str = ""  # esmatlas: table of id, plddt, ptm (Parquet or CSV/TSV)
+    plddt_scale: Literal["auto", "0-1", "0-100"] = "auto"
+    also_unclustered: bool = False  # structure: a Table S3 row without clustering too (PDB)
+    # demo only: inputs are experimental structures standing in for predictions; a derive
+    # job writes a confidence proxy (from B-factors, not a prediction) into the B-factor
+    # column, and for ESMAtlas a metadata table with proxy pLDDT and pTM
+    proxy_from_experimental: bool = False
+
+    def validate(self) -> None:
+        where = f"dataset '{self.name}'"
+        if not _NAME.match(self.name):
+            raise ConfigError(f"{where}: name must be letters, digits, '.', '_' or '-'")
+        allowed = SEQUENCE_FORMATS if self.type == "sequence" else STRUCTURE_FORMATS
+        if self.format not in allowed:
+            raise ConfigError(
+                f"{where}: format {self.format!r} is not one of {list(allowed)} "
+                f"for a {self.type} dataset"
+            )
+        if not self.paths:
+            raise ConfigError(f"{where}: 'paths' is empty (files or globs of the inputs)")
+        if not 1 <= len(self.levels) <= 2:
+            raise ConfigError(
+                f"{where}: 'levels' {self.levels} must be [clustering] or [clustering, expansion]"
+            )
+        if any(not 0.0 < lv <= 1.0 for lv in self.levels):
+            raise ConfigError(f"{where}: 'levels' {self.levels} must be fractions in (0, 1]")
+        if len(self.levels) == 2 and self.levels[1] <= self.levels[0]:
+            raise ConfigError(f"{where}: expansion level {self.levels[1]} must be above "
+                              f"the clustering level {self.levels[0]}")  # fmt: skip
+        for key in ("split", "shard_size", "cap"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{where}: '{key}' {getattr(self, key)} must be >= 1")
+        if self.weight < 0:
+            raise ConfigError(f"{where}: 'weight' {self.weight} must be >= 0")
+        if self.format == "esmatlas" and not (self.metadata or self.proxy_from_experimental):
+            raise ConfigError(f"{where}: ESMAtlas needs 'metadata' (id, plddt, ptm table)")
+        if self.proxy_from_experimental and self.format not in ("afdb", "esmatlas"):
+            raise ConfigError(f"{where}: 'proxy_from_experimental' is for afdb/esmatlas only")
+
+    @property
+    def clustering_level(self) -> float:
+        return self.levels[0]
+
+    @property
+    def expansion_level(self) -> float | None:
+        return self.levels[1] if len(self.levels) > 1 else None
+
+
+@dataclass
+class PurgeConfig:
+    validation_size: int = 25_000  # validation proteins per dataset
+    min_identity: float = 0.7  # fraction (mmseqs fident)
+
+    def validate(self) -> None:
+        if self.validation_size < 1:
+            raise ConfigError(f"purge.validation_size {self.validation_size} must be >= 1")
+        if not 0.0 <= self.min_identity <= 1.0:
+            raise ConfigError(f"purge.min_identity {self.min_identity} is a fraction in [0, 1]")
+
+
+@dataclass
+class TokensConfig:
+    """Table S4: the training token budget, shared between datasets by their weights."""
+
+    budget: int = 1_000_000_000_000
+
+    def validate(self) -> None:
+        if self.budget < 1:
+            raise ConfigError(f"tokens.budget {self.budget} must be >= 1")
+
+
+@dataclass
+class StructureOptions:
+    """Filters (paper thresholds) and per-residue features (Table S5) by format."""
+
+    pdb: PDBFilter = field(default_factory=PDBFilter)
+    afdb: AFDBFilter = field(default_factory=AFDBFilter)
+    esmatlas: ESMAtlasFilter = field(default_factory=ESMAtlasFilter)
+    sasa: list[str] = field(default_factory=lambda: ["afdb", "esmatlas"])
+    ss8: list[str] = field(default_factory=lambda: ["pdb", "afdb", "esmatlas"])
+    min_residues: int = 1
+    sasa_points: int = 1000
+
+    def validate(self) -> None:
+        for key in ("sasa", "ss8"):
+            bad = set(getattr(self, key)) - set(STRUCTURE_FORMATS)
+            if bad:
+                raise ConfigError(
+                    f"structures.{key}: {sorted(bad)} not in {list(STRUCTURE_FORMATS)}"
+                )
+
+
+@dataclass
+class CodebookConfig:
+    size: int = 4096  # structure tokens (the paper's VQ-VAE has 4096 codes)
+    max_residues: int = 2_000_000  # residues sampled for the k-means fit
+    iterations: int = 25
+
+    def validate(self) -> None:
+        if self.size < 2:
+            raise ConfigError(f"codebook.size {self.size} must be >= 2")
+
+
+@dataclass
+class InterproConfig:
+    protein2ipr: list[str] = field(default_factory=list)  # protein2ipr.dat(.gz)
+    interproscan: list[str] = field(default_factory=list)  # InterProScan TSV files
+
+
+@dataclass
+class StageResources:
+    """Per-stage job resources; 0 means the cluster profile's value."""
+
+    cpus_per_task: int = 0
+    mem_gb: float = 0.0
+    time_min: int = 0
+
+
+@dataclass
+class PreprocessConfig:
+    name: str = "default"  # data folder: <workspace>/data/preprocess/<name>/
+    seed: int = 0
+    datasets: list[DatasetConfig] = field(default_factory=list)
+    purge: PurgeConfig = field(default_factory=PurgeConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    structures: StructureOptions = field(default_factory=StructureOptions)
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)
+    interpro: InterproConfig = field(default_factory=InterproConfig)
+    resources: dict[str, StageResources] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not _NAME.match(self.name):
+            raise ConfigError(f"config key 'name': {self.name!r}: letters, digits, '.', '_', '-'")
+        names = [d.name for d in self.datasets]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"config key 'datasets': dataset name(s) {dup} used twice")
+        bad = set(self.resources) - set(STAGES)
+        if bad:
+            raise ConfigError(
+                f"config key 'resources': unknown stage(s) {sorted(bad)} (stages: {list(STAGES)})"
+            )
+
+    def of_type(self, kind: str) -> list[DatasetConfig]:
+        return [d for d in self.datasets if d.type == kind]
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PreprocessConfig:
+    """The config from TOML (default: the demo config) with `key=value` overrides."""
+    return load(PreprocessConfig, path or DEFAULT_CONFIG, overrides)
+
+
+def expand_path(pattern: str, workspace: Path) -> str:
+    """Replace `{workspace}` and `{package:NAME}` in a path; ConfigError when unknown."""
+
+    def package(m: re.Match[str]) -> str:
+        spec = importlib.util.find_spec(m.group(1))
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(f"path {pattern!r}: Python package {m.group(1)!r} is not installed")
+        return str(next(iter(spec.submodule_search_locations)))
+
+    out = re.sub(r"\{package:([A-Za-z0-9_.]+)\}", package, pattern)
+    out = out.replace("{workspace}", str(workspace))
+    if "{" in out and "}" in out and re.search(r"\{[a-z]+[^}]*\}", out):
+        raise ConfigError(f"path {pattern!r}: unknown placeholder (use {{workspace}} or "
+                          "{package:NAME})")  # fmt: skip
+    return str(Path(out).expanduser())
+
+
+def resolve_paths(patterns: list[str], workspace: Path, where: str) -> list[Path]:
+    """Files matching `patterns` (in pattern order, each glob sorted); ConfigError if any
+    pattern matches nothing or names a folder."""
+    files: list[Path] = []
+    for pat in patterns:
+        p = expand_path(pat, workspace)
+        hits = sorted(glob.glob(p)) if glob.has_magic(p) else ([p] if Path(p).exists() else [])
+        if not hits:
+            what = "no file matches" if glob.has_magic(p) else "file does not exist"
+            raise ConfigError(f"{where}: input {pat!r} ({p}): {what}")
+        for h in hits:
+            if Path(h).is_dir():
+                raise ConfigError(f"{where}: input {h} is a folder, not a file")
+        files += [Path(h).resolve() for h in hits]
+    return list(dict.fromkeys(files))
+
+
+@dataclass
+class Inputs:
+    """The resolved input files of a config."""
+
+    datasets: dict[str, list[Path]]
+    metadata: dict[str, Path | None]
+    protein2ipr: list[Path]
+    interproscan: list[Path]
+
+
+def check_inputs(cfg: PreprocessConfig, workspace: Path, kinds: set[str]) -> Inputs:
+    """Resolve every input the chosen pipelines read (kinds: sequences, structures,
+    interpro, tokens); raise ConfigError naming the dataset and path on the first problem."""
+    datasets: dict[str, list[Path]] = {}
+    metadata: dict[str, Path | None] = {}
+    want = set()
+    if "sequences" in kinds:
+        want.add("sequence")
+    if kinds & {"structures", "tokens"}:
+        want.add("structure")
+    for d in cfg.datasets:
+        if d.type not in want:
+            continue
+        where = f"dataset '{d.name}'"
+        datasets[d.name] = resolve_paths(d.paths, workspace, where)
+        metadata[d.name] = None
+        if d.metadata and not d.proxy_from_experimental:
+            (metadata[d.name],) = resolve_paths([d.metadata], workspace, f"{where} metadata")
+    p2i: list[Path] = []
+    ips: list[Path] = []
+    if kinds & {"interpro", "structures"}:
+        p2i = resolve_paths(cfg.interpro.protein2ipr, workspace, "interpro.protein2ipr")
+        ips = resolve_paths(cfg.interpro.interproscan, workspace, "interpro.interproscan")
+    return Inputs(datasets, metadata, p2i, ips)

@@ -1,0 +1,279 @@
+"""Running a stage graph, the data layout of a preprocessing config, and what jobs record.
+
+A pipeline is a list of `Stage`s (one submitit array each) with the names of the stages it
+needs. On SLURM every stage is submitted at once, each with `--dependency=afterok:<ids>`
+on the arrays it needs, so the whole pipeline sits in the scheduler and runs without the
+driver; the driver then follows the stages in order. On the local executor (no
+scheduler, no dependencies) stages are submitted one after the other. A failed stage
+cancels what is still queued, so no job waits forever on a dependency that cannot be met.
+
+Every task skips work whose output exists (the library's stages write to a temporary name
+and rename), so running the same command again after a crash or `scancel` redoes only what
+was lost and ends with the same files and numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from esm3.metrics.lake import write_rows
+from jobs import launch
+from jobs import workspace as wsp
+from jobs.clusters import ClusterProfile, Resources
+from jobs.config import to_dict
+from jobs.errors import UserError
+from jobs.stages.config import PreprocessConfig, StageResources
+
+log = logging.getLogger("esm3.preprocess")
+
+
+# --- inside jobs ---------------------------------------------------------------------------
+
+
+def say(stage: str, message: str) -> None:
+    """A log line for the job's log (SLURM's output file; the local executor's log file)."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    print(f"{stamp} esm3.preprocess {stage}: {message}", flush=True)
+
+
+def job_cpus() -> int:
+    """CPUs this job may use: SLURM's allocation, else this process's CPU affinity."""
+    for var in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
+        v = os.environ.get(var, "")
+        if v.isdigit() and int(v) > 0:
+            return int(v)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def job_memory_limit(fraction: float = 0.8) -> str | None:
+    """A memory limit for mmseqs (--split-memory-limit) / DuckDB from the job's SLURM
+    allocation (fraction of it, leaving room for the process itself); None outside SLURM
+    or without a memory request."""
+    mb = os.environ.get("SLURM_MEM_PER_NODE", "")
+    per_cpu = os.environ.get("SLURM_MEM_PER_CPU", "")
+    total = int(mb) if mb.isdigit() else int(per_cpu) * job_cpus() if per_cpu.isdigit() else 0
+    return f"{int(total * fraction)}M" if total > 0 else None
+
+
+def _marker(ws: str | Path, run_id: str, kind: str, key: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in key)
+    return wsp.run_dir(Path(ws), run_id) / "recorded" / kind / safe
+
+
+def record_rejects(ws: str | Path, run_id: str, key: str, rejects: Sequence[dict]) -> int:
+    """Write a task's reject rows to the `rejects` table with the run id, once per run and
+    key (a requeued task does not write them twice). Returns the number of rejects."""
+    marker = _marker(ws, run_id, "rejects", key)
+    if rejects and not marker.exists():
+        for start in range(0, len(rejects), 100_000):
+            chunk = rejects[start : start + 100_000]
+            write_rows(Path(ws), "rejects", [{**r, "run_id": run_id} for r in chunk])
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    return len(rejects)
+
+
+def record_stats(ws: str | Path, run_id: str, key: str, table: str, rows: list[dict]) -> None:
+    """Write `dataset_stats` / `token_stats` rows once per run and key."""
+    marker = _marker(ws, run_id, table, key)
+    if rows and not marker.exists():
+        write_rows(Path(ws), table, [{**r, "run_id": run_id} for r in rows])
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+
+
+# --- data layout ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a config's data lives: <workspace>/data/preprocess/<config name>/..."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, ws: Path, cfg: PreprocessConfig) -> Layout:
+        return cls(Path(ws) / "data" / "preprocess" / cfg.name)
+
+    def seq(self, dataset: str) -> Path:
+        return self.root / "sequences" / dataset
+
+    def struct(self, dataset: str) -> Path:
+        return self.root / "structures" / dataset
+
+    def clusters(self, dataset: str) -> Path:
+        return self.root / "clusters" / dataset
+
+    def level_file(self, dataset: str, level: float) -> Path:
+        return self.clusters(dataset) / f"level-{level:g}.parquet"
+
+    def expanded_file(self, dataset: str) -> Path:
+        return self.clusters(dataset) / "expanded.parquet"
+
+    def final_clusters(self, dataset: str) -> Path:
+        return self.clusters(dataset) / "final.parquet"
+
+    @property
+    def validation(self) -> Path:
+        return self.root / "sequences" / "validation.parquet"
+
+    @property
+    def codebook(self) -> Path:
+        return self.root / "structure-codebook.npz"
+
+    @property
+    def interpro(self) -> Path:
+        return self.root / "interpro"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+
+FINGERPRINT_SKIP = ("name", "resources", "tokens")  # keys that do not change the data files
+
+
+def check_fingerprint(layout: Layout, cfg: PreprocessConfig) -> None:
+    """Refuse to mix outputs of different configs in one data folder (skipping would reuse
+    stale shards). Writes the fingerprint on first use."""
+    data = {k: v for k, v in to_dict(cfg).items() if k not in FINGERPRINT_SKIP}
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    path = layout.root / "config.json"
+    if path.exists():
+        old = json.loads(path.read_text()).get("fingerprint")
+        if old != digest:
+            raise UserError(
+                f"{layout.root} holds data made with a different config (fingerprint {old}, "
+                f"now {digest}); give this config another name (name=...) or remove that folder"
+            )
+        return
+    layout.root.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".config.json.tmp")
+    tmp.write_text(json.dumps({"fingerprint": digest, "config": data}, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+# --- the stage graph -----------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    """One array: task i runs fn(*items[i]) after every stage named in `after` succeeded."""
+
+    name: str
+    fn: Callable[..., Any]
+    items: list[tuple]
+    after: list[str] = field(default_factory=list)
+    resources: Resources | None = None
+
+
+def stage_resources(cfg: PreprocessConfig, stage: str) -> Resources | None:
+    """The config's resources for a stage (`structure-cluster` uses those of `cluster`)."""
+    base = {"structure-cluster": "cluster", "structure-expand": "expand"}.get(stage, stage)
+    r: StageResources | None = cfg.resources.get(stage) or cfg.resources.get(base)
+    if r is None:
+        return None
+    return Resources(
+        cpus_per_task=r.cpus_per_task or None, mem_gb=r.mem_gb or None, time_min=r.time_min or None
+    )
+
+
+def _order(stages: Iterable[Stage]) -> list[Stage]:
+    stages = [s for s in stages if s.items]
+    names = {s.name for s in stages}
+    done: list[Stage] = []
+    placed: set[str] = set()
+    pending = list(stages)
+    while pending:
+        ready = [s for s in pending if all(a in placed or a not in names for a in s.after)]
+        if not ready:
+            raise ValueError(f"stage graph has a cycle: {[s.name for s in pending]}")
+        for s in ready:
+            done.append(s)
+            placed.add(s.name)
+        pending = [s for s in pending if s.name not in placed]
+    return done
+
+
+def _scancel(profile: ClusterProfile, job_ids: list[str]) -> None:
+    env = dict(os.environ)
+    conf = profile.slurm_conf_path()
+    if conf is not None:
+        env["SLURM_CONF"] = str(conf)
+    parents = sorted({j.split("_")[0] for j in job_ids})
+    if parents:
+        subprocess.run(["scancel", *parents], env=env, capture_output=True, timeout=60)
+
+
+def run_stages(
+    ws: Path,
+    profile: ClusterProfile,
+    run_id: str,
+    stages: Iterable[Stage],
+    *,
+    progress: bool | None = None,
+    timeout_s: float | None = None,
+) -> dict[str, list[Any]]:
+    """Submit the graph (all at once with afterok dependencies on SLURM; one stage after
+    another on the local executor), wait for every stage, return results by stage name.
+
+    Raises launch.JobFailed naming the stage and job; on SLURM it first cancels what is
+    still queued or running of this graph."""
+    order = _order(stages)
+    slurm = profile.executor == "slurm"
+    subs: dict[str, launch.Submission] = {}
+    results: dict[str, list[Any]] = {}
+
+    def submit(st: Stage) -> launch.Submission:
+        res = st.resources or Resources()
+        if slurm:
+            ids = sorted({j.split("_")[0] for a in st.after if a in subs for j in subs[a].job_ids})
+            if ids:
+                res = replace(res, dependency="afterok:" + ":".join(ids))
+        sub = launch.submit_array(
+            ws, profile, run_id=run_id, stage=st.name, fn=st.fn, items=st.items, resources=res
+        )
+        _note(f"{st.name}: {len(st.items)} task(s) submitted ({sub.job_ids[0].split('_')[0]})")
+        return sub
+
+    try:
+        if slurm:
+            for st in order:
+                subs[st.name] = submit(st)
+        for st in order:
+            sub = subs.get(st.name) or submit(st)
+            subs[st.name] = sub
+            results[st.name] = sub.wait(progress=progress, timeout_s=timeout_s)
+            skipped = sum(1 for r in results[st.name] if isinstance(r, dict) and r.get("skipped"))
+            extra = f", {skipped} already done" if skipped else ""
+            _note(f"{st.name}: {len(results[st.name])} task(s) finished{extra}")
+    except BaseException:
+        if slurm:
+            pending = [j for name, s in subs.items() if name not in results for j in s.job_ids]
+            _scancel(profile, pending)
+        raise
+    return results
+
+
+def _note(message: str) -> None:
+    """Driver progress: a log line (stderr), also when not at a terminal."""
+    log.info(message)
+    if not sys.stderr.isatty():
+        print(f"esm3.preprocess: {message}", file=sys.stderr, flush=True)

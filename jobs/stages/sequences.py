@@ -1,0 +1,312 @@
+"""The sequence pipeline: split -> ingest -> cluster -> expand; validation -> purge; stats.
+
+Array tasks (module-level, run in the job process):
+- split:      one task per input file with `split > 1`: `split_fasta` into plain shards
+- ingest:     one task per input shard: `ingest_fasta` -> Parquet; rejects to the lake
+- cluster:    one task per (dataset, level): mmseqs linclust with the paper's flags
+- expand:     one task per dataset: two-level expansion, cap 20 (single level: cap only)
+- validation: one task: the validation set of every purged dataset
+- purge:      one task per training shard: easy-search against validation, blacklist
+- sequence-stats: one task: final clusters (members still in training), Table S3/S4 rows
+
+Structure datasets are clustered by the same `cluster_task` / `expand_task`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from esm3.data.clusters import expand_cluster_files
+from esm3.data.fasta import ingest_fasta, split_fasta
+from esm3.data.mmseqs import CLUSTER_SCHEMA, cluster_shards
+from esm3.data.purge import purge_shard, write_validation
+from esm3.data.shards import atomic_path, sql_path, write_table
+from esm3.data.token_stats import cluster_table, dataset_stats_row, token_stats_row
+from jobs.stages.config import DatasetConfig, PreprocessConfig
+from jobs.stages.runner import (
+    Layout,
+    Stage,
+    job_cpus,
+    job_memory_limit,
+    record_rejects,
+    record_stats,
+    say,
+    stage_resources,
+)
+
+# --- tasks ---------------------------------------------------------------------------------
+
+
+def split_task(ws: str, run_id: str, src: str, out_dir: str, n: int) -> dict:
+    outs = split_fasta(src, out_dir, n)
+    say("split", f"{src} -> {n} shard(s) in {out_dir}")
+    return {"source": src, "shards": [str(o) for o in outs]}
+
+
+def ingest_task(
+    ws: str, run_id: str, src: str, out: str, dataset: str, header: str, lowercase: str
+) -> dict:
+    summary, rejects = ingest_fasta(
+        src, out, dataset=dataset, header_format=header, lowercase=lowercase
+    )
+    record_rejects(ws, run_id, f"ingest-{dataset}-{Path(out).stem}", rejects)
+    verb = "already done" if summary.get("skipped") else "ingested"
+    say("ingest", f"{src}: {verb}: {summary['written']} rows, {len(rejects)} rejected -> {out}")
+    return summary
+
+
+def cluster_task(ws: str, run_id: str, shards: list[str], out: str, level: float) -> dict:
+    """Cluster the sequences (id, sequence columns) of Parquet shards at `level`."""
+    work = Path(out).parent / "tmp"
+    n = sum(pq.read_metadata(s).num_rows for s in shards)
+    if n == 0 and not Path(out).exists():  # mmseqs refuses empty input
+        write_table(CLUSTER_SCHEMA.empty_table(), out)
+    threads, memory = job_cpus(), job_memory_limit()
+    summary, _ = cluster_shards(
+        shards, out, level, work, threads=threads, split_memory_limit=memory
+    )
+    say("cluster", f"{len(shards)} shard(s) at {level:g}: {summary['clusters']} clusters of "
+        f"{summary['sequences']} sequences ({threads} threads) -> {out}")  # fmt: skip
+    return summary
+
+
+def expand_task(
+    ws: str, run_id: str, low: str, high: str | None, out: str, cap: int, seed: int
+) -> dict:
+    summary, _ = expand_cluster_files(
+        low,
+        high,
+        out,
+        cap=cap,
+        seed=seed,
+        threads=job_cpus(),
+        memory_limit=job_memory_limit(),
+        temp_dir=Path(out).parent / "tmp",
+    )
+    say("expand", f"{out}: {summary.get('centers')} centers, {summary.get('members')} members, "
+        f"{summary.get('dropped_by_cap')} dropped by the cap of {cap}")  # fmt: skip
+    return summary
+
+
+def validation_task(ws: str, run_id: str, shards: list[str], out: str, n: int, seed: int) -> dict:
+    summary, _ = write_validation(shards, out, n, seed)
+    say("validation", f"{summary['by_dataset']} -> {out}")
+    return summary
+
+
+def purge_task(
+    ws: str,
+    run_id: str,
+    train: str,
+    validation: str,
+    out: str,
+    blacklist: str,
+    min_identity: float,
+) -> dict:
+    summary, rejects = purge_shard(
+        train,
+        validation,
+        out,
+        blacklist,
+        Path(out).parent / "tmp",
+        min_identity=min_identity,
+        threads=job_cpus(),
+        split_memory_limit=job_memory_limit(),
+    )
+    record_rejects(ws, run_id, f"purge-{Path(train).parent.parent.name}-{Path(out).stem}", rejects)
+    say("purge", f"{train}: kept {summary['kept']}, blacklisted {summary['blacklisted']}")
+    return summary
+
+
+def final_clusters(expanded: str | Path, shards: list[str], out: str | Path) -> Path:
+    """The expanded clusters restricted to members still in the training shards (purge
+    removed validation and blacklisted ids), in the expansion's order. Idempotent."""
+    out = Path(out)
+    if out.exists():
+        return out
+    con = duckdb.connect()
+    try:
+        con.sql("SET enable_progress_bar = false")
+        files = "[" + ", ".join(sql_path(s) for s in shards) + "]"
+        with atomic_path(out) as tmp:
+            con.sql(
+                f"""COPY (SELECT e.center, e.member
+                    FROM read_parquet({sql_path(expanded)}, file_row_number = true) e
+                    SEMI JOIN read_parquet({files}) s ON e.member = s.id
+                    ORDER BY e.file_row_number)
+                    TO {sql_path(tmp)} (FORMAT parquet, COMPRESSION zstd)"""
+            )
+    finally:
+        con.close()
+    return out
+
+
+def stats_rows(
+    dataset: str,
+    kind: str,
+    clusters: str | Path,
+    sequences: list[str] | pa.Table,
+    *,
+    clustering_level: float | None,
+    expansion_level: float | None,
+    release: str,
+    token_budget: int,
+) -> tuple[dict, dict]:
+    """(dataset_stats row, token_stats row) of one dataset from its final clusters and the
+    sequences' (id, length); zero rows when every member was removed."""
+    import numpy as np
+
+    if pq.read_metadata(clusters).num_rows:
+        ct = cluster_table(str(clusters), sequences)
+        n, tokens = ct["n"], ct["tokens"]
+    else:
+        n = tokens = np.zeros(0, dtype=np.int64)
+    s3 = dataset_stats_row(
+        dataset=dataset,
+        type=kind,
+        clustering_level=clustering_level,
+        expansion_level=expansion_level,
+        n=n,
+        tokens=tokens,
+        release=release,
+    )
+    if len(n):
+        s4 = token_stats_row(
+            dataset=dataset, type=kind, n=n, tokens=tokens, token_budget=token_budget
+        )
+    else:
+        s4 = dict(dataset=dataset, type=kind, token_budget=token_budget, repeats=0.0,
+                  unique_samples=0.0, unique_tokens=0.0)  # fmt: skip
+    return s3, s4
+
+
+def sequence_stats_task(ws: str, run_id: str, specs: list[dict]) -> dict:
+    """Per dataset: final clusters, then one `dataset_stats` and one `token_stats` row."""
+    s3_rows, s4_rows = [], []
+    for sp in specs:
+        final = final_clusters(sp["expanded"], sp["shards"], sp["final"])
+        s3, s4 = stats_rows(
+            sp["dataset"],
+            "sequence",
+            final,
+            sp["shards"],
+            clustering_level=sp["levels"][0],
+            expansion_level=sp["levels"][1] if len(sp["levels"]) > 1 else None,
+            release=sp["release"],
+            token_budget=sp["token_budget"],
+        )
+        s3_rows.append(s3)
+        s4_rows.append(s4)
+        say("sequence-stats", f"{sp['dataset']}: {s3['clustering_count']} centers, "
+            f"{s3['sequences']} sequences, {s3['tokens']} tokens; "
+            f"{s4['unique_samples']:.0f} unique samples at {s4['repeats']:.3g} repeats")  # fmt: skip
+    record_stats(ws, run_id, "sequence-stats", "dataset_stats", s3_rows)
+    record_stats(ws, run_id, "sequence-stats", "token_stats", s4_rows)
+    return {"dataset_stats": _plain(s3_rows), "token_stats": _plain(s4_rows)}
+
+
+def _plain(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("computed_at", "run_id")} for r in rows]
+
+
+# --- plan ----------------------------------------------------------------------------------
+
+
+def token_budgets(cfg: PreprocessConfig) -> dict[str, int]:
+    """Each dataset's share of the token budget, by its mixing weight."""
+    total = sum(d.weight for d in cfg.datasets) or 1.0
+    return {d.name: int(round(cfg.tokens.budget * d.weight / total)) for d in cfg.datasets}
+
+
+def ingest_units(d: DatasetConfig, files: list[Path], lay: Layout) -> tuple[list, list]:
+    """(split items, [(input shard, ingest output)]) for one dataset, deterministic names."""
+    splits, units = [], []
+    for fi, f in enumerate(files):
+        if d.split > 1:
+            out_dir = lay.seq(d.name) / "split" / f"{fi:05d}"
+            splits.append((str(f), str(out_dir), d.split))
+            stem = f.name.removesuffix(".gz").rsplit(".", 1)[0]
+            parts = [out_dir / f"{stem}.{k:05d}-of-{d.split:05d}.fasta" for k in range(d.split)]
+        else:
+            parts = [f]
+        units += parts
+    outs = [lay.seq(d.name) / "ingest" / f"{i:05d}.parquet" for i in range(len(units))]
+    return splits, list(zip(units, outs, strict=True))
+
+
+def plan_sequences(
+    ws: Path, run_id: str, cfg: PreprocessConfig, files: dict[str, list[Path]], lay: Layout
+) -> list[Stage]:
+    """The sequence pipeline's stages for the datasets in `files`."""
+    w = str(ws)
+    datasets = [d for d in cfg.of_type("sequence") if d.name in files]
+    split_items, ingest_items, cluster_items, expand_items, purge_items = [], [], [], [], []
+    shards: dict[str, list[str]] = {}
+    for d in datasets:
+        splits, units = ingest_units(d, files[d.name], lay)
+        split_items += [(w, run_id, *s) for s in splits]
+        ingest_items += [(w, run_id, str(u), str(o), d.name, d.header, d.lowercase)
+                         for u, o in units]  # fmt: skip
+        shards[d.name] = [str(o) for _, o in units]
+        cluster_items += [(w, run_id, shards[d.name], str(lay.level_file(d.name, lv)), lv)
+                          for lv in d.levels]  # fmt: skip
+        high = str(lay.level_file(d.name, d.levels[1])) if len(d.levels) > 1 else None
+        expand_items.append((w, run_id, str(lay.level_file(d.name, d.levels[0])), high,
+                             str(lay.expanded_file(d.name)), d.cap, cfg.seed))  # fmt: skip
+    purged = [d for d in datasets if d.purge]
+    final: dict[str, list[str]] = dict(shards)
+    for d in purged:
+        final[d.name] = []
+        for s in shards[d.name]:
+            out = lay.seq(d.name) / "purged" / Path(s).name
+            black = lay.seq(d.name) / "blacklist" / Path(s).name
+            purge_items.append((w, run_id, s, str(lay.validation), str(out), str(black),
+                                cfg.purge.min_identity))  # fmt: skip
+            final[d.name].append(str(out))
+    validation_items = []
+    if purged:
+        all_train = [s for d in purged for s in shards[d.name]]
+        validation_items.append((w, run_id, all_train, str(lay.validation),
+                                 cfg.purge.validation_size, cfg.seed))  # fmt: skip
+    budgets = token_budgets(cfg)
+    specs = [
+        dict(dataset=d.name, expanded=str(lay.expanded_file(d.name)), shards=final[d.name],
+             final=str(lay.final_clusters(d.name)), levels=list(d.levels), release=d.release,
+             token_budget=budgets[d.name])
+        for d in datasets
+    ]  # fmt: skip
+    stats_items = [(w, run_id, specs)] if specs else []
+
+    def st(name, fn, items, after):
+        return Stage(name, fn, items, after, stage_resources(cfg, name))
+
+    return [
+        st("split", split_task, split_items, []),
+        st("ingest", ingest_task, ingest_items, ["split"]),
+        st("cluster", cluster_task, cluster_items, ["ingest"]),
+        st("expand", expand_task, expand_items, ["cluster"]),
+        st("validation", validation_task, validation_items, ["ingest"]),
+        st("purge", purge_task, purge_items, ["validation"]),
+        st("sequence-stats", sequence_stats_task, stats_items, ["expand", "purge"]),
+    ]
+
+
+def sequence_outputs(cfg: PreprocessConfig, files: dict[str, list[Path]], lay: Layout) -> dict:
+    """What the training loader reads per sequence dataset (the manifest's entries)."""
+    out = {}
+    for d in cfg.of_type("sequence"):
+        if d.name not in files:
+            continue
+        _, units = ingest_units(d, files[d.name], lay)
+        sub = "purged" if d.purge else "ingest"
+        out[d.name] = {
+            "type": "sequence",
+            "shards": [str(lay.seq(d.name) / sub / o.name) for _, o in units],
+            "clusters": str(lay.final_clusters(d.name)),
+            "weight": d.weight,
+        }
+    return out

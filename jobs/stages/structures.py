@@ -1,0 +1,367 @@
+"""The structure pipeline: interpro -> (derive) -> structures -> cluster -> expand -> stats,
+and structures -> codebook -> tokenize.
+
+Array tasks (module-level, run in the job process):
+- interpro:        one task per protein2ipr / InterProScan file -> Parquet; rejects
+- interpro-vocab:  one task: the vocabulary of InterPro terms
+- derive:          demo only, one task per dataset marked `proxy_from_experimental`
+- structures:      one task per `shard_size` files: parse, filter, SASA, SS8, annotations
+- structure-cluster / structure-expand: the sequence pipeline's mmseqs and expansion tasks
+  on the chains' sequences
+- codebook:        one task: fit the structure codebook on every structure shard
+- tokenize:        one task per structure shard: structure tokens per residue
+- structure-stats: one task: Table S3 rows (PDB, PDB clustered, AFDB, ESMAtlas) and S4
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from esm3.data.interpro import ingest_interproscan, ingest_protein2ipr, interpro_vocabulary
+from esm3.data.shards import write_table
+from esm3.data.structures.io import StructureReadError, read_structure
+from esm3.data.structures.stages import (
+    StructureStageConfig,
+    fit_structure_codebook,
+    process_structure_shard,
+    structure_dataset_stats,
+    tokenize_structure_shard,
+)
+from esm3.data.token_stats import cluster_table, token_stats_row
+from jobs.errors import UserError
+from jobs.stages.config import DatasetConfig, Inputs, PreprocessConfig
+from jobs.stages.runner import Layout, Stage, record_rejects, record_stats, say, stage_resources
+from jobs.stages.sequences import cluster_task, expand_task, token_budgets
+
+# --- tasks ---------------------------------------------------------------------------------
+
+
+def interpro_task(ws: str, run_id: str, src: str, out: str, kind: str) -> dict:
+    ingest = ingest_protein2ipr if kind == "protein2ipr" else ingest_interproscan
+    summary, rejects = ingest(src, out)
+    record_rejects(ws, run_id, f"interpro-{Path(out).stem}", rejects)
+    say("interpro", f"{src}: {summary.get('rows')} rows, {summary.get('malformed')} malformed")
+    return summary
+
+
+def vocabulary_task(ws: str, run_id: str, paths: list[str], out: str) -> dict:
+    if not Path(out).exists():
+        write_table(interpro_vocabulary(paths), out)
+    terms = pq.read_metadata(out).num_rows
+    say("interpro-vocab", f"{terms} InterPro terms -> {out}")
+    return {"terms": terms}
+
+
+def _proxy_plddt(bfactor: np.ndarray) -> np.ndarray:
+    """A confidence proxy on 0-100 from B-factors (NOT a prediction): the least mobile
+    residue of the chain gets 95, the most mobile 45, linearly in between."""
+    b = np.asarray(bfactor, dtype=np.float64)
+    lo, hi = np.nanmin(b, initial=np.inf), np.nanmax(b, initial=-np.inf)
+    rel = np.zeros_like(b) if not hi > lo else (b - lo) / (hi - lo)
+    return np.where(np.isnan(rel), 45.0, 95.0 - 50.0 * rel)
+
+
+def derive_task(
+    ws: str, run_id: str, files: list[str], out_dir: str, metadata_out: str | None
+) -> dict:
+    """Demo inputs for AFDB/ESMAtlas from experimental structures, said plainly: the protein
+    chains of model 1 written as PDB with a B-factor-derived confidence proxy in the B-factor
+    column (as AFDB and ESMFold store pLDDT); for ESMAtlas also a metadata table whose
+    plddt and ptm are the proxy's mean. Files that cannot be read are copied as they are,
+    so the structures stage rejects them with its own reason."""
+    import shutil
+
+    import biotite.structure as bs
+    import biotite.structure.io.pdb as pdb
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta_rows = []
+    for f in files:
+        dst = out / derived_name(Path(f))
+        try:
+            entry = read_structure(f)
+        except StructureReadError:
+            if not dst.exists():
+                shutil.copyfile(f, dst.with_name(f".{dst.name}.tmp"))
+                dst.with_name(f".{dst.name}.tmp").replace(dst)
+            continue
+        chains = []
+        for ch in entry.chains:
+            atoms = ch.atoms.copy()
+            res = bs.get_residue_positions(atoms, np.arange(atoms.array_length()))
+            atoms.b_factor = _proxy_plddt(ch.bfactor)[res].astype(np.float32)
+            chains.append(atoms)
+        mean = float(np.mean(np.concatenate([c.b_factor for c in chains]))) / 100.0
+        meta_rows.append({"id": dst.name.removesuffix(".pdb"), "plddt": mean, "ptm": mean})
+        if not dst.exists():
+            pf = pdb.PDBFile()
+            pf.set_structure(bs.concatenate(chains) if len(chains) > 1 else chains[0])
+            tmp = dst.with_name(f".{dst.name}.tmp")
+            pf.write(str(tmp))
+            tmp.replace(dst)
+    if metadata_out and not Path(metadata_out).exists():
+        tmp = Path(metadata_out).with_name(f".{Path(metadata_out).name}.tmp")
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, ["id", "plddt", "ptm"])
+            w.writeheader()
+            w.writerows(meta_rows)
+        tmp.replace(metadata_out)
+    say("derive", f"{len(files)} file(s) -> {out_dir} (B-factor confidence proxy, not pLDDT)")
+    return {"files": len(files), "entries": len(meta_rows)}
+
+
+def derived_name(src: Path) -> str:
+    name = src.name
+    for ext in (".gz", ".bz2", ".cif", ".mmcif", ".bcif", ".pdb", ".ent"):
+        name = name.removesuffix(ext)
+    return f"{name}.pdb"
+
+
+def structure_task(
+    ws: str,
+    run_id: str,
+    files: list[str],
+    out: str,
+    config: StructureStageConfig,
+    metadata: str | None,
+    annotations: list[str] | None,
+) -> dict:
+    res = process_structure_shard(
+        files, out, config, esmatlas_metadata=metadata, annotations=annotations or None
+    )
+    record_rejects(ws, run_id, f"structures-{config.dataset}-{Path(out).parent.parent.name}-"
+                   f"{Path(out).stem}", res.rejects)  # fmt: skip
+    s = res.summary
+    say("structures", f"{out}: {s.get('files')} files, {s.get('chains_kept')} chains kept, "
+        f"{len(res.rejects)} rejected{' (already done)' if s.get('skipped') else ''}")  # fmt: skip
+    return {**s, "rejected": len(res.rejects)}
+
+
+def codebook_task(
+    ws: str, run_id: str, shards: list[str], out: str, size: int, max_residues: int,
+    iterations: int, seed: int,
+) -> dict:  # fmt: skip
+    summary = fit_structure_codebook(shards, out, size, max_residues, iterations, seed)
+    say("codebook", f"{summary} -> {out}")
+    return summary
+
+
+def tokenize_task(ws: str, run_id: str, src: str, out: str, codebook: str) -> dict:
+    res = tokenize_structure_shard(src, out, codebook)
+    say("tokenize", f"{src} -> {out}: {res.summary}")
+    return res.summary
+
+
+def _representatives(path: str) -> dict[str, str]:
+    t = pq.read_table(path, columns=["representative", "member"])
+    return dict(zip(t["member"].to_pylist(), t["representative"].to_pylist(), strict=True))
+
+
+def _lengths(shards: list[str]) -> pa.Table:
+    t = pa.concat_tables([pq.read_table(s, columns=["id", "sequence"]) for s in shards])
+    return pa.table({"id": t["id"], "length": pc.utf8_length(t["sequence"])})
+
+
+def structure_stats_task(ws: str, run_id: str, specs: list[dict]) -> dict:
+    """Table S3 rows per structure dataset (and `<name>` unclustered + `<name>_clustered`
+    when asked, as the paper lists PDB), and a Table S4 row from the expanded clusters."""
+    s3_rows, s4_rows = [], []
+    for sp in specs:
+        name, levels, shards = sp["dataset"], sp["levels"], sp["shards"]
+        if sp["also_unclustered"]:
+            s3_rows.append(structure_dataset_stats(shards, name, sp["release"]))
+        low = _representatives(sp["level_files"][0])
+        high = _representatives(sp["level_files"][1]) if len(levels) > 1 else None
+        s3_rows.append(
+            structure_dataset_stats(
+                shards,
+                f"{name}_clustered" if sp["also_unclustered"] else name,
+                sp["release"],
+                clusters=low,
+                clustering_level=levels[0],
+                expansion=high,
+                expansion_level=levels[1] if len(levels) > 1 else None,
+            )
+        )
+        if pq.read_metadata(sp["expanded"]).num_rows:
+            ct = cluster_table(sp["expanded"], _lengths(shards))
+            s4 = token_stats_row(dataset=name, type="structure", n=ct["n"], tokens=ct["tokens"],
+                                 token_budget=sp["token_budget"])  # fmt: skip
+        else:
+            s4 = dict(dataset=name, type="structure", token_budget=sp["token_budget"],
+                      repeats=0.0, unique_samples=0.0, unique_tokens=0.0)  # fmt: skip
+        s4_rows.append(s4)
+        say("structure-stats", f"{name}: {s3_rows[-1]['sequences']} chains, "
+            f"{s3_rows[-1]['clustering_count']} clusters at {levels[0]:g}")  # fmt: skip
+    for r in s3_rows:
+        r.pop("run_id", None)
+    record_stats(ws, run_id, "structure-stats", "dataset_stats", s3_rows)
+    record_stats(ws, run_id, "structure-stats", "token_stats", s4_rows)
+    plain = [{k: v for k, v in r.items() if k not in ("computed_at", "run_id")} for r in s3_rows]
+    return {"dataset_stats": plain, "token_stats": [
+        {k: v for k, v in r.items() if k not in ("computed_at", "run_id")} for r in s4_rows]}  # fmt: skip
+
+
+# --- plan ----------------------------------------------------------------------------------
+
+
+def stage_config(cfg: PreprocessConfig, d: DatasetConfig) -> StructureStageConfig:
+    o = cfg.structures
+    return StructureStageConfig(
+        dataset=d.format,
+        pdb=replace(o.pdb, methods=tuple(o.pdb.methods)),
+        afdb=o.afdb,
+        esmatlas=o.esmatlas,
+        sasa=d.format in o.sasa,
+        ss8=d.format in o.ss8,
+        plddt_scale=d.plddt_scale,
+        min_residues=o.min_residues,
+        sasa_points=o.sasa_points,
+    )
+
+
+def _chunks(files: list, size: int) -> list[list]:
+    return [files[i : i + size] for i in range(0, len(files), size)]
+
+
+def structure_shards(d: DatasetConfig, files: list[Path], lay: Layout) -> list[tuple[list, Path]]:
+    """[(input files, shard path)] of one structure dataset (after `derive` if any)."""
+    if d.proxy_from_experimental:
+        files = [lay.struct(d.name) / "derived" / derived_name(f) for f in files]
+    return [
+        ([str(f) for f in chunk], lay.struct(d.name) / "shards" / f"{i:05d}.parquet")
+        for i, chunk in enumerate(_chunks(files, d.shard_size))
+    ]
+
+
+def plan_interpro(ws: Path, run_id: str, cfg: PreprocessConfig, inputs: Inputs, lay: Layout):
+    """(stages, ingested Parquet paths) of the InterPro ingest."""
+    w = str(ws)
+    items = [(w, run_id, str(f), str(lay.interpro / f"protein2ipr-{i:05d}.parquet"), "protein2ipr")
+             for i, f in enumerate(inputs.protein2ipr)]  # fmt: skip
+    items += [(w, run_id, str(f), str(lay.interpro / f"interproscan-{i:05d}.parquet"),
+               "interproscan") for i, f in enumerate(inputs.interproscan)]  # fmt: skip
+    paths = [it[3] for it in items]
+    vocab = [(w, run_id, paths, str(lay.interpro / "vocabulary.parquet"))] if paths else []
+    stages = [
+        Stage("interpro", interpro_task, items, [], stage_resources(cfg, "interpro")),
+        Stage("interpro-vocab", vocabulary_task, vocab, ["interpro"], None),
+    ]
+    return stages, paths
+
+
+def plan_structures(
+    ws: Path,
+    run_id: str,
+    cfg: PreprocessConfig,
+    inputs: Inputs,
+    lay: Layout,
+    *,
+    process: bool = True,
+    tokens: bool = False,
+) -> list[Stage]:
+    """Stages for the structure datasets: `process` (parse ... stats), `tokens` (codebook,
+    tokenize). Tokens alone need the structure shards of an earlier run."""
+    w = str(ws)
+    datasets = [d for d in cfg.of_type("structure") if d.name in inputs.datasets]
+    stages: list[Stage] = []
+    ann_paths: list[str] = []
+    if process:
+        stages, ann_paths = plan_interpro(ws, run_id, cfg, inputs, lay)
+    derive, struct, clus, expand, specs, all_shards, tok = [], [], [], [], [], [], []
+    budgets = token_budgets(cfg)
+    for d in datasets:
+        files = inputs.datasets[d.name]
+        metadata = str(inputs.metadata[d.name]) if inputs.metadata.get(d.name) else None
+        if d.proxy_from_experimental:
+            meta_out = lay.struct(d.name) / "derived-metadata.csv"
+            if d.format == "esmatlas":
+                metadata = str(meta_out)
+            derive.append((w, run_id, [str(f) for f in files], str(lay.struct(d.name) / "derived"),
+                           metadata if d.format == "esmatlas" else None))  # fmt: skip
+        shards = structure_shards(d, files, lay)
+        scfg = stage_config(cfg, d)
+        struct += [(w, run_id, fs, str(out), scfg, metadata, ann_paths or None)
+                   for fs, out in shards]  # fmt: skip
+        paths = [str(out) for _, out in shards]
+        all_shards += paths
+        tok += [(w, run_id, p, str(lay.struct(d.name) / "tokens" / Path(p).name),
+                 str(lay.codebook)) for p in paths]  # fmt: skip
+        levels = [str(lay.level_file(d.name, lv)) for lv in d.levels]
+        clus += [(w, run_id, paths, lf, lv) for lf, lv in zip(levels, d.levels, strict=True)]
+        expand.append((w, run_id, levels[0], levels[1] if len(levels) > 1 else None,
+                       str(lay.expanded_file(d.name)), d.cap, cfg.seed))  # fmt: skip
+        specs.append(dict(dataset=d.name, shards=paths, levels=list(d.levels), level_files=levels,
+                          expanded=str(lay.expanded_file(d.name)), release=d.release,
+                          also_unclustered=d.also_unclustered,
+                          token_budget=budgets[d.name]))  # fmt: skip
+    if tokens and not process:
+        missing = [p for p in all_shards if not Path(p).exists()]
+        if missing:
+            raise UserError(f"structure tokens need the structure shards first; {len(missing)} "
+                            f"missing, e.g. {missing[0]} (run `esm3 preprocess structures`)")  # fmt: skip
+
+    def st(name, fn, items, after):
+        return Stage(name, fn, items, after, stage_resources(cfg, name))
+
+    if process:
+        stages += [
+            st("derive", derive_task, derive, []),
+            st("structures", structure_task, struct, ["derive", "interpro"]),
+            st("structure-cluster", cluster_task, clus, ["structures"]),
+            st("structure-expand", expand_task, expand, ["structure-cluster"]),
+            st(
+                "structure-stats",
+                structure_stats_task,
+                [(w, run_id, specs)] if specs else [],
+                ["structure-expand"],
+            ),  # fmt: skip
+        ]
+    if tokens and all_shards:
+        c = cfg.codebook
+        stages += [
+            st(
+                "codebook",
+                codebook_task,
+                [
+                    (
+                        w,
+                        run_id,
+                        all_shards,
+                        str(lay.codebook),
+                        c.size,
+                        c.max_residues,
+                        c.iterations,
+                        cfg.seed,
+                    )
+                ],
+                ["structures"],
+            ),  # fmt: skip
+            st("tokenize", tokenize_task, tok, ["codebook"]),
+        ]
+    return stages
+
+
+def structure_outputs(cfg: PreprocessConfig, inputs: Inputs, lay: Layout, tokens: bool) -> dict:
+    out = {}
+    for d in cfg.of_type("structure"):
+        if d.name not in inputs.datasets:
+            continue
+        shards = [p for _, p in structure_shards(d, inputs.datasets[d.name], lay)]
+        sub = "tokens" if tokens else "shards"
+        out[d.name] = {
+            "type": "structure",
+            "format": d.format,
+            "shards": [str(lay.struct(d.name) / sub / p.name) for p in shards],
+            "clusters": str(lay.expanded_file(d.name)),
+            "weight": d.weight,
+        }
+    return out

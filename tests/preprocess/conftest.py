@@ -1,0 +1,110 @@
+"""Inputs and configs for the preprocessing orchestration tests: subsets of the real
+UniProt sequences (mmseqs2-examples) and real structures (MDAnalysisTests)."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+
+from tests.realdata import mda_file, uniprot_fasta
+
+N_SEQUENCES = 2000  # first records of mmseqs2-examples
+# records planted into the subset so that ingest has something to refuse
+PLANTED = (
+    ">sp|ZZBAD1|BAD_JLETTER planted: J is not an amino-acid letter\nMKTAYIAKQRJQISFVKSHFSRQ\n"
+    ">sp|ZZBAD2|BAD_EMPTY planted: a header with no sequence\n"
+)
+
+
+def _records(n: int, skip: int = 0) -> list[str]:
+    """Records skip .. skip+n of the real UniProt file, each as its FASTA text."""
+    out: list[str] = []
+    with gzip.open(uniprot_fasta(), "rt") as f:
+        for line in f:
+            if line.startswith(">"):
+                if len(out) >= n + skip:
+                    break
+                out.append(line)
+            else:
+                out[-1] += line
+    return out[skip : skip + n]
+
+
+@pytest.fixture(scope="session")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 2,000-sequence UniRef-like file with planted bad records and one duplicate id,
+    a 300-sequence JGI-like file, and a handful of real structure files plus an empty one."""
+    d = tmp_path_factory.mktemp("inputs")
+    recs = _records(N_SEQUENCES)
+    uniref = d / "uniref.fasta"
+    uniref.write_text("".join(recs[:1000]) + PLANTED + "".join(recs[1000:]) + recs[5])
+    jgi = d / "jgi.fasta"
+    jgi.write_text("".join(_records(300, skip=N_SEQUENCES)))
+    empty = d / "EMPTY.cif"
+    empty.write_text("")
+    return {
+        "uniref": uniref,
+        "jgi": jgi,
+        "empty": empty,
+        "5pti": mda_file("5PTI.cif.gz"),
+        "1yjp": mda_file("1YJP.cif.gz"),
+        "7etn": mda_file("7ETN.cif.gz"),
+        "4e43": mda_file("4E43.pdb"),
+    }
+
+
+def write_config(path: Path, inputs: dict[str, Path], *, name: str = "t") -> Path:
+    """The test config: two sequence datasets (two levels with expansion; one level only),
+    a PDB dataset and an AFDB-style one derived from experimental structures."""
+    i = {k: str(v) for k, v in inputs.items()}
+    path.write_text(f"""
+name = "{name}"
+seed = 3
+[purge]
+validation_size = 100
+[tokens]
+budget = 5_000_000
+[codebook]
+size = 8
+iterations = 10
+[[datasets]]
+name = "uniref"
+type = "sequence"
+paths = ["{i["uniref"]}"]
+levels = [0.7, 0.9]
+split = 2
+release = "test"
+weight = 2.0
+[[datasets]]
+name = "jgi"
+type = "sequence"
+paths = ["{i["jgi"]}"]
+levels = [0.7]
+release = "test"
+[[datasets]]
+name = "pdb"
+type = "structure"
+format = "pdb"
+paths = ["{i["5pti"]}", "{i["1yjp"]}", "{i["7etn"]}", "{i["empty"]}"]
+levels = [0.7, 1.0]
+also_unclustered = true
+shard_size = 2
+release = "test"
+[[datasets]]
+name = "afdb"
+type = "structure"
+format = "afdb"
+paths = ["{i["5pti"]}", "{i["4e43"]}", "{i["1yjp"]}"]
+proxy_from_experimental = true
+shard_size = 2
+release = "test"
+[structures]
+sasa_points = 100
+[resources.cluster]
+cpus_per_task = 2
+[resources.purge]
+cpus_per_task = 2
+""")
+    return path
