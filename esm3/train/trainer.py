@@ -309,6 +309,12 @@ def train(
             masks = {k: v.to(device, non_blocking=True) for k, v in batch.loss_masks.items()}
             out = model(**inputs)
             loss, per_track, counts = track_losses(out.logits, targets, masks, loss_cfg)
+            # every head must get a gradient on every rank (zero where its track is not in
+            # this rank's loss): FSDP2 reduce-scatters only parameters with gradients, and
+            # ranks disagreeing on that set would mismatch their collectives
+            unused = [lg for t, lg in out.logits.items() if t not in per_track]
+            if unused:
+                loss = loss + 0.0 * sum(lg.float().sum() for lg in unused)
             if batch.fault == "nan":
                 loss = loss * float("nan")
             elif batch.fault == "spike":

@@ -1,0 +1,114 @@
+"""The training job on the real local SLURM cluster (CPU, gloo): a 2-node x 1-task FSDP run
+on real shards, then the same run preempted with USR2, requeued and resumed."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from esm3.metrics.catalog import query
+from jobs.clusters import load_profile
+from jobs.train import load_config, run_training, submit
+from tests.train.conftest import write_config
+
+STAGES = """
+[[stages]]
+name = "seq"
+steps = 6
+context_length = 64
+tracks = ["sequence"]
+[[stages]]
+name = "all"
+steps = 10
+context_length = 128
+"""
+OVER = ["checkpoint.every=4", "data.workers=1", "parallel.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def reference(slurm_cluster, train_data, tmp_path_factory):
+    from jobs.workspace import prepare
+
+    ws = prepare(tmp_path_factory.mktemp("ws-ref"))
+    cfg = load_config(write_config(ws / "c.toml", train_data, stages=STAGES), OVER)
+    run_id, results = run_training(
+        ws, load_profile("slurm-local"), cfg, nodes=2, tasks_per_node=1, timeout_s=400
+    )
+    return ws, run_id, results[0], cfg
+
+
+@pytest.mark.slurm
+def test_two_node_fsdp_run_on_real_data(reference):
+    ws, run_id, per_rank, cfg = reference
+    assert [r["rank"] for r in per_rank] == [0, 1] and {r["node"] for r in per_rank} == {
+        "node1",
+        "node2",
+    }
+    steps = query(ws, f"SELECT * FROM train_steps WHERE run_id = '{run_id}' ORDER BY step")
+    assert steps.step.tolist() == list(range(1, 17))
+    first, last = steps.loss.iloc[:3].mean(), steps[steps.stage == "seq"].loss.iloc[-3:].mean()
+    assert last < first, (first, last)  # loss falls within the sequence-only stage
+    assert steps.loss.tolist() == [per_rank[0]["losses"][s] for s in range(1, 17)]
+    assert (steps.tokens > 0).all() and (steps.data_wait_s >= 0).all()
+    runs = query(ws, f"SELECT * FROM runs WHERE run_id = '{run_id}'")
+    r = runs.iloc[0]
+    assert (r.status, r.world_size, r.nodes, r.kind) == ("COMPLETED", 2, 2, "train")
+    assert r.param_count == per_rank[0]["param_count"] and r.git_rev
+    jobs = query(ws, f"SELECT rank, node, state FROM jobs WHERE run_id = '{run_id}' ORDER BY rank")
+    assert jobs.to_dict("records") == [
+        {"rank": 0, "node": "node1", "state": "COMPLETED"},
+        {"rank": 1, "node": "node2", "state": "COMPLETED"},
+    ]
+    ev = query(ws, f"SELECT kind, step FROM events WHERE run_id = '{run_id}' ORDER BY time")
+    assert {"start", "stage", "checkpoint"} <= set(ev.kind)
+    assert ev[ev.kind == "stage"].step.tolist() == [0, 6]
+
+
+@pytest.mark.slurm
+def test_preempted_run_requeues_resumes_and_matches(reference, slurm_cluster, tmp_path):
+    from jobs.workspace import prepare
+
+    _, _, ref_ranks, cfg = reference
+    ws = prepare(tmp_path / "ws")
+    run_id, sub = submit(ws, load_profile("slurm-local"), cfg, nodes=2, tasks_per_node=1)
+    job = sub.job_ids[0]
+    env = slurm_cluster.env()
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait for the first periodic checkpoint (step 4)
+        ev = query(ws, f"SELECT step FROM events WHERE run_id = '{run_id}' AND kind = 'checkpoint'")
+        if len(ev):
+            break
+        time.sleep(1)
+    else:
+        pytest.fail("no checkpoint event within 300 s")
+    # the scheduler's preemption / time-limit signal, to every rank
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, env=env)
+    # SLURM holds a requeued job ~2 minutes (credential expiry); let it start at once
+    while time.time() < deadline:
+        st = subprocess.run(
+            ["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True, text=True, env=env
+        ).stdout
+        if "BeginTime" in st:
+            subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env)
+            break
+        time.sleep(1)
+    (per_rank,) = sub.wait(timeout_s=400)
+    assert per_rank[0]["resumed_from"] is not None and per_rank[0]["resumed_from"] >= 4
+    jobs = query(
+        ws,
+        f"SELECT rank, attempt, state FROM jobs WHERE run_id = '{run_id}' ORDER BY attempt, rank",
+    )
+    recs = [tuple(x) for x in jobs[jobs.state != "SUBMITTED"].itertuples(index=False)]
+    assert recs == [
+        (0, 0, "REQUEUED"),
+        (1, 0, "REQUEUED"),
+        (0, 1, "COMPLETED"),
+        (1, 1, "COMPLETED"),
+    ]
+    kinds = set(query(ws, f"SELECT kind FROM events WHERE run_id = '{run_id}'").kind)
+    assert {"preempt", "resume", "requeue"} <= kinds
+    steps = query(ws, f"SELECT step, loss FROM train_steps WHERE run_id = '{run_id}' ORDER BY step")
+    assert steps.step.tolist() == list(range(1, 17))
+    assert steps.loss.tolist() == [ref_ranks[0]["losses"][s] for s in range(1, 17)]
