@@ -136,3 +136,57 @@ def test_checkpoint_from_another_model_is_refused(tmp_path, train_data, workspac
     other.checkpoint.init_from = ""
     with pytest.raises(ckpt.CheckpointMismatch, match="d_model"):
         _run(other, train_data, tmp_path / "ck")
+
+
+def test_inverse_folding_trains_and_generates_for_the_loader(tmp_path, train_data, workspace):
+    """The tiny inverse folding variant trains (loss on sequence only), an array job on the
+    local executor writes 3 sequences per structure, and the ESM3 loader reads them."""
+    from esm3.train.data import load_dataset
+    from jobs.clusters import load_profile
+    from jobs.train import submit_generation
+
+    extra = """
+[checkpoint]
+every = 2
+"""
+    stages = """
+[[stages]]
+name = "if"
+steps = 2
+context_length = 128
+tracks = ["sequence", "coords"]
+"""
+    over = [
+        "model.preset=inverse_folding_200m",
+        "model.d_model=64",
+        "model.n_layers=2",
+        "data.task=inverse_folding",
+        f"data.datasets=[{{name='pdb', type='structure', shards=['{train_data}/real/structures/*.parquet']}}]",
+    ]
+    cfg = load_config(write_config(tmp_path / "c.toml", train_data, extra, stages=stages), over)
+    res, rows, _ = _run(cfg, train_data, tmp_path / "ck")
+    assert res.status == "completed"
+    assert all(r["loss_structure"] is None and r["loss_sequence"] > 0 for r in rows)
+    ((_, path),) = ckpt.list_checkpoints(tmp_path / "ck")
+    data_cfg = load_config(tmp_path / "c.toml", over)
+    data_cfg.data.datasets[0].shards = [
+        str(next((train_data / "real" / "structures").glob("*.parquet")))
+    ]
+    run_id, sub = submit_generation(
+        workspace, load_profile("local"), data_cfg, str(path), per_structure={"pdb": 3}
+    )
+    (summary,) = sub.wait(timeout_s=300, progress=False)
+    assert summary["sequences"] == 3 * 17
+    import pyarrow.parquet as pq
+
+    gen = pq.read_table(summary["out"]).to_pylist()
+    orig = {
+        r["id"]: r["sequence"]
+        for r in pq.read_table(data_cfg.data.datasets[0].shards[0]).to_pylist()
+    }
+    assert all(len(g["sequence"]) == len(orig[g["id"]]) for g in gen)
+    assert all(set(g["sequence"]) <= set("ACDEFGHIKLMNPQRSTVWY") for g in gen)
+    spec = data_cfg.data.datasets[0]
+    spec.inverse_folded = [summary["out"]]
+    ds = load_dataset(spec, "/")
+    assert sum(len(v) for v in ds.generated.values()) == 3 * 17
