@@ -105,7 +105,9 @@ def container_python(c: Container, workspace: Path, folder: Path) -> str | None:
         cmd += ["--bind", ",".join(binds), *c.extra_args, c.image, c.python]
     else:
         # podman stands in where apptainer is absent: same binds, host network and env
-        cmd = ["podman", "run", "--rm", "--network", "host", "--env-host"]
+        # run as the submitting user so the job can write the (shared) workspace
+        cmd = ["podman", "run", "--rm", "--network", "host", "--env-host", "--no-healthcheck"]
+        cmd += ["--user", f"{os.getuid()}:{os.getgid()}"]
         for b in binds:
             cmd += ["-v", b if ":" in b else f"{b}:{b}"]
         cmd += [*c.extra_args, c.image, c.python]

@@ -1,3 +1,4 @@
+import os
 import re
 from pathlib import Path
 
@@ -58,7 +59,9 @@ def test_container_wraps_the_jobs_python(tmp_path):
 def test_podman_stand_in(tmp_path):
     prof = load_profile("local", ["container.image=esm3-suite:cpu", "container.runtime=podman"])
     cmd = container_python(prof.container, Path("/ws"), Path("/sub"))
+    uid = f"{os.getuid()}:{os.getgid()}"
     assert cmd == (
-        "podman run --rm --network host --env-host -v /ws:/ws -v /sub:/sub esm3-suite:cpu python"
+        "podman run --rm --network host --env-host --no-healthcheck "
+        f"--user {uid} -v /ws:/ws -v /sub:/sub esm3-suite:cpu python"
     )
     assert container_python(load_profile("local").container, Path("/ws"), Path("/s")) is None
