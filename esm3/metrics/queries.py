@@ -52,6 +52,7 @@ __all__ = [
     "runs_overview",
     "series",
     "stage_boundaries",
+    "steps_by_run",
     "step_events",
     "token_table",
     "tokens_seen",
@@ -171,6 +172,12 @@ def _check_file(path: Path, *, full: bool) -> str | None:
     return verdict
 
 
+# one database per workspace with the views bound, shared by the readers of a process
+# (each reads through its own cursor); readers that skip a bad file build a private one
+_shared: dict[str, duckdb.DuckDBPyConnection] = {}
+_shared_lock = threading.Lock()
+
+
 @dataclass
 class _Glob:
     table: str
@@ -261,6 +268,7 @@ class LakeReader:
         if not self.root.is_dir():
             raise FileNotFoundError(f"no lake at {self.root}")
         con = duckdb.connect(":memory:")
+        con.execute("SET parquet_metadata_cache=true")  # lake files never change in place
         for stmt in view_sql(self.workspace):
             g = self._glob(stmt)
             while True:
@@ -281,9 +289,18 @@ class LakeReader:
         return con
 
     def connection(self) -> duckdb.DuckDBPyConnection:
+        """A cursor on the workspace's shared database (views bound once per process,
+        Parquet footers cached), or a private database while some file is unreadable."""
         with self._lock:
             if self._con is None:
-                self._con = self._connect()
+                key = str(self.workspace)
+                with _shared_lock:
+                    base = _shared.get(key) if not self._listed else None
+                    if base is None:
+                        base = self._connect()
+                        if not self._listed:
+                            _shared[key] = base
+                self._con = base.cursor() if _shared.get(key) is base else base
             return self._con
 
     def close(self) -> None:
@@ -298,20 +315,40 @@ class LakeReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def files(self, table: str) -> list[Path]:
+        """The table's readable files (those found unreadable are left out)."""
+        return [p for p in _table_files(self.root, table) if str(p) not in self._bad_abs]
+
     # -- queries ----------------------------------------------------------------------------
 
-    def sql(self, sql: str, params: Sequence | dict | None = None) -> pd.DataFrame:
-        """Run trusted SQL (the module's own queries) and return a DataFrame.
+    def sql(
+        self,
+        sql: str,
+        params: Sequence | dict | None = None,
+        frames: dict[str, pd.DataFrame] | None = None,
+    ) -> pd.DataFrame:
+        """Run trusted SQL (the module's own queries) and return a DataFrame; `frames` are
+        registered as views for the query.
 
         A file that turns out unreadable while the query runs is skipped and the query
         re-run without it.
         """
+        vanished = 0
         while True:
             cur = self.connection().cursor()
             try:
+                for name, frame in (frames or {}).items():
+                    cur.register(name, frame)
                 return cur.sql(sql, params=params).df()
             except duckdb.Error as e:
-                if isinstance(e, _NOT_FILE_ERRORS) or not self._locate_bad(TABLES, e):
+                if isinstance(e, _NOT_FILE_ERRORS):
+                    raise
+                # a file removed between listing and reading (compaction): list again
+                gone = [m for m in _PARQUET_PATH.findall(str(e)) if not Path(m).exists()]
+                if gone and vanished < 3:
+                    vanished += 1
+                    continue
+                if not self._locate_bad(TABLES, e):
                     raise
             finally:
                 cur.close()
@@ -335,26 +372,107 @@ def _duck_type(t) -> str:  # pyarrow type -> DuckDB type name, for typed empty v
 # -- overview -------------------------------------------------------------------------------
 
 
+# the row that is "last" in a run: highest step, then highest attempt (a recomputed step)
+_LAST_KEY = "coalesce(step, -1) * 4096 + least(coalesce(attempt, 0), 4095)"
+_STEP_SUMMARY = f"""
+    SELECT filename AS file, run_id, count(*) AS rows, max(step) AS last_step,
+           max({_LAST_KEY}) AS last_key,
+           arg_max(loss, {_LAST_KEY}) AS last_loss,
+           arg_max(tokens_seen, {_LAST_KEY}) AS tokens_seen,
+           arg_max(tokens_by_dataset, {_LAST_KEY}) AS tokens_by_dataset,
+           max(time) AS last_time,
+           count(*) FILTER (WHERE skipped) AS skipped_rows,
+           count(*) FILTER (WHERE NOT isfinite(loss)) AS nonfinite_rows
+    FROM read_parquet(FILES, filename = true, union_by_name = true) GROUP BY ALL"""
+_SUMMARY_COLUMNS = [
+    "run_id",
+    "rows",
+    "last_step",
+    "last_key",
+    "last_loss",
+    "tokens_seen",
+    "tokens_by_dataset",
+    "last_time",
+    "skipped_rows",
+    "nonfinite_rows",
+]
+# per-file summaries of train_steps, by file identity: lake files are never rewritten, so a
+# live page re-reads only the files that landed since its last refresh
+_summaries: dict[tuple[str, int, int], pd.DataFrame] = {}
+_summaries_lock = threading.Lock()
+_SUMMARY_CACHE_MAX = 500_000
+
+
+def steps_by_run(r: LakeReader) -> pd.DataFrame:
+    """Per run, from every `train_steps` row: rows, last_step, and at the last step (its
+    latest attempt) last_loss, tokens_seen and tokens_by_dataset; last_time, skipped_rows,
+    nonfinite_rows. Files already summarised in this process are not read again."""
+    r.connection()  # binding the views finds the files whose footers are unreadable
+    files = r.files("train_steps")
+    idents = {str(p): _identity(p) for p in files}
+    with _summaries_lock:
+        missing = [p for p in files if idents[str(p)] and idents[str(p)] not in _summaries]
+    for i in range(0, len(missing), 2000):
+        batch = missing[i : i + 2000]
+        while batch:
+            lst = "[" + ", ".join(_q(str(p)) for p in batch) + "]"
+            cur = r.connection().cursor()
+            try:
+                got = cur.sql(_STEP_SUMMARY.replace("FILES", lst)).df()
+                break
+            except duckdb.Error as e:
+                if isinstance(e, _NOT_FILE_ERRORS):
+                    raise
+                known = any(str(p) in r._bad_abs for p in batch)
+                if not known and not r._locate_bad(["train_steps"], e):
+                    raise
+                batch = [p for p in batch if str(p) not in r._bad_abs]
+            finally:
+                cur.close()
+        else:
+            continue
+        by_file = dict(tuple(got.groupby("file", sort=False))) if not got.empty else {}
+        with _summaries_lock:
+            if len(_summaries) > _SUMMARY_CACHE_MAX:
+                _summaries.clear()
+            for p in batch:
+                part = by_file.get(str(p))
+                _summaries[idents[str(p)]] = (
+                    part[_SUMMARY_COLUMNS] if part is not None else got.iloc[0:0][_SUMMARY_COLUMNS]
+                )
+    with _summaries_lock:
+        parts = [_summaries[idents[str(p)]] for p in files if idents[str(p)] in _summaries]
+    parts = [p for p in parts if not p.empty]
+    if not parts:
+        return pd.DataFrame(columns=[c for c in _SUMMARY_COLUMNS if c != "last_key"])
+    allp = pd.concat(parts, ignore_index=True)
+    last = allp.loc[allp.groupby("run_id")["last_key"].idxmax()].set_index("run_id")
+    agg = allp.groupby("run_id").agg(
+        rows=("rows", "sum"),
+        last_step=("last_step", "max"),
+        last_time=("last_time", "max"),
+        skipped_rows=("skipped_rows", "sum"),
+        nonfinite_rows=("nonfinite_rows", "sum"),
+    )
+    for c in ("last_loss", "tokens_seen", "tokens_by_dataset"):
+        agg[c] = last[c]
+    return agg.reset_index()
+
+
 def runs_overview(r: LakeReader) -> pd.DataFrame:
     """One row per run: status, kind, nodes, progress against the token budget, last step,
     last loss and alert counts, newest first.
 
     Columns: run_id, name, kind, status, cluster, nodes, world_size, param_count,
     token_budget, tokens_seen, progress (fraction of the budget, None without one),
-    last_step, last_loss, last_time, steps (rows), spikes, nonfinite, skipped, rollbacks,
-    requeues, failed_jobs, jobs, alerts (one line), submitted_at, started_at, finished_at.
+    last_step, last_loss, last_time, rows (train_steps rows), spikes, nonfinite, skipped,
+    rollbacks, requeues, failed_jobs, jobs, alerts (one line), submitted_at, started_at,
+    finished_at.
     """
+    last = steps_by_run(r).drop(columns=["tokens_by_dataset"])
     df = r.sql(
         f"""
-        WITH last AS (
-          SELECT run_id, count(*) AS steps, max(step) AS last_step,
-                 arg_max(loss, (step, attempt)) AS last_loss,
-                 arg_max(tokens_seen, (step, attempt)) AS tokens_seen,
-                 max(time) AS last_time,
-                 count(*) FILTER (WHERE skipped) AS skipped_rows,
-                 count(*) FILTER (WHERE NOT isfinite(loss)) AS nonfinite_rows
-          FROM train_steps_all GROUP BY run_id),
-        ev AS (
+        WITH ev AS (
           SELECT run_id,
                  count(*) FILTER (WHERE kind = 'spike') AS spikes,
                  count(*) FILTER (WHERE kind = 'nonfinite') AS nonfinite_events,
@@ -366,11 +484,12 @@ def runs_overview(r: LakeReader) -> pd.DataFrame:
           SELECT run_id, count(*) AS jobs,
                  count(*) FILTER (WHERE state IN {FAILED_STATES}) AS failed_jobs
           FROM jobs GROUP BY run_id),
-        ids AS (SELECT run_id FROM runs UNION SELECT run_id FROM last)
+        l AS (SELECT * FROM last_by_run),
+        ids AS (SELECT run_id FROM runs UNION SELECT run_id FROM l)
         SELECT ids.run_id, r.name, r.kind, r.status, r.cluster, r.nodes, r.world_size,
                r.param_count, r.token_budget, l.tokens_seen,
                CASE WHEN r.token_budget > 0 THEN l.tokens_seen / r.token_budget END AS progress,
-               l.last_step, l.last_loss, l.last_time, coalesce(l.steps, 0) AS steps,
+               l.last_step, l.last_loss, l.last_time, coalesce(l.rows, 0) AS rows,
                coalesce(ev.spikes, 0) AS spikes,
                greatest(coalesce(ev.nonfinite_events, 0), coalesce(l.nonfinite_rows, 0))
                  AS nonfinite,
@@ -378,10 +497,11 @@ def runs_overview(r: LakeReader) -> pd.DataFrame:
                coalesce(ev.rollbacks, 0) AS rollbacks, coalesce(ev.requeues, 0) AS requeues,
                coalesce(jb.failed_jobs, 0) AS failed_jobs, coalesce(jb.jobs, 0) AS jobs,
                r.submitted_at, r.started_at, r.finished_at
-        FROM ids LEFT JOIN runs r USING (run_id) LEFT JOIN last l USING (run_id)
+        FROM ids LEFT JOIN runs r USING (run_id) LEFT JOIN l USING (run_id)
              LEFT JOIN ev USING (run_id) LEFT JOIN jb USING (run_id)
         ORDER BY coalesce(r.started_at, r.submitted_at, l.last_time) DESC NULLS LAST, run_id
-        """
+        """,
+        frames={"last_by_run": last},
     )
     df["alerts"] = [_alert_line(row) for row in df.itertuples()]
     return df
@@ -422,9 +542,10 @@ def alerts(r: LakeReader, limit: int = 200) -> pd.DataFrame:
 
 def run_ids_with_steps(r: LakeReader) -> list[str]:
     """Runs that logged train steps, most recently active first."""
-    df = r.sql(
-        "SELECT run_id FROM train_steps_all GROUP BY run_id ORDER BY max(time) DESC NULLS LAST"
-    )
+    df = steps_by_run(r)
+    if df.empty:
+        return []
+    df = df.sort_values(["last_time", "run_id"], ascending=[False, True], na_position="last")
     return [str(x) for x in df["run_id"]]
 
 
@@ -458,25 +579,19 @@ def tokens_seen(r: LakeReader, run_ids: Sequence[str]) -> pd.DataFrame:
 
     Columns: run_id, step, dataset, tokens_seen. From `train_steps.tokens_by_dataset`.
     """
+    cols = ["run_id", "step", "dataset", "tokens_seen"]
     if not run_ids:
-        return pd.DataFrame(columns=["run_id", "step", "dataset", "tokens_seen"])
-    params: dict = {}
-    ids = _in_list(run_ids, params, "id")
-    raw = r.sql(
-        f"""SELECT run_id, max(step) AS step,
-                  arg_max(tokens_by_dataset, (step, attempt)) AS by_dataset
-           FROM train_steps_all WHERE run_id IN {ids} GROUP BY run_id""",
-        params,
-    )
+        return pd.DataFrame(columns=cols)
+    last = steps_by_run(r)
     rows = []
-    for rec in raw.itertuples():
+    for rec in last[last["run_id"].isin(list(run_ids))].itertuples():
         try:
-            parsed = json.loads(rec.by_dataset) if rec.by_dataset else {}
+            parsed = json.loads(rec.tokens_by_dataset) if rec.tokens_by_dataset else {}
         except (TypeError, ValueError):
             parsed = {}
         for ds, n in (parsed if isinstance(parsed, dict) else {}).items():
-            rows.append((rec.run_id, int(rec.step), str(ds), float(n)))
-    return pd.DataFrame(rows, columns=["run_id", "step", "dataset", "tokens_seen"])
+            rows.append((rec.run_id, int(rec.last_step), str(ds), float(n)))
+    return pd.DataFrame(rows, columns=cols)
 
 
 def expected_unique(n: float | np.ndarray, k: float | np.ndarray) -> np.ndarray:
