@@ -36,6 +36,7 @@ __all__ = [
     "LakeReader",
     "SqlRefused",
     "alerts",
+    "clear_caches",
     "clip_threshold",
     "dataset_table",
     "expected_unique",
@@ -401,6 +402,19 @@ _SUMMARY_COLUMNS = [
 _summaries: dict[tuple[str, int, int], pd.DataFrame] = {}
 _summaries_lock = threading.Lock()
 _SUMMARY_CACHE_MAX = 500_000
+
+
+def clear_caches() -> None:
+    """Forget the shared databases, per-file summaries and file verdicts of this process
+    (benchmarks use it to time a cold start)."""
+    with _shared_lock:
+        for con in _shared.values():
+            con.close()
+        _shared.clear()
+    with _summaries_lock:
+        _summaries.clear()
+    with _verdicts_lock:
+        _verdicts.clear()
 
 
 def steps_by_run(r: LakeReader) -> pd.DataFrame:

@@ -1,5 +1,7 @@
 """Dashboard benchmark: time to compute each page's queries, and to render each page with
-Streamlit's AppTest, on lakes of 1M and 10M `train_steps` rows over many runs (quick: 100k).
+Streamlit's AppTest, on lakes of 1M and 10M `train_steps` rows over many runs (quick: 100k),
+written as a LakeWriter writes them (10,000-row files). `queries_cold`: a fresh process;
+`queries_live`: the refresh of a live page after a writer flushed one more file.
 
 The loss and stability pages are compared with the naive page that ships every row of the
 selected runs to the browser (`SELECT ... FROM train_steps WHERE run_id IN ...`), run side
@@ -242,13 +244,30 @@ def _measure(ws: Path, ids: list[str], params: dict, quick: bool, repeat: int) -
             }
         )
 
-    for page, fn in _pages(ids).items():
+    pages = _pages(ids)
+    for page, fn in pages.items():
+        Q.clear_caches()  # cold: a fresh process, nothing bound or summarised yet
+        t = time.perf_counter()
+        with Q.LakeReader(ws) as r:
+            fn(r)
+        row(f"queries_cold/{page}", "page_queries_s", time.perf_counter() - t, "s")
+    # live refresh: a training job's writer just flushed one more file of steps
+    sel_run = ids[0]
+    d = table_dir(ws, "train_steps") / f"run_id={sel_run}"
+    last = max(
+        pq.read_metadata(f).row_group(0).column(1).statistics.max for f in d.glob("*.parquet")
+    )
+    extra = _steps_table(
+        sel_run, np.arange(last + 1, last + 1 + CHUNK), 1, np.random.default_rng(1)
+    )
+    pq.write_table(extra, d / "part-bench-live.parquet", compression="zstd")
+    for page, fn in pages.items():
 
-        def cold(fn=fn) -> None:
-            with Q.LakeReader(ws) as r:  # connect + views + queries, nothing cached
+        def live(fn=fn) -> None:
+            with Q.LakeReader(ws) as r:
                 fn(r)
 
-        row(f"queries/{page}", "page_queries_s", _timed(cold, repeat)[0], "s")
+        row(f"queries_live/{page}", "page_queries_s", _timed(live, repeat)[0], "s")
 
     # downsampled curves vs shipping every row of the selected runs, same reader
     sel = ids[:SELECTED]
@@ -278,7 +297,8 @@ def _measure(ws: Path, ids: list[str], params: dict, quick: bool, repeat: int) -
         _arrow_bytes(full),
     )
     for page in ["loss"] if quick else list(_pages(ids)):
-        row(f"render/{page}", "apptest_render_s", _apptest(ws, page), "s")
+        Q.clear_caches()
+        row(f"render_cold/{page}", "apptest_render_s", _apptest(ws, page), "s")
     return out
 
 
