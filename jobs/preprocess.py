@@ -46,7 +46,32 @@ class PreprocessResult:
     summary: str = ""
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """Takes `key=value` overrides after options too (`all --config x seed=1`): plain
+    argparse stops collecting positionals at the first option."""
+
+    _inner = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        if self._inner:
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+
+
 def add_parser(subparsers: argparse._SubParsersAction, common: Any) -> None:
+    default_class = subparsers._parser_class
+    subparsers._parser_class = _IntermixedParser
+    try:
+        _add_parser(subparsers, common)
+    finally:
+        subparsers._parser_class = default_class
+
+
+def _add_parser(subparsers: argparse._SubParsersAction, common: Any) -> None:
     p = subparsers.add_parser(
         "preprocess",
         help="preprocessing arrays: sequences, structures, interpro, tokens, all",

@@ -62,6 +62,8 @@ def ingest_task(
 def cluster_task(ws: str, run_id: str, shards: list[str], out: str, level: float) -> dict:
     """Cluster the sequences (id, sequence columns) of Parquet shards at `level`."""
     work = Path(out).parent / "tmp"
+    if not Path(out).exists():
+        _check_unique_ids(shards)
     n = sum(pq.read_metadata(s).num_rows for s in shards)
     if n == 0 and not Path(out).exists():  # mmseqs refuses empty input
         write_table(CLUSTER_SCHEMA.empty_table(), out)
@@ -72,6 +74,25 @@ def cluster_task(ws: str, run_id: str, shards: list[str], out: str, level: float
     say("cluster", f"{len(shards)} shard(s) at {level:g}: {summary['clusters']} clusters of "
         f"{summary['sequences']} sequences ({threads} threads) -> {out}")  # fmt: skip
     return summary
+
+
+def _check_unique_ids(shards: list[str]) -> None:
+    """Ingest drops repeated ids within a shard; one id in two shards (e.g. two input files
+    that overlap) would make mmseqs' clusters ambiguous: refuse it, naming the shards."""
+    con = duckdb.connect()
+    try:
+        con.sql("SET enable_progress_bar = false")
+        files = "[" + ", ".join(sql_path(s) for s in shards) + "]"
+        dups = con.sql(
+            f"""SELECT id, list(DISTINCT filename) FROM read_parquet({files}, filename = true)
+                GROUP BY id HAVING count(*) > 1 ORDER BY id LIMIT 3"""
+        ).fetchall()
+    finally:
+        con.close()
+    if dups:
+        rid, where = dups[0]
+        raise ValueError(f"sequence id {rid!r} occurs in more than one shard ({', '.join(where)}); "
+                         "ids must be unique within a dataset")  # fmt: skip
 
 
 def expand_task(
@@ -257,7 +278,7 @@ def plan_sequences(
         high = str(lay.level_file(d.name, d.levels[1])) if len(d.levels) > 1 else None
         expand_items.append((w, run_id, str(lay.level_file(d.name, d.levels[0])), high,
                              str(lay.expanded_file(d.name)), d.cap, cfg.seed))  # fmt: skip
-    purged = [d for d in datasets if d.purge]
+    purged = [d for d in datasets if d.purge and cfg.purge.enabled]
     final: dict[str, list[str]] = dict(shards)
     for d in purged:
         final[d.name] = []
@@ -302,7 +323,7 @@ def sequence_outputs(cfg: PreprocessConfig, files: dict[str, list[Path]], lay: L
         if d.name not in files:
             continue
         _, units = ingest_units(d, files[d.name], lay)
-        sub = "purged" if d.purge else "ingest"
+        sub = "purged" if d.purge and cfg.purge.enabled else "ingest"
         out[d.name] = {
             "type": "sequence",
             "shards": [str(lay.seq(d.name) / sub / o.name) for _, o in units],

@@ -10,7 +10,7 @@ import pytest
 
 from tests.realdata import mda_file, uniprot_fasta
 
-N_SEQUENCES = 2000  # first records of mmseqs2-examples
+N_SEQUENCES = 800  # first records of mmseqs2-examples (purge search costs ~25 ms each)
 # records planted into the subset so that ingest has something to refuse
 PLANTED = (
     ">sp|ZZBAD1|BAD_JLETTER planted: J is not an amino-acid letter\nMKTAYIAKQRJQISFVKSHFSRQ\n"
@@ -35,13 +35,13 @@ def _records(n: int, skip: int = 0) -> list[str]:
 @pytest.fixture(scope="session")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A 2,000-sequence UniRef-like file with planted bad records and one duplicate id,
-    a 300-sequence JGI-like file, and a handful of real structure files plus an empty one."""
+    a 200-sequence JGI-like file, and a handful of real structure files plus an empty one."""
     d = tmp_path_factory.mktemp("inputs")
     recs = _records(N_SEQUENCES)
     uniref = d / "uniref.fasta"
-    uniref.write_text("".join(recs[:1000]) + PLANTED + "".join(recs[1000:]) + recs[5])
+    uniref.write_text("".join(recs[:400]) + recs[5] + PLANTED + "".join(recs[400:]))
     jgi = d / "jgi.fasta"
-    jgi.write_text("".join(_records(300, skip=N_SEQUENCES)))
+    jgi.write_text("".join(_records(200, skip=N_SEQUENCES)))
     empty = d / "EMPTY.cif"
     empty.write_text("")
     return {

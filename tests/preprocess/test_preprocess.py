@@ -93,12 +93,12 @@ def test_unknown_dataset_type_and_bad_values_are_one_line(inputs, workspace, cap
                    "datasets=[{name='x', type='protein', paths=['a.fa']}]")  # fmt: skip
     assert rc == 2 and err.strip().count("\n") == 0
     assert "'datasets[0].type'" in err and "'protein'" in err and "'structure'" in err
+    rc, err = _cli(capsys, "sequences", "--config", str(cfg), "-w", str(workspace), "levels=3")
+    assert rc == 2 and "unknown config key 'levels'" in err
     text = cfg.read_text().replace('format = "afdb"', 'format = "fasta"')
     cfg.write_text(text)
     rc, err = _cli(capsys, "structures", "--config", str(cfg), "-w", str(workspace))
     assert rc == 2 and "dataset 'afdb'" in err and "format 'fasta'" in err
-    rc, err = _cli(capsys, "sequences", "--config", str(cfg), "-w", str(workspace), "levels=3")
-    assert rc == 2 and "unknown config key 'levels'" in err
     assert query(workspace, "SELECT count(*) AS n FROM runs").n[0] == 0
 
 
