@@ -96,6 +96,8 @@ def lr_at(step: int, peak: float = 4e-4, warmup: int = 200, total: int = 2000) -
 
 
 def step_row(run_id: str, step: int, attempt: int, total: int, rng, spike: bool) -> dict:
+    """One plausible `train_steps` row: per-track losses decaying over `total` steps (nats
+    per token), LR schedule, grad norm (x6 on a spike), cumulative tokens per dataset."""
     frac = step / max(1, total)
     row: dict = {"run_id": run_id, "step": step, "attempt": attempt}
     row["stage"] = "stage1" if frac < 0.5 else "stage2"

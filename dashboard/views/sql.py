@@ -35,10 +35,6 @@ with st.form("sql_form"):
     sql = st.text_area("Query", key="sql_text", height=160)
     st.form_submit_button("Run", type="primary", icon=":material/play_arrow:")
 
-with st.expander("Columns of each table"):
-    for name, schema in TABLES.items():
-        st.markdown(f"**{name}**: " + ", ".join(f"`{f.name}` {f.type}" for f in schema))
-
 # the query runs on load too (the form only changes it on submit), so the page opens with
 # the first example's result
 if sql.strip():
@@ -68,3 +64,7 @@ if sql.strip():
         finally:
             common.report_bad_files(reader.bad_files)
             reader.close()
+
+with st.expander("Columns of each table"):
+    for name, schema in TABLES.items():
+        st.markdown(f"**{name}**: " + ", ".join(f"`{f.name}` {f.type}" for f in schema))

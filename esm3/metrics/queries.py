@@ -1,14 +1,19 @@
 """Every query the dashboard and the `esm3` command share, over the lake's catalog views.
 
-Readers never lock: each `LakeReader` opens a private in-memory DuckDB with the catalog's
-views (`esm3.metrics.catalog.view_sql`) over the append-only Parquet files. One corrupt
-file must not take down every page, so the reader builds the views itself: a table whose
-files cannot be read is re-viewed over an explicit list of its readable files, and the
+Readers never lock: a `LakeReader` reads the append-only Parquet files through an
+in-memory DuckDB holding the catalog's views (`esm3.metrics.catalog.view_sql`), so a
+writer never waits. The views are bound once per workspace and process, with Parquet
+footers cached (lake files never change in place); each reader uses its own cursor.
+
+One corrupt file must not take down every page: a table with a file that cannot be read
+is re-viewed (in a private database) over an explicit list of its readable files, and the
 skipped files are reported in `LakeReader.bad_files` (path -> reason).
 
 Long curves are downsampled in SQL: `series` buckets each run's steps into at most
 `max_points` buckets (avg/min/max per bucket), so a page ships a few thousand points per
-run whatever the number of `train_steps` rows.
+run whatever the number of `train_steps` rows. Per-run summaries of `train_steps` (last
+step, loss, tokens) are kept per file, so a live page re-reads only the files that landed
+since its last refresh.
 """
 
 from __future__ import annotations
@@ -380,7 +385,6 @@ _STEP_SUMMARY = f"""
            max({_LAST_KEY}) AS last_key,
            arg_max(loss, {_LAST_KEY}) AS last_loss,
            arg_max(tokens_seen, {_LAST_KEY}) AS tokens_seen,
-           arg_max(tokens_by_dataset, {_LAST_KEY}) AS tokens_by_dataset,
            max(time) AS last_time,
            count(*) FILTER (WHERE skipped) AS skipped_rows,
            count(*) FILTER (WHERE NOT isfinite(loss)) AS nonfinite_rows
@@ -392,7 +396,6 @@ _SUMMARY_COLUMNS = [
     "last_key",
     "last_loss",
     "tokens_seen",
-    "tokens_by_dataset",
     "last_time",
     "skipped_rows",
     "nonfinite_rows",
@@ -419,8 +422,8 @@ def clear_caches() -> None:
 
 def steps_by_run(r: LakeReader) -> pd.DataFrame:
     """Per run, from every `train_steps` row: rows, last_step, and at the last step (its
-    latest attempt) last_loss, tokens_seen and tokens_by_dataset; last_time, skipped_rows,
-    nonfinite_rows. Files already summarised in this process are not read again."""
+    latest attempt) last_loss and tokens_seen; last_time, skipped_rows, nonfinite_rows.
+    Files already summarised in this process are not read again."""
     r.connection()  # binding the views finds the files whose footers are unreadable
     files = r.files("train_steps")
     idents = {str(p): _identity(p) for p in files}
@@ -468,7 +471,7 @@ def steps_by_run(r: LakeReader) -> pd.DataFrame:
         skipped_rows=("skipped_rows", "sum"),
         nonfinite_rows=("nonfinite_rows", "sum"),
     )
-    for c in ("last_loss", "tokens_seen", "tokens_by_dataset"):
+    for c in ("last_loss", "tokens_seen"):
         agg[c] = last[c]
     return agg.reset_index()
 
@@ -483,7 +486,7 @@ def runs_overview(r: LakeReader) -> pd.DataFrame:
     rollbacks, requeues, failed_jobs, jobs, alerts (one line), submitted_at, started_at,
     finished_at.
     """
-    last = steps_by_run(r).drop(columns=["tokens_by_dataset"])
+    last = steps_by_run(r)
     df = r.sql(
         f"""
         WITH ev AS (
@@ -596,15 +599,22 @@ def tokens_seen(r: LakeReader, run_ids: Sequence[str]) -> pd.DataFrame:
     cols = ["run_id", "step", "dataset", "tokens_seen"]
     if not run_ids:
         return pd.DataFrame(columns=cols)
-    last = steps_by_run(r)
+    params: dict = {}
+    ids = _in_list(run_ids, params, "id")
+    raw = r.sql(
+        f"""SELECT run_id, max(step) AS step,
+                  arg_max(tokens_by_dataset, {_LAST_KEY}) AS by_dataset
+           FROM train_steps_all WHERE run_id IN {ids} GROUP BY run_id""",
+        params,
+    )
     rows = []
-    for rec in last[last["run_id"].isin(list(run_ids))].itertuples():
+    for rec in raw.itertuples():
         try:
-            parsed = json.loads(rec.tokens_by_dataset) if rec.tokens_by_dataset else {}
+            parsed = json.loads(rec.by_dataset) if rec.by_dataset else {}
         except (TypeError, ValueError):
             parsed = {}
         for ds, n in (parsed if isinstance(parsed, dict) else {}).items():
-            rows.append((rec.run_id, int(rec.last_step), str(ds), float(n)))
+            rows.append((rec.run_id, int(rec.step), str(ds), float(n)))
     return pd.DataFrame(rows, columns=cols)
 
 

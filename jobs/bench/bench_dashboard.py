@@ -214,8 +214,9 @@ def _apptest(ws: Path, page: str) -> float:
     os.environ["ESM3_WORKSPACE"] = str(ws)
     at = AppTest.from_file(app, default_timeout=300)
     at.session_state["refresh_s"] = 0
-    at.run()
-    st.cache_data.clear()  # a cold page: every query runs
+    at.run()  # the default page
+    st.cache_data.clear()  # then a cold page: every query runs, nothing bound or summarised
+    Q.clear_caches()
     path = None if page == "overview" else f"views/{page}.py"
     t = time.perf_counter()
     if path:
