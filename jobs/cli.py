@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from jobs.errors import UserError
 
@@ -55,6 +56,11 @@ def cmd_slurm(a: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_corrupt(bad: dict[Path, str]) -> None:
+    for path, reason in bad.items():
+        print(f"esm3: warning: skipped corrupt lake file {path}: {reason}", file=sys.stderr)
+
+
 def cmd_sql(a: argparse.Namespace) -> int:
     from esm3.metrics.catalog import SqlRefused, query
     from jobs import workspace
@@ -62,7 +68,7 @@ def cmd_sql(a: argparse.Namespace) -> int:
     ws = workspace.prepare(a.workspace)
     sql = a.query if a.query != "-" else sys.stdin.read()
     try:
-        df = query(ws, sql)
+        df = query(ws, sql, on_corrupt=_warn_corrupt)
     except SqlRefused as e:
         raise UserError(str(e)) from e
     except Exception as e:  # a DuckDB error: bad column, syntax

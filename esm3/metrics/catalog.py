@@ -35,13 +35,21 @@ def _q(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
-def view_sql(workspace: str | Path) -> list[str]:
-    """CREATE VIEW statements for every contract table (absolute paths)."""
+def view_sql(workspace: str | Path, exclude: frozenset[Path] = frozenset()) -> list[str]:
+    """CREATE VIEW statements for every contract table (absolute paths).
+
+    Files in `exclude` (corrupt ones) are left out by listing the table's files explicitly.
+    """
     root = lake_dir(Path(workspace).resolve())
     out = []
     for table in TABLES:
         glob = _q(str(root / table / "**" / "*.parquet"))
         src = f"read_parquet({glob}, union_by_name=true)"
+        bad = {p for p in exclude if (root / table) in p.parents}
+        if bad:
+            good = [p for p in sorted((root / table).rglob("*.parquet")) if p not in bad]
+            files = ", ".join(_q(str(p)) for p in good)
+            src = f"read_parquet([{files}], union_by_name=true)"
         if table in LATEST_BY:
             keys = ", ".join(LATEST_BY[table])
             rank = _STATE_RANK.replace("status_or_state", "status" if table == "runs" else "state")
@@ -95,13 +103,48 @@ def view_sql(workspace: str | Path) -> list[str]:
     return out
 
 
-def connect(workspace: str | Path, *, sandbox: bool = True) -> duckdb.DuckDBPyConnection:
-    """An in-memory connection with the contract views; with `sandbox`, only the lake is readable."""
+def find_corrupt_files(workspace: str | Path, *, decode: bool = False) -> dict[Path, str]:
+    """Lake files that cannot be read: path -> reason. `decode` also reads every page."""
+    import pyarrow.parquet as pq
+
+    bad: dict[Path, str] = {}
+    for p in sorted(lake_dir(Path(workspace).resolve()).rglob("*.parquet")):
+        try:
+            if decode:
+                pq.read_table(p)
+            else:
+                pq.read_metadata(p)
+        except Exception as e:  # any failure to read is a corrupt file here
+            bad[p] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    return bad
+
+
+def connect(
+    workspace: str | Path,
+    *,
+    sandbox: bool = True,
+    exclude: frozenset[Path] = frozenset(),
+    on_corrupt=None,  # type: ignore[no-untyped-def]
+) -> duckdb.DuckDBPyConnection:
+    """An in-memory connection with the contract views; with `sandbox`, only the lake is readable.
+
+    A corrupt file would make every view fail to bind: such files are found and left out.
+    """
     ws = Path(workspace).resolve()
     ensure_lake(ws)
     con = duckdb.connect(":memory:")
-    for stmt in view_sql(ws):
-        con.execute(stmt)
+    con.execute("SET parquet_metadata_cache = true")
+    try:
+        for stmt in view_sql(ws, exclude):
+            con.execute(stmt)
+    except duckdb.Error:
+        con.close()
+        bad = find_corrupt_files(ws)
+        if not bad or set(bad) <= exclude:
+            raise
+        if on_corrupt is not None:
+            on_corrupt(bad)
+        return connect(ws, sandbox=sandbox, exclude=exclude | frozenset(bad))
     if sandbox:
         con.execute(f"SET allowed_directories=[{_q(str(lake_dir(ws)))}]")
         con.execute("SET enable_external_access=false")
@@ -130,18 +173,27 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
             )
 
 
-def query(workspace: str | Path, sql: str, *, retries: int = 2):
+def query(workspace: str | Path, sql: str, *, retries: int = 2, on_corrupt=None):  # type: ignore[no-untyped-def]
     """Run read-only SQL over the catalog; returns a pandas DataFrame.
 
     A lake file can vanish between listing and reading during compaction: retry then.
+    Corrupt lake files are left out and reported through `on_corrupt({path: reason})`.
     """
+    exclude: frozenset[Path] = frozenset()
     for attempt in range(retries + 1):
-        con = connect(workspace)
+        con = connect(workspace, exclude=exclude, on_corrupt=on_corrupt)
         try:
             check_read_only(con, sql)
             return con.execute(sql).df()
-        except duckdb.IOException:
+        except (duckdb.IOException, duckdb.InvalidInputException) as e:
             if attempt == retries:
+                raise
+            bad = find_corrupt_files(workspace, decode=True)
+            if bad:
+                exclude = frozenset(bad)
+                if on_corrupt is not None:
+                    on_corrupt(bad)
+            elif not isinstance(e, duckdb.IOException):
                 raise
             time.sleep(0.2)
         finally:

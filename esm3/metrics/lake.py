@@ -206,3 +206,39 @@ def write_table(workspace: str | Path, table: str, data: pa.Table) -> Path | Non
         part = full.filter(pc.equal(full.column("run_id"), rid))
         last = _write_part(d / f"run_id={_SAFE.sub('_', str(rid))}", part)
     return last
+
+
+def compact(
+    workspace: str | Path, table: str, *, run_id: str | None = None, min_files: int = 8
+) -> int:
+    """Merge each folder's small part files into one (a long run writes one every few seconds).
+
+    The merged file is renamed into place before the parts are removed, so a reader sees
+    every row throughout (at worst twice, for an instant; the views de-duplicate steps and
+    record versions). Unreadable parts are left alone. Returns the number of parts merged.
+    """
+    root = table_dir(workspace, table)
+    if run_id is not None:
+        root = root / f"run_id={_SAFE.sub('_', run_id)}"
+    merged = 0
+    for d in sorted({p.parent for p in root.rglob("part-*.parquet")}):
+        parts = sorted(d.glob("part-*.parquet"))
+        if len(parts) < min_files:
+            continue
+        tables, used = [], []
+        for p in parts:
+            try:
+                tables.append(pq.read_table(p))
+                used.append(p)
+            except Exception:  # corrupt: keep it for a person to look at
+                continue
+        if len(used) < 2:
+            continue
+        data = pa.concat_tables(tables, promote_options="default")
+        _write_part(
+            d, data.cast(TABLES[table]) if data.schema.names == TABLES[table].names else data
+        )
+        for p in used:
+            p.unlink(missing_ok=True)
+        merged += len(used)
+    return merged

@@ -162,3 +162,50 @@ def test_catalog_file_for_any_duckdb_client_while_it_is_open(workspace):
         con.close()
     finally:
         holder.kill()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage pages"])
+def test_a_corrupt_file_is_skipped_and_named(workspace, damage):
+    good = write_rows(workspace, "runs", [dict(run_id="ok", kind="demo", status="COMPLETED")])
+    bad = write_rows(workspace, "runs", [dict(run_id=f"r{i}", kind="demo") for i in range(50)])
+    raw = bad.read_bytes()
+    if damage == "truncated":
+        bad.write_bytes(raw[: len(raw) // 2])
+    else:  # footer intact, data pages overwritten
+        bad.write_bytes(raw[:4] + b"\xff" * (len(raw) - 2000) + raw[-(2000 - 4) :])
+    reported = {}
+    df = query(workspace, "SELECT run_id FROM runs", on_corrupt=reported.update)
+    assert df.run_id.tolist() == ["ok"]
+    assert list(reported) == [bad] and good not in reported
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.cli",
+            "sql",
+            "-w",
+            str(workspace),
+            "-f",
+            "csv",
+            "SELECT run_id FROM runs",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0 and r.stdout.splitlines() == ["run_id", "ok"]
+    assert f"skipped corrupt lake file {bad}" in r.stderr
+
+
+def test_compaction_keeps_every_row_in_one_file(workspace):
+    from esm3.metrics.lake import compact
+
+    for i in range(10):
+        write_rows(workspace, "train_steps", [dict(run_id="c", step=i, attempt=0, loss=float(i))])
+    write_rows(workspace, "train_steps", [dict(run_id="other", step=0, attempt=0, loss=1.0)])
+    before = query(workspace, "SELECT * FROM train_steps ORDER BY run_id, step")
+    assert compact(workspace, "train_steps", run_id="c") == 10
+    folder = lake_dir(workspace) / "train_steps" / "run_id=c"
+    assert len(list(folder.glob("part-*.parquet"))) == 1
+    after = query(workspace, "SELECT * FROM train_steps ORDER BY run_id, step")
+    assert after.equals(before)
+    assert compact(workspace, "train_steps", run_id="c") == 0  # below min_files now
