@@ -16,6 +16,7 @@ Array tasks (module-level, run in the job process):
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,6 +40,8 @@ from jobs.errors import UserError
 from jobs.stages.config import DatasetConfig, Inputs, PreprocessConfig
 from jobs.stages.runner import Layout, Stage, record_rejects, record_stats, say, stage_resources
 from jobs.stages.sequences import cluster_task, expand_task, token_budgets
+
+_SIGNALLED = re.compile(r"exit code -\d+")
 
 # --- tasks ---------------------------------------------------------------------------------
 
@@ -134,15 +137,39 @@ def structure_task(
     metadata: str | None,
     annotations: list[str] | None,
 ) -> dict:
-    res = process_structure_shard(
-        files, out, config, esmatlas_metadata=metadata, annotations=annotations or None
-    )
+    def run():  # type: ignore[no-untyped-def]
+        return process_structure_shard(
+            files, out, config, esmatlas_metadata=metadata, annotations=annotations or None
+        )
+
+    res = run()
+    if _killed_tool(res.rejects) and res.summary.get("skipped"):
+        Path(out).unlink()  # stored by an earlier version that kept such shards: redo it
+        res = run()
+    killed = _killed_tool(res.rejects)
+    if killed:
+        # the library records a failed mkdssp as a data reject; one killed by a signal
+        # (scancel sends SIGTERM, which submitit lets the job survive) is the job's failure
+        Path(out).unlink(missing_ok=True)
+        raise RuntimeError(
+            f"{out}: removed, {killed[0]['record']}: a tool was killed by a signal, not a data "
+            f"problem ({killed[0]['detail'].splitlines()[0]}); a re-run redoes this shard"
+        )
     record_rejects(ws, run_id, f"structures-{config.dataset}-{Path(out).parent.parent.name}-"
                    f"{Path(out).stem}", res.rejects)  # fmt: skip
     s = res.summary
     say("structures", f"{out}: {s.get('files')} files, {s.get('chains_kept')} chains kept, "
         f"{len(res.rejects)} rejected{' (already done)' if s.get('skipped') else ''}")  # fmt: skip
     return {**s, "rejected": len(res.rejects)}
+
+
+def _killed_tool(rejects: list[dict]) -> list[dict]:
+    """Rejects whose external tool died from a signal (negative exit code)."""
+    return [
+        r
+        for r in rejects
+        if r["reason"] in ("ss8_failed", "sasa_failed") and _SIGNALLED.search(r["detail"])
+    ]
 
 
 def codebook_task(
