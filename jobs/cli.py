@@ -268,7 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.slurm_local import SlurmLocalError
     from jobs.workspace import WorkspaceError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `key=value` overrides may come after options too (`esm3 demo -c local shards=8`)
+    args, extra = parser.parse_known_args(argv)
+    bad = [e for e in extra if e.startswith("-") or "=" not in e]
+    if bad or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    if extra:
+        args.overrides = [*(args.overrides or []), *extra]
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",

@@ -39,10 +39,11 @@ def _no_runs(ws):
         (["demo", "--cluster", "nope"], "unknown cluster profile 'nope' (available: local, "),
         (
             ["demo", "shardz=3"],
-            "unknown config key 'shardz' (allowed here: fasta, shards); did you mean 'shards'?",
+            "unknown config key 'shardz' (allowed here: fasta, pipeline, preprocess, shards, train); did you mean 'shards'?",
         ),
         (["demo", "shards=four"], "config key 'shards': 'four' is not an integer"),
-        (["demo", "fasta=/no/such.fasta"], "input /no/such.fasta does not exist"),
+        (["demo", "pipeline=stats", "fasta=/no/such.fasta"], "input /no/such.fasta does not exist"),
+        (["demo", "pipeline=fast"], "config key 'pipeline': 'fast' is not one of 'full', 'stats'"),
     ],
 )
 def test_bad_input_is_one_line_and_submits_nothing(workspace, args, message):
@@ -51,6 +52,14 @@ def test_bad_input_is_one_line_and_submits_nothing(workspace, args, message):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert _no_runs(workspace)
+
+
+def test_overrides_may_follow_options(workspace):
+    r = esm3("demo", "--workspace", str(workspace), "-c", "local", "pipeline=stats", "shards=1")
+    assert r.returncode == 0, r.stderr
+    assert "20,000 sequences" in r.stdout and "COMPLETED" in r.stdout
+    r = esm3("sql", "-w", str(workspace), "SELECT 1", "stray")
+    assert r.returncode == 2 and "unrecognized arguments: stray" in r.stderr
 
 
 def test_unwritable_workspace(tmp_path):
@@ -68,7 +77,9 @@ def test_slurm_local_with_the_cluster_down(tmp_path, workspace):
     import os
 
     env = {**os.environ, "ESM3_SLURM_DIR": str(tmp_path / "no-cluster")}
-    r = esm3("demo", "--cluster", "slurm-local", "--workspace", str(workspace), env=env)
+    r = esm3(
+        "demo", "--cluster", "slurm-local", "--workspace", str(workspace), "pipeline=stats", env=env
+    )
     assert r.returncode == 2
     assert "the local SLURM cluster is not running" in r.stderr and "esm3 slurm up" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
