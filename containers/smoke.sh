@@ -130,21 +130,24 @@ annotate_structure() {
 
 train_steps() {
   local t0; t0=$(date +%s)
-  # ---- SWAP-IN POINT (lead): once `esm3 train --config FILE` exists, run the tiny config
-  # here (a few steps, local executor, workspace under "$work") and assert the loss in its
-  # train_steps table falls, instead of the stand-in model below. ----
+  # the suite's own tiny ESM3 model and corruption recipe (Table S6), AdamW as in training
   "$PY" - "$SMOKE_DATA/sequences.fasta" <<'EOF' || fail "training steps (see above)"
 import sys
 
+import numpy as np
 import torch
-from torch import nn
 
-AA = "ACDEFGHIKLMNPQRSTVWY"
-PAD, MASK, UNK = len(AA), len(AA) + 1, len(AA) + 2
-L, STEPS = 64, 30
+from esm3.model.config import preset
+from esm3.model.esm3 import ESM3
+from esm3.model.loss import track_losses
+from esm3.tasks.batching import collate
+from esm3.tasks.config import TaskConfig
+from esm3.tasks.corrupt import corrupt
+from esm3.tasks.sample import Protein
+
+STEPS = 30
 torch.manual_seed(0)
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
 seqs, cur = [], []
 for line in open(sys.argv[1]):
     if line.startswith(">"):
@@ -154,53 +157,40 @@ for line in open(sys.argv[1]):
     else:
         cur.append(line.strip())
 seqs.append("".join(cur))
-idx = {a: i for i, a in enumerate(AA)}
-tokens = torch.full((len(seqs), L), PAD)
-for i, s in enumerate(seqs):
-    tokens[i, : min(L, len(s))] = torch.tensor([idx.get(a, UNK) for a in s[:L]])
-tokens = tokens.to(dev)
+rows = [{"id": f"s{i}", "dataset": "smoke", "sequence": s[:62], "length": len(s[:62])}
+        for i, s in enumerate(seqs)]
+proteins = [Protein.from_record(r) for r in rows]
+task = TaskConfig(max_length=64)
 
 
-class TinyMLM(nn.Module):
-    def __init__(self, d: int = 64) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(len(AA) + 3, d)
-        self.pos = nn.Parameter(torch.zeros(L, d))
-        layer = nn.TransformerEncoderLayer(d, 4, 2 * d, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 2)
-        self.head = nn.Linear(d, len(AA) + 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(self.embed(x) + self.pos))
+def batch(seed):
+    rng = np.random.default_rng(seed)
+    parts = collate([corrupt(p, rng, task) for p in proteins]).to_torch()
+    return [{k: v.to(dev) for k, v in d.items()} for d in parts]
 
 
-def masked(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    m = (torch.rand(x.shape, generator=gen, device="cpu").to(dev) < 0.15) & (x != PAD)
-    return x.masked_fill(m, MASK), x.masked_fill(~m, -100)
+model = ESM3(preset("tiny")).to(dev)
+opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01)
+held_out = batch(10_000)
 
 
-model = TinyMLM().to(dev)
-opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
-eval_in, eval_tgt = masked(tokens, torch.Generator().manual_seed(1))
-
-
-def eval_loss() -> float:
+def eval_loss():
     with torch.no_grad():
-        return loss_fn(model(eval_in).flatten(0, 1), eval_tgt.flatten()).item()
+        return track_losses(model(**held_out[0]).logits, held_out[1], held_out[2])[0].item()
 
 
-before, gen = eval_loss(), torch.Generator().manual_seed(2)
-for _ in range(STEPS):
-    x, y = masked(tokens, gen)
-    loss = loss_fn(model(x).flatten(0, 1), y.flatten())
+before = eval_loss()
+for step in range(STEPS):
+    inputs, targets, masks = batch(step)
+    loss = track_losses(model(**inputs).logits, targets, masks)[0]
     opt.zero_grad()
     loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
 after = eval_loss()
-print(f"smoke: train: {STEPS} AdamW steps on {dev}, held-out masked loss {before:.3f} -> {after:.3f}")
-assert torch.isfinite(torch.tensor(after)), "loss is not finite"
+print(f"smoke: train: {STEPS} AdamW steps of the tiny ESM3 on {dev}, "
+      f"held-out loss {before:.3f} -> {after:.3f}")
+assert np.isfinite(after), "loss is not finite"
 assert after < before, "loss did not fall"
 EOF
   ok "train steps" "$t0"
