@@ -32,7 +32,18 @@ def _overhead(cluster: str, ws: Path) -> float | None:
 
     t0 = time.time()
     r = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "demo", "-w", str(ws), "-c", cluster, "pipeline=stats", "shards=1"],
+        [
+            sys.executable,
+            "-m",
+            "jobs.cli",
+            "demo",
+            "-w",
+            str(ws),
+            "-c",
+            cluster,
+            "pipeline=stats",
+            "shards=1",
+        ],
         capture_output=True,
         text=True,
         timeout=300,
