@@ -169,6 +169,8 @@ def make_executor(
     setup = [f"export ESM3_WORKSPACE={shlex.quote(str(workspace))}", *profile.setup]
 
     if profile.executor == "local":
+        # local array tasks run side by side: tell each how many cores are its share
+        setup.append(f"export ESM3_JOB_CPUS={cpus}")
         if nodes != 1:
             raise ConfigError(f"profile '{profile.name}': {nodes} nodes requested, local runs one")
         ex = submitit.LocalExecutor(folder, max_num_timeout=profile.max_requeues, python=python)

@@ -8,8 +8,10 @@ scheduler (never sacct, which needs slurmdbd).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -199,6 +201,10 @@ def submit_array(
     if not items:
         raise ValueError(f"{stage}: nothing to submit (no items)")
     folder = wsp.submitit_folder(ws, run_id)
+    if profile.executor == "local" and (resources is None or resources.cpus_per_task is None):
+        # the local executor starts every task at once: share the cores between them
+        share = max(1, (os.cpu_count() or 1) // len(items))
+        resources = dataclasses.replace(resources or Resources(), cpus_per_task=share)
     ex = make_executor(profile, folder, workspace=ws, job_name=f"{stage}", resources=resources)
     task = records.Task(str(ws), run_id, stage, profile.name, fn, indexed=True)
     t0 = now()

@@ -47,8 +47,9 @@ def say(stage: str, message: str) -> None:
 
 
 def job_cpus() -> int:
-    """CPUs this job may use: SLURM's allocation, else this process's CPU affinity."""
-    for var in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
+    """CPUs this job may use: its share on the local executor, SLURM's allocation, else
+    this process's CPU affinity."""
+    for var in ("ESM3_JOB_CPUS", "SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
         v = os.environ.get(var, "")
         if v.isdigit() and int(v) > 0:
             return int(v)

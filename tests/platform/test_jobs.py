@@ -152,3 +152,17 @@ def test_local_job_killed_from_outside_is_lost_not_running(workspace):
     with pytest.raises(launch.JobFailed, match="LOST"):
         sub.wait(timeout_s=30, poll_s=0.2)
     assert query(workspace, f"SELECT state FROM jobs WHERE run_id = '{run_id}'").state[0] == "LOST"
+
+
+def test_local_array_tasks_share_the_cores(workspace):
+    import os
+
+    profile = load_profile("local")
+    run_id = _run(workspace, profile)
+    items = [("ESM3_JOB_CPUS",), ("ESM3_WORKSPACE",)]
+    sub = launch.submit_array(
+        workspace, profile, run_id=run_id, stage="env", fn=os.getenv, items=items
+    )
+    cpus, ws = sub.wait(timeout_s=120)
+    assert int(cpus) == max(1, (os.cpu_count() or 1) // 2)
+    assert ws == str(workspace)
