@@ -73,9 +73,8 @@ EOF
 
 preprocess_sequences() {
   local t0; t0=$(date +%s)
-  # ---- SWAP-IN POINT (lead): once `esm3 preprocess sequences` exists, run it here on
-  # "$SMOKE_DATA/sequences.fasta" with a workspace under "$work" and assert on its Parquet
-  # output (e.g. with `esm3 sql`) instead of calling mmseqs directly. ----
+  # the bundled mmseqs with the paper's linclust flags, on real sequences; the suite's whole
+  # sequence pipeline over these tools is covered by `make test` and `make demo`
   local fasta=$work/sequences.fasta n
   # Plain ids (s1, s2, ...): mmseqs shortens UniProt headers (sp|ACC|NAME) to ACC.
   awk '/^>/ {print ">s" ++k " " substr($0, 2); next} {print}' \
@@ -108,8 +107,7 @@ preprocess_sequences() {
 
 annotate_structure() {
   local t0; t0=$(date +%s)
-  # ---- SWAP-IN POINT (lead): once `esm3 preprocess structures` exists, run it here on
-  # "$SMOKE_DATA/1cbs.cif.gz" and assert on the SS8 column of its output. ----
+  # the bundled mkdssp on a real structure, guarded against its silent zero-residue output
   mkdssp --output-format dssp "$SMOKE_DATA/1cbs.cif.gz" "$work/1cbs.dssp" 2>"$work/dssp.log" ||
     { cat "$work/dssp.log" >&2; fail "mkdssp on 1cbs.cif.gz"; }
   # Residue lines follow the "  #  RESIDUE" header; column 14 '!' marks chain breaks;
