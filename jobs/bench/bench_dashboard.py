@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from esm3.metrics import queries as Q
 from esm3.metrics.lake import ensure_lake, table_dir, write_rows
 from esm3.metrics.schema import TABLES
+from jobs.bench import bench_row
 
 SUITE = "dashboard"
 CHUNK = 10_000  # rows per file, as a LakeWriter flushing every 10,000 rows writes them
@@ -233,16 +234,7 @@ def _measure(ws: Path, ids: list[str], params: dict, quick: bool, repeat: int) -
 
     def row(name: str, metric: str, value: float, unit: str, baseline=None, **extra) -> None:
         out.append(
-            {
-                "suite": SUITE,
-                "name": name,
-                "metric": metric,
-                "value": float(value),
-                "unit": unit,
-                "baseline": None if baseline is None else float(baseline),
-                "ratio": float(value) / float(baseline) if baseline else None,
-                "params": params | extra,
-            }
+            bench_row(SUITE, name, metric, value, unit, baseline=baseline, params=params | extra)
         )
 
     pages = _pages(ids)

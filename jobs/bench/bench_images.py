@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from jobs.bench import bench_row
+
 SUITE = "images"
 ROOT = Path(__file__).resolve().parents[2]
 MAKEFILE = ROOT / "containers" / "images.mk"
@@ -64,16 +66,7 @@ def unavailable(base: str) -> str | None:
 
 
 def _row(name: str, metric: str, value: float, unit: str, baseline: float | None, **params):
-    return {
-        "suite": SUITE,
-        "name": name,
-        "metric": metric,
-        "value": value,
-        "unit": unit,
-        "baseline": baseline,
-        "ratio": value / baseline if baseline else None,
-        "params": params,
-    }
+    return bench_row(SUITE, name, metric, value, unit, baseline=baseline, params=params)
 
 
 def _timed_make_build(extra_args: str) -> float:

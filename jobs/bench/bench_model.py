@@ -20,21 +20,13 @@ from esm3.tasks.corrupt import corrupt
 from esm3.tasks.sample import Protein
 from esm3.tasks.schedules import sample_mask_rate
 from esm3.tokenize.sequence import LETTERS
+from jobs.bench import bench_row
 
 SUITE = "model"
 
 
 def _row(name, metric, value, unit, baseline=None, params=None):
-    return {
-        "suite": SUITE,
-        "name": name,
-        "metric": metric,
-        "value": float(value),
-        "unit": unit,
-        "baseline": None if baseline is None else float(baseline),
-        "ratio": None if not baseline else float(value) / float(baseline),
-        "params": params or {},
-    }
+    return bench_row(SUITE, name, metric, value, unit, baseline=baseline, params=params)
 
 
 def _timeit(fn, reps: int) -> float:

@@ -18,6 +18,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from jobs.bench import bench_row
+
+SUITE = "platform"
+
 
 def _bare_python_s() -> float:
     t0 = time.time()
@@ -72,13 +76,13 @@ def bench_overhead(rows: list[dict[str, Any]], quick: bool) -> None:
                 continue
             best = min(times)
             rows.append(
-                dict(
-                    name=f"submission overhead ({cluster})",
-                    metric="call to first line",
-                    value=best,
-                    unit="s",
+                bench_row(
+                    SUITE,
+                    f"submission overhead ({cluster})",
+                    "call to first line",
+                    best,
+                    "s",
                     baseline=base,
-                    ratio=best / base,
                     params={"repeats": len(times), "baseline": "bare python start", "all": times},
                 )
             )
@@ -132,11 +136,12 @@ def bench_catalog(rows: list[dict[str, Any]], quick: bool) -> None:
             write_table(ws, "train_steps", t)
         write_s = time.perf_counter() - t0
         rows.append(
-            dict(
-                name=f"lake write {n:,} train_steps",
-                metric="rows/s",
-                value=n / write_s,
-                unit="rows/s",
+            bench_row(
+                SUITE,
+                f"lake write {n:,} train_steps",
+                "rows/s",
+                n / write_s,
+                "rows/s",
                 params={"rows": n, "runs": n_runs, "seconds": write_s},
             )
         )
@@ -157,13 +162,13 @@ def bench_catalog(rows: list[dict[str, Any]], quick: bool) -> None:
                     best = min(best, time.perf_counter() - t0)
                 timings[view] = best
             rows.append(
-                dict(
-                    name=f"sql {label} ({n:,} rows)",
-                    metric="seconds",
-                    value=timings["train_steps"],
-                    unit="s",
+                bench_row(
+                    SUITE,
+                    f"sql {label} ({n:,} rows)",
+                    "seconds",
+                    timings["train_steps"],
+                    "s",
                     baseline=timings["train_steps_all"],
-                    ratio=timings["train_steps"] / timings["train_steps_all"],
                     params={
                         "rows_per_s": n / timings["train_steps"],
                         "baseline": "the raw view without resume de-duplication",
@@ -189,11 +194,12 @@ def bench_catalog(rows: list[dict[str, Any]], quick: bool) -> None:
             cli_s = time.perf_counter() - t0
             if r.returncode == 0:
                 rows.append(
-                    dict(
-                        name=f"esm3 sql {label} ({n:,} rows)",
-                        metric="seconds (command)",
-                        value=cli_s,
-                        unit="s",
+                    bench_row(
+                        SUITE,
+                        f"esm3 sql {label} ({n:,} rows)",
+                        "seconds (command)",
+                        cli_s,
+                        "s",
                         params={"rows_per_s": n / cli_s},
                     )
                 )

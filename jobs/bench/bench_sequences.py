@@ -23,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs.bench import bench_row
+
 SUITE = "sequences"
 REAL_FASTA = Path("/usr/share/doc/mmseqs2/example-data/DB.fasta.gz")
 _VALID = set("ACDEFGHIKLMNPQRSTVWYXBUZO")
@@ -141,15 +143,8 @@ def _peak_rss_mb(path: Path, out: Path) -> float:
 
 
 def _row(name, metric, value, unit, baseline=None, ratio=None, **params) -> dict:
-    return dict(
-        suite=SUITE,
-        name=name,
-        metric=metric,
-        value=float(value),
-        unit=unit,
-        baseline=baseline,
-        ratio=ratio,
-        params=params,
+    return bench_row(
+        SUITE, name, metric, value, unit, baseline=baseline, ratio=ratio, params=params
     )
 
 

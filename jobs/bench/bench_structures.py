@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jobs.bench import bench_row
+
 SUITE = "structures"
 _FULL = [
     "mmcif/5PTI.cif.gz",
@@ -46,16 +48,7 @@ def _data_dir() -> Path | None:
 
 
 def _row(name: str, metric: str, value: float, unit: str, baseline=None, params=None) -> dict:
-    return {
-        "suite": SUITE,
-        "name": name,
-        "metric": metric,
-        "value": float(value),
-        "unit": unit,
-        "baseline": None if baseline is None else float(baseline),
-        "ratio": None if not baseline else float(value) / float(baseline),
-        "params": params or {},
-    }
+    return bench_row(SUITE, name, metric, value, unit, baseline=baseline, params=params)
 
 
 def baseline_structures(files: list[Path], tmp: Path) -> int:

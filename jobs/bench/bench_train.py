@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jobs.bench import bench_row
+
 SUITE = "train"
 
 
@@ -71,16 +73,8 @@ def _config(shards: Path, preset: str, steps: int, batch: int, workers: int) -> 
 
 
 def _row(name: str, metric: str, value: float, unit: str, **kw: Any) -> dict[str, Any]:
-    return dict(
-        suite=SUITE,
-        name=name,
-        metric=metric,
-        value=value,
-        unit=unit,
-        baseline=kw.pop("baseline", None),
-        ratio=kw.pop("ratio", None),
-        params=kw,
-    )
+    baseline, ratio = kw.pop("baseline", None), kw.pop("ratio", None)
+    return bench_row(SUITE, name, metric, value, unit, baseline=baseline, ratio=ratio, params=kw)
 
 
 def bench_in_process(
