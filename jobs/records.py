@@ -102,28 +102,38 @@ class Task:
             "cluster": self.cluster,
         }
 
+    def run(self, ident: dict[str, Any], args: tuple[Any, ...]) -> Any:
+        """The job's work; array tasks get (index, item-args tuple)."""
+        return self.fn(*args[1]) if self.indexed else self.fn(*args)
+
+    def on_interrupted(self, ident: dict[str, Any]) -> None:
+        """After an `Interrupted` attempt is recorded: a job that can requeue does it here."""
+
     def __call__(self, *args: Any) -> Any:
         ws = Path(self.workspace)
         ident = self.identity(args)
         started = now()
         record_job(ws, **ident, state="RUNNING", started_at=started)
+
+        def ended(state: str, **fields: Any) -> None:
+            record_job(ws, **ident, state=state, started_at=started, ended_at=now(), **fields)
+
         try:
-            # array tasks get (index, item-args tuple)
-            result = self.fn(*args[1]) if self.indexed else self.fn(*args)
-        except BaseException as e:
-            err = "".join(traceback.format_exception(e))[-8000:]
-            record_job(
-                ws,
-                **ident,
-                state="FAILED",
-                exit_code=1,
-                error=err,
-                started_at=started,
-                ended_at=now(),
-            )
+            result = self.run(ident, args)
+        except Interrupted as e:
+            ended("REQUEUED", error=str(e))
+            self.on_interrupted(ident)
             raise
-        record_job(ws, **ident, state="COMPLETED", exit_code=0, started_at=started, ended_at=now())
+        except BaseException as e:
+            ended("FAILED", exit_code=1, error="".join(traceback.format_exception(e))[-8000:])
+            raise
+        ended("COMPLETED", exit_code=0)
         return result
+
+
+class Interrupted(Exception):
+    """Raised by a job's work when this attempt stops to be requeued (preemption, time
+    limit): recorded as REQUEUED, not FAILED."""
 
 
 # --- reconciliation with the scheduler -------------------------------------------------

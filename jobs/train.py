@@ -22,7 +22,6 @@ import os
 import signal
 import sys
 import time
-import traceback
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -121,7 +120,7 @@ def check_inputs(cfg: Any, ws: Path, world_size: int) -> dict[str, Any]:
 # --- the job -----------------------------------------------------------------------------
 
 
-class Requeue(Exception):
+class Requeue(records.Interrupted):
     """Raised inside the job after the preemption checkpoint: requeue this attempt."""
 
 
@@ -147,35 +146,11 @@ class TrainJob(records.Task, submitit.helpers.Checkpointable):
     installed) resubmits the same job; progress comes from the checkpoints on disk.
     """
 
-    def __call__(self, *args: Any) -> Any:
-        ws = Path(self.workspace)
-        ident = self.identity(args)
-        started = now()
-        records.record_job(ws, **ident, state="RUNNING", started_at=started)
-        try:
-            result = train_job(ws, self.run_id, args[0], attempt=ident["attempt"])
-        except Requeue as e:
-            records.record_job(
-                ws, **ident, state="REQUEUED", error=str(e), started_at=started, ended_at=now()
-            )
-            _requeue_and_wait(ident["rank"], self.run_id)
-            raise  # not reached on SLURM (the requeue kills this attempt)
-        except BaseException as e:
-            err = "".join(traceback.format_exception(e))[-8000:]
-            records.record_job(
-                ws,
-                **ident,
-                state="FAILED",
-                exit_code=1,
-                error=err,
-                started_at=started,
-                ended_at=now(),
-            )
-            raise
-        records.record_job(
-            ws, **ident, state="COMPLETED", exit_code=0, started_at=started, ended_at=now()
-        )
-        return result
+    def run(self, ident: dict[str, Any], args: tuple[Any, ...]) -> Any:
+        return train_job(Path(self.workspace), self.run_id, args[0], attempt=ident["attempt"])
+
+    def on_interrupted(self, ident: dict[str, Any]) -> None:
+        _requeue_and_wait(ident["rank"], self.run_id)  # does not return on SLURM
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
