@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +75,6 @@ class Submission:
     stage: str
     profile: ClusterProfile
     jobs: list[submitit.Job[Any]]
-    submitted_at: Any = None
-    results: list[Any] = field(default_factory=list)
 
     @property
     def job_ids(self) -> list[str]:
@@ -125,7 +123,6 @@ class Submission:
             except Exception as e:  # the job raised: its own record has the traceback
                 raise JobFailed(f"{self.stage}: job {j.job_id} failed: {self._error(j)}") from e
             out.append(res[0] if len(res) == 1 else res)
-        self.results = out
         return out
 
     def _error(self, job: submitit.Job[Any]) -> str:
@@ -209,7 +206,7 @@ def submit_array(
     task = records.Task(str(ws), run_id, stage, profile.name, fn, indexed=True)
     t0 = now()
     jobs = ex.map_array(task, list(range(len(items))), [tuple(it) for it in items])
-    sub = Submission(ws, run_id, stage, profile, jobs, t0)
+    sub = Submission(ws, run_id, stage, profile, jobs)
     _record_submitted(sub, t0, indexed=True)
     log.info("%s: submitted %d task(s) on %s: %s", stage, len(jobs), profile.name, sub.job_ids[:3])
     return sub
@@ -231,7 +228,7 @@ def submit_job(
     task = records.Task(str(ws), run_id, stage, profile.name, fn)
     t0 = now()
     job = ex.submit(task, *args)
-    sub = Submission(ws, run_id, stage, profile, [job], t0)
+    sub = Submission(ws, run_id, stage, profile, [job])
     _record_submitted(sub, t0, indexed=False)
     log.info("%s: submitted job %s on %s", stage, job.job_id, profile.name)
     return sub

@@ -322,7 +322,7 @@ def submit(
             )
         ],
     )
-    return run_id, launch.Submission(ws, run_id, STAGE, profile, [sjob], t0)
+    return run_id, launch.Submission(ws, run_id, STAGE, profile, [sjob])
 
 
 def sbatch_script(ws: Path, profile: ClusterProfile, nodes: int | None, tasks: int | None) -> str:
