@@ -173,6 +173,11 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
             )
 
 
+def _vanished(e: duckdb.Error) -> bool:
+    text = str(e)
+    return "No such file" in text or "No files found" in text
+
+
 def query(workspace: str | Path, sql: str, *, retries: int = 2, on_corrupt=None):  # type: ignore[no-untyped-def]
     """Run read-only SQL over the catalog; returns a pandas DataFrame.
 
@@ -188,6 +193,10 @@ def query(workspace: str | Path, sql: str, *, retries: int = 2, on_corrupt=None)
         except (duckdb.IOException, duckdb.InvalidInputException) as e:
             if attempt == retries:
                 raise
+            if _vanished(e):  # compaction removed a part: the next listing is whole again
+                time.sleep(0.2)
+                continue
+            # decoding the whole lake is costly: only when a file really failed to read
             bad = find_corrupt_files(workspace, decode=True)
             if bad:
                 exclude = frozenset(bad)
