@@ -9,7 +9,6 @@ statistics (seconds), the platform's smallest real job.
 
 from __future__ import annotations
 
-import gzip
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -35,27 +34,23 @@ class DemoConfig:
 
 
 def shard_stats(fasta: str, shard: int, n_shards: int, out: str) -> dict[str, object]:
-    """Statistics of every n_shards-th record starting at `shard` (one array task)."""
+    """Statistics of every n_shards-th valid record starting at `shard` (one array task),
+    read with the suite's streaming FASTA parser."""
+    import numpy as np
+    import pyarrow as pa
+
+    from esm3.data.fasta import iter_blocks, parse_block
+
     lengths: list[int] = []
     comp: Counter[str] = Counter()
-    seq: list[str] = []
-    idx = -1
-
-    def close() -> None:
-        if idx >= 0 and idx % n_shards == shard:
-            s = "".join(seq)
-            lengths.append(len(s))
-            comp.update(s)
-
-    with gzip.open(fasta, "rt") as f:
-        for line in f:
-            if line.startswith(">"):
-                close()
-                idx += 1
-                seq = []
-            else:
-                seq.append(line.strip())
-        close()
+    seen = 0  # valid records before this block
+    for offset, block in iter_blocks(fasta):
+        batch = parse_block(block, offset, dataset="demo", source=fasta).batch
+        mine = np.arange(seen, seen + batch.num_rows) % n_shards == shard
+        seen += batch.num_rows
+        seqs = batch.column("sequence").filter(pa.array(mine)).to_pylist()
+        lengths += [len(q) for q in seqs]
+        comp.update("".join(seqs))
     stats = {
         "shard": shard,
         "sequences": len(lengths),
