@@ -124,13 +124,6 @@ def run_demo(a) -> int:  # type: ignore[no-untyped-def]
     return 0
 
 
-def _config_path(name: str, kind: str) -> Path:
-    p = Path(name)
-    if p.suffix == ".toml":
-        return p
-    return Path(__file__).resolve().parent / "configs" / kind / f"{name}.toml"
-
-
 def run_full_demo(a, cfg: DemoConfig) -> int:  # type: ignore[no-untyped-def]
     """Preprocess every demo dataset, train the tiny model on the result, show the SQL."""
     import time
@@ -147,9 +140,9 @@ def run_full_demo(a, cfg: DemoConfig) -> int:  # type: ignore[no-untyped-def]
     print(
         f"== 1/2 preprocessing ({cfg.preprocess}) on '{profile.name}', workspace {ws}", flush=True
     )
-    print(preprocess.demo(ws, profile, _config_path(cfg.preprocess, "preprocess")), flush=True)
+    print(preprocess.demo(ws, profile, cfg.preprocess), flush=True)
     print(f"\n== 2/2 training ({cfg.train}) on '{profile.name}'", flush=True)
-    print(train.demo_train(ws, profile, _config_path(cfg.train, "train")), flush=True)
+    print(train.demo_train(ws, profile, cfg.train), flush=True)
     run_id = query(
         ws, "SELECT run_id FROM runs WHERE kind = 'train' ORDER BY submitted_at DESC LIMIT 1"
     ).run_id[0]

@@ -220,8 +220,12 @@ class PreprocessConfig:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PreprocessConfig:
-    """The config from TOML (default: the demo config) with `key=value` overrides."""
-    return load(PreprocessConfig, path or DEFAULT_CONFIG, overrides)
+    """The config from TOML, or by name from jobs/configs/preprocess (default: the demo
+    config), with `key=value` overrides."""
+    p = Path(path) if path else DEFAULT_CONFIG
+    if not p.exists() and (CONFIG_DIR / f"{p}.toml").exists():
+        p = CONFIG_DIR / f"{p}.toml"  # a config by name: demo, site-example
+    return load(PreprocessConfig, p, overrides)
 
 
 def expand_path(pattern: str, workspace: Path) -> str:
