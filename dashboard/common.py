@@ -136,6 +136,18 @@ def empty(what: str, hint: str) -> None:
     st.info(f"No {what} yet. {hint}", icon=":material/hourglass_empty:")
 
 
+def require_training_steps(ws: Path, data: Data, hint: str) -> None:
+    """Stop the page with a helpful empty state unless some run has logged steps."""
+    if not data.exists:
+        no_lake(ws)
+        st.stop()
+    with section("the run list"):
+        runs_available = data(queries.run_ids_with_steps)
+    if not runs_available:
+        empty("training steps", hint)
+        st.stop()
+
+
 def pick_runs(data: Data, label: str = "Runs", key: str = "runs", default_n: int = 2) -> list[str]:
     """A run multiselect shared across pages (the choice survives page switches)."""
     options = data(queries.run_ids_with_steps)

@@ -12,14 +12,9 @@ st.title("Loss")
 ws = common.workspace()
 
 with common.Data(ws, report=False) as data:  # the live part reports
-    if not data.exists:
-        common.no_lake(ws)
-        st.stop()
-    with common.section("the run list"):
-        runs_available = data(queries.run_ids_with_steps)
-    if not runs_available:
-        common.empty("training steps", "Loss curves appear once a training run logs its steps.")
-        st.stop()
+    common.require_training_steps(
+        ws, data, "Loss curves appear once a training run logs its steps."
+    )
     c = st.columns(2)
     with c[0]:
         runs = common.pick_runs(data)

@@ -14,14 +14,9 @@ ws = common.workspace()
 METRICS = ["grad_norm", "lr", "update_ratio", "max_attn_logit"]
 
 with common.Data(ws, report=False) as data:  # the live part reports
-    if not data.exists:
-        common.no_lake(ws)
-        st.stop()
-    with common.section("the run list"):
-        runs_available = data(queries.run_ids_with_steps)
-    if not runs_available:
-        common.empty("training steps", "Stability curves appear once a training run logs steps.")
-        st.stop()
+    common.require_training_steps(
+        ws, data, "Stability curves appear once a training run logs steps."
+    )
     c = st.columns([4, 1, 1])
     with c[0]:
         runs = common.pick_runs(data)
