@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,8 +16,19 @@ import streamlit as st
 
 from esm3.metrics import queries
 
+#: test-only: seconds every data read waits before returning, so browser tests see pages
+#: whose figures render late (the race a slow lake or a loaded machine produces)
+TEST_DELAY_ENV = "ESM3_DASHBOARD_TEST_DELAY_S"
+
 REFRESH_CHOICES = {"off": 0, "2 s": 2, "5 s": 5, "10 s": 10, "30 s": 30, "1 min": 60}
 DEFAULT_REFRESH = "5 s"
+
+
+def test_delay() -> None:
+    """Hold a data read back by $ESM3_DASHBOARD_TEST_DELAY_S seconds (unset: no delay)."""
+    seconds = float(os.environ.get(TEST_DELAY_ENV) or 0)
+    if seconds > 0:
+        time.sleep(seconds)
 
 
 def workspace() -> Path:
@@ -61,6 +73,7 @@ class Data:
     def __call__(self, fn: Callable, *args, **kwargs):
         args = tuple(tuple(a) if isinstance(a, list) else a for a in args)
         kw = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()))
+        test_delay()
         result, bad = _cached(str(self.ws), self.sig, fn.__name__, args, kw, self)
         self.bad_files.update(bad)
         return result.copy() if isinstance(result, pd.DataFrame) else result

@@ -2,7 +2,11 @@
 each page opened in Debian's headless Chromium (driven by chromedriver through selenium),
 screenshots kept under artifacts/screenshots/. Checks: no error element, the page's title
 and the seeded figures; a refused SQL statement; live steps appearing while a writer
-appends; a corrupt lake file named on the page while the rest renders."""
+appends; a corrupt lake file named on the page while the rest renders.
+
+The server holds every data read back by DATA_DELAY_S (the dashboard's test-only delay), so
+each page's figures arrive seconds after its frame: every check waits, bounded, for exactly
+the texts it asserts (`wait_page`, `tests.waiting.wait_for`)."""
 
 from __future__ import annotations
 
@@ -12,7 +16,6 @@ import socket
 import subprocess
 import tempfile
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -20,8 +23,10 @@ import numpy as np
 import pytest
 
 from dashboard import demo_data
+from dashboard.common import TEST_DELAY_ENV
 from dashboard.serve import command
 from esm3.metrics.lake import LakeWriter
+from tests.waiting import pause, wait_for
 
 pytestmark = pytest.mark.browser
 
@@ -35,6 +40,7 @@ if not CHROMIUM or not CHROMEDRIVER:
 webdriver = pytest.importorskip(
     "selenium.webdriver", reason="needs selenium (pip install selenium)"
 )
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
@@ -42,6 +48,7 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 SHOTS = Path(__file__).resolve().parents[1] / "artifacts" / "screenshots"
 STEPS = 300
 WIDTH = 1400
+DATA_DELAY_S = 1.0
 
 
 def _free_port() -> int:
@@ -50,29 +57,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _healthy(url: str, proc: subprocess.Popen, log: Path) -> bool:
+    if proc.poll() is not None:
+        raise AssertionError(f"streamlit exited with {proc.returncode}: {log.read_text()}")
+    with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+        return r.status == 200
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     ws = tmp_path_factory.mktemp("browser") / "ws"
     sims = demo_data.seed(ws, steps=STEPS)
     port = _free_port()
-    log = open(ws.parent / "streamlit.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        command(ws, port=port), stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)
-    )
+    log_path = ws.parent / "streamlit.log"
+    log = open(log_path, "w")  # noqa: SIM115 - closed below
+    # every data read is held back: the figures render seconds after the page's frame, so a
+    # test that reads the page before its figures are there fails every time, not by chance
+    env = dict(os.environ, **{TEST_DELAY_ENV: str(DATA_DELAY_S)})
+    proc = subprocess.Popen(command(ws, port=port), stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                pytest.fail(f"streamlit did not start: {(ws.parent / 'streamlit.log').read_text()}")
-            time.sleep(0.3)
+        wait_for(
+            lambda: _healthy(url, proc, log_path), 90, "streamlit's health endpoint",
+            ignore=(OSError,),
+        )  # fmt: skip
         yield url, ws, sims
     finally:
         proc.terminate()
@@ -113,29 +121,54 @@ def _texts(driver, css: str) -> list[str]:
     return [e.text for e in driver.find_elements(By.CSS_SELECTOR, css)]
 
 
-def wait_until(cond, timeout: float = 60, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.25)
+def _main_text(driver) -> str:
+    return "\n".join(_texts(driver, '[data-testid="stMain"]'))
 
 
-def wait_rendered(driver, title: str, charts: int, timeout: float = 90) -> None:
-    """The page's title is shown, the script is done and `charts` charts have drawn."""
+def _charts_drawn(driver) -> int:
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll('.vega-embed'))"
+        ".filter(e => e.querySelector('svg, canvas')).length"
+    )
 
-    def ready() -> bool:
-        if title not in _texts(driver, "h1"):
-            return False
-        if driver.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidgetRunningIcon"]'):
-            return False
-        drawn = driver.execute_script(
-            "return Array.from(document.querySelectorAll('.vega-embed'))"
-            ".filter(e => e.querySelector('svg, canvas')).length"
-        )
-        return drawn >= charts
 
-    wait_until(ready, timeout, f"page {title!r} with {charts} charts")
+def wait_page(driver, title: str, charts: int = 0, figures=(), timeout: float = 90) -> None:
+    """Wait until the page shows its title, `charts` drawn charts and every text in
+    `figures`: exactly what the test then asserts, not a proxy for "rendered"."""
+
+    def missing() -> list[str]:
+        out = [] if title in _texts(driver, "h1") else [f"the title {title!r}"]
+        drawn = _charts_drawn(driver)
+        if drawn < charts:
+            out.append(f"{charts - drawn} of {charts} charts")
+        body = _main_text(driver)
+        return out + [repr(f) for f in figures if f not in body]
+
+    wait_for(
+        lambda: not missing(),
+        timeout,
+        lambda: f"page {title!r}; still missing: {', '.join(missing())}",
+        ignore=(StaleElementReferenceException,),
+    )
+
+
+def _chart_sizes(driver) -> list[list[int]]:
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll('.vega-embed svg, .vega-embed canvas'))"
+        ".map(e => [e.clientWidth, e.clientHeight])"
+    )
+
+
+def wait_layout_settled(driver, timeout: float = 30) -> None:
+    """Charts re-lay out after a window resize: wait until their sizes stop changing."""
+    seen: list = [None]
+
+    def settled() -> bool:
+        now = _chart_sizes(driver)
+        same, seen[0] = now == seen[0], now
+        return same
+
+    wait_for(settled, timeout, "the charts to settle at the new window size")
 
 
 def screenshot(driver, name: str) -> Path:
@@ -145,7 +178,7 @@ def screenshot(driver, name: str) -> Path:
         "const m = document.querySelector('[data-testid=stMain]');return m ? m.scrollHeight : 1200"
     )
     driver.set_window_size(WIDTH, min(5000, max(900, int(height) + 40)))
-    time.sleep(0.5)  # let charts re-layout to the new size
+    wait_layout_settled(driver)
     path = SHOTS / f"{name}.png"
     driver.save_screenshot(str(path))
     driver.set_window_size(WIDTH, 1200)
@@ -179,16 +212,17 @@ def test_page_renders(server, browser, index):
     url, _, sims = server
     path, title, charts, figures = _page_expectations(sims)[index]
     browser.get(f"{url}/{path}?refresh=0")
-    wait_rendered(browser, title, charts)
+    wait_page(browser, title, charts, figures)
     assert_no_error(browser)
-    body = browser.find_element(By.CSS_SELECTOR, '[data-testid="stMain"]').text
-    for figure in figures:
-        assert figure in body, f"{figure!r} not on page {title!r}"
     screenshot(browser, path or "overview")
 
 
 def _run_sql(driver, sql: str) -> None:
-    box = driver.find_element(By.CSS_SELECTOR, '[data-testid="stTextArea"] textarea')
+    box = wait_for(
+        lambda: driver.find_elements(By.CSS_SELECTOR, '[data-testid="stTextArea"] textarea'),
+        30,
+        "the SQL box",
+    )[0]
     box.click()
     box.send_keys(Keys.CONTROL, "a")
     box.send_keys(Keys.DELETE)
@@ -199,31 +233,32 @@ def _run_sql(driver, sql: str) -> None:
 def test_sql_refusals(server, browser):
     url, _, _ = server
     browser.get(f"{url}/sql?refresh=0")
-    wait_rendered(browser, "SQL", 0)
+    wait_page(browser, "SQL", figures=["3 rows"])
     for sql, says in [
         ("DROP VIEW runs", "refused: DROP statements are not allowed"),
         ("SELECT * FROM read_csv('http://example.com/x.csv')", "external access"),
     ]:
         _run_sql(browser, sql)
-        wait_until(
+        wait_for(
             lambda says=says: any(
                 says in t for t in _texts(browser, '[data-testid="stAlertContentError"]')
             ),
             30,
             f"the refusal {says!r}",
+            ignore=(StaleElementReferenceException,),
         )
         assert not _texts(browser, '[data-testid="stException"]')
     screenshot(browser, "sql-refused")
     # the catalog is intact: a query still answers
     _run_sql(browser, "SELECT count(*) AS n FROM runs")
-    wait_until(lambda: "1 row" in browser.find_element(By.TAG_NAME, "body").text, 30, "a result")
+    wait_page(browser, "SQL", figures=["1 row"], timeout=30)
 
 
 def test_live_steps_while_a_writer_appends(server, browser):
     url, ws, sims = server
     sim = sims["train-a"]
     browser.get(f"{url}/?refresh=1")
-    wait_rendered(browser, "Overview", 0)
+    wait_page(browser, "Overview", figures=[f"{sim.last_step:,}"])
     target = sim.last_step + 40
     wrote: list[int] = []
     failures: list[BaseException] = []
@@ -235,14 +270,14 @@ def test_live_steps_while_a_writer_appends(server, browser):
                 for step in range(sim.last_step + 1, target + 1):
                     w.add(demo_data.step_row("train-a", step, 1, STEPS, rng, False))
                     wrote.append(step)
-                    time.sleep(0.05)
+                    pause(0.05)
         except BaseException as e:  # noqa: BLE001 - reported by the test
             failures.append(e)
 
     t = threading.Thread(target=writer)
     t.start()
     # the page shows an intermediate step while the writer is still going, then the last
-    wait_until(
+    wait_for(
         lambda: (
             any(
                 v.replace(",", "").isdigit() and sim.last_step < int(v.replace(",", "")) < target
@@ -252,14 +287,16 @@ def test_live_steps_while_a_writer_appends(server, browser):
         ),
         60,
         "a new step on the page",
+        ignore=(StaleElementReferenceException,),
     )
     t.join(timeout=60)
     assert not t.is_alive() and not failures, failures
     assert wrote[-1] == target  # the writer was never held up by the page's reads
-    wait_until(
+    wait_for(
         lambda: f"{target:,}" in _texts(browser, '[data-testid="stMetricValue"]'),
         60,
         f"step {target} on the page",
+        ignore=(StaleElementReferenceException,),
     )
     assert_no_error(browser)
     screenshot(browser, "overview-live")
@@ -271,9 +308,17 @@ def test_corrupt_file_named_rest_renders(server, browser):
     bad.write_bytes(b"PAR1 this is not a parquet file")
     try:
         browser.get(f"{url}/stability?refresh=0")
-        wait_rendered(browser, "Stability", 6)
-        warnings = " ".join(_texts(browser, '[data-testid="stAlertContentWarning"]'))
-        assert str(bad.relative_to(ws)) in warnings and "corrupt" in warnings
+        named = str(bad.relative_to(ws))
+        wait_page(browser, "Stability", 6, ["Spikes", "Rollbacks"])
+        wait_for(
+            lambda: any(
+                named in w and "corrupt" in w
+                for w in _texts(browser, '[data-testid="stAlertContentWarning"]')
+            ),
+            60,
+            f"a warning naming {named} as corrupt",
+            ignore=(StaleElementReferenceException,),
+        )
         assert_no_error(browser)
         screenshot(browser, "stability-corrupt-file")
     finally:

@@ -43,6 +43,7 @@ if sql.strip():
     else:
         reader = queries.LakeReader(ws)
         try:
+            common.test_delay()
             df, truncated = queries.run_user_sql(reader, sql, max_rows=MAX_ROWS)
         except queries.SqlRefused as e:
             st.error(str(e), icon=":material/block:")

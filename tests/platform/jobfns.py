@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
-import time
+
+from tests.waiting import pause
 
 
 def square(x: int) -> dict[str, object]:
@@ -16,7 +17,8 @@ def boom(message: str) -> None:
 
 
 def sleep(seconds: float) -> str:
-    time.sleep(seconds)
+    """A job that is busy for `seconds` (something to cancel or kill while it runs)."""
+    pause(seconds)
     return "slept"
 
 

@@ -3,7 +3,7 @@ and on the local executor; every job records its own lifecycle."""
 
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +11,7 @@ from esm3.metrics.catalog import query
 from jobs import launch
 from jobs.clusters import Resources, load_profile
 from tests.platform import jobfns
+from tests.waiting import wait_for
 
 
 def _run(ws, profile, kind="test"):
@@ -96,14 +97,27 @@ def test_failing_job_is_recorded_with_its_error(slurm_cluster, workspace):
     )
 
 
+def _states(ws, run_id) -> list[str]:
+    return query(ws, f"SELECT state FROM jobs WHERE run_id = '{run_id}'").state.tolist()
+
+
 def _wait_state(ws, run_id, state, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        df = query(ws, f"SELECT state FROM jobs WHERE run_id = '{run_id}'")
-        if len(df) and (df.state == state).all():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"jobs of {run_id} not {state} after {timeout}s: {df.state.tolist()}")
+    wait_for(
+        lambda: (s := _states(ws, run_id)) and set(s) == {state},
+        timeout,
+        lambda: f"every job of {run_id} to be {state} (now {_states(ws, run_id)})",
+    )
+
+
+def _status_csv(ws, run_id) -> list[str]:
+    r = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "status", run_id, "-w", str(ws), "-f", "csv"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
 
 
 @pytest.mark.slurm
@@ -115,24 +129,25 @@ def test_scancelled_job_shows_as_cancelled(slurm_cluster, workspace):
     )
     _wait_state(workspace, run_id, "RUNNING")
     subprocess.run(["scancel", sub.job_ids[0]], check=True, env=slurm_cluster.env())
-    # SLURM shows the job COMPLETING for KillWait seconds, then CANCELLED
-    deadline = time.monotonic() + 60
-    while True:
-        r = subprocess.run(
-            [sys.executable, "-m", "jobs.cli", "status", run_id, "-w", str(workspace), "-f", "csv"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert r.returncode == 0, r.stderr
-        if "CANCELLED" in r.stdout.splitlines()[1] or time.monotonic() > deadline:
-            break
-        time.sleep(1)
-    assert "CANCELLED" in r.stdout.splitlines()[1], r.stdout  # the run
+    # SLURM shows the job COMPLETING for KillWait seconds, then CANCELLED; `esm3 status`
+    # reconciles with the scheduler each time it is asked
+    wait_for(
+        lambda: "CANCELLED" in _status_csv(workspace, run_id)[1],
+        90,
+        lambda: f"`esm3 status` to show the run CANCELLED: {_status_csv(workspace, run_id)}",
+    )
     job = query(workspace, f"SELECT * FROM jobs WHERE run_id = '{run_id}'").iloc[0]
     assert job.state == "CANCELLED" and "JobState=CANCELLED" in job.error
     with pytest.raises(launch.JobFailed, match="CANCELLED"):
         sub.wait(timeout_s=30)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, ended but not yet reaped, is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_local_job_killed_from_outside_is_lost_not_running(workspace):
@@ -148,7 +163,7 @@ def test_local_job_killed_from_outside_is_lost_not_running(workspace):
     controller = int(sub.job_ids[0])
     subprocess.run(["pkill", "-KILL", "-P", str(controller)], check=False)  # the task
     os.kill(controller, signal.SIGKILL)
-    time.sleep(0.5)
+    wait_for(lambda: not _alive(controller), 30, f"the controller {controller} to be gone")
     with pytest.raises(launch.JobFailed, match="LOST"):
         sub.wait(timeout_s=30, poll_s=0.2)
     assert query(workspace, f"SELECT state FROM jobs WHERE run_id = '{run_id}'").state[0] == "LOST"

@@ -1,7 +1,6 @@
 import subprocess
 import sys
 import threading
-import time
 
 import duckdb
 import pyarrow.parquet as pq
@@ -10,6 +9,7 @@ import pytest
 from esm3.metrics.catalog import SqlRefused, connect, query, refresh_catalog_file
 from esm3.metrics.lake import LakeWriter, lake_dir, write_rows
 from esm3.metrics.schema import TABLES
+from tests.waiting import wait_for
 
 
 def test_every_contract_table_is_queryable_when_empty(workspace):
@@ -140,28 +140,43 @@ def test_reads_never_block_a_writer(workspace):
 def test_catalog_file_for_any_duckdb_client_while_it_is_open(workspace):
     write_rows(workspace, "runs", [dict(run_id="r", kind="demo", status="COMPLETED")])
     path = refresh_catalog_file(workspace)
-    # an external client holds the file open read-only in another process
+    # an external client holds the file open read-only in another process until told to stop
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            f"import duckdb,time; c=duckdb.connect({str(path)!r}, read_only=True); "
-            "print(c.execute('select count(*) from runs').fetchone()[0], flush=True); time.sleep(5)",
+            f"import duckdb,sys; c=duckdb.connect({str(path)!r}, read_only=True); "
+            "print(c.execute('select count(*) from runs').fetchone()[0], flush=True); "
+            "sys.stdin.read()",
         ],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "1"
-        t0 = time.monotonic()
-        refresh_catalog_file(workspace)  # never waits on the client's lock
-        write_rows(workspace, "runs", [dict(run_id="r2", kind="demo", status="COMPLETED")])
-        assert time.monotonic() - t0 < 4
+
+        errors: list[BaseException] = []
+
+        def refresh_and_write() -> None:
+            try:
+                refresh_catalog_file(workspace)
+                write_rows(workspace, "runs", [dict(run_id="r2", kind="demo", status="COMPLETED")])
+            except BaseException as e:  # noqa: BLE001 - reported by the test
+                errors.append(e)
+
+        # never waits on the client's lock: both return while the client holds the file
+        t = threading.Thread(target=refresh_and_write, daemon=True)
+        t.start()
+        wait_for(lambda: not t.is_alive(), 60, "the refresh and the write, file held open")
+        assert not errors, errors
+        assert holder.poll() is None  # the client held it open all along
         con = duckdb.connect(str(path), read_only=True)
         assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == 2
         con.close()
     finally:
         holder.kill()
+        holder.wait()
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage pages"])

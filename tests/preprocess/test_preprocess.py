@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from jobs.preprocess import run_preprocess
 from jobs.stages.config import load_config
 from jobs.workspace import prepare
 from tests.preprocess.conftest import write_config
+from tests.waiting import wait_for
 
 DATA = Path("data/preprocess/t")
 
@@ -223,12 +223,10 @@ def _not_in_clusters(final: Path, shards: list[str]) -> int:
 
 
 def _wait_for(ws: Path, sql: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if query(ws, sql).n[0] > 0:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for: {sql}")
+    """Until the count that `sql` selects as `n` is positive."""
+    wait_for(
+        lambda: query(ws, sql).n[0] > 0, timeout, f"a positive count from: {sql}", interval=0.5
+    )
 
 
 def _run_id(ws: Path) -> str:

@@ -4,7 +4,6 @@ on real shards, then the same run preempted with USR2, requeued and resumed."""
 from __future__ import annotations
 
 import subprocess
-import time
 
 import pytest
 
@@ -12,6 +11,7 @@ from esm3.metrics.catalog import query
 from jobs.clusters import load_profile
 from jobs.train import load_config, run_training, submit
 from tests.train.conftest import write_config
+from tests.waiting import wait_for
 
 STAGES = """
 [[stages]]
@@ -75,27 +75,31 @@ def test_preempted_run_requeues_resumes_and_matches(reference, slurm_cluster, tm
     run_id, sub = submit(ws, load_profile("slurm-local"), cfg, nodes=2, tasks_per_node=1)
     job = sub.job_ids[0]
     env = slurm_cluster.env()
-    deadline = time.time() + 300
     # signal as soon as training has started, so the run is surely still going on a fast
     # machine; the job checkpoints at the next step boundary
-    while time.time() < deadline:
-        ev = query(ws, f"SELECT step FROM events WHERE run_id = '{run_id}' AND kind = 'start'")
-        if len(ev):
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail("the run did not start within 300 s")
+    wait_for(
+        lambda: len(
+            query(ws, f"SELECT 1 FROM events WHERE run_id = '{run_id}' AND kind = 'start'")
+        ),
+        300,
+        f"the 'start' event of {run_id}",
+    )
     # the scheduler's preemption / time-limit signal, to every rank
     subprocess.run(["scancel", "--signal=USR2", job], check=True, env=env)
+
     # SLURM holds a requeued job ~2 minutes (credential expiry); let it start at once
-    while time.time() < deadline:
-        st = subprocess.run(
+    def held_or_restarted() -> str:
+        held = subprocess.run(
             ["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True, text=True, env=env
         ).stdout
-        if "BeginTime" in st:
-            subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env)
-            break
-        time.sleep(1)
+        if "BeginTime" in held:
+            return "held"
+        restarted = query(ws, f"SELECT 1 FROM jobs WHERE run_id = '{run_id}' AND attempt > 0")
+        return "restarted" if len(restarted) else ""
+
+    seen = wait_for(held_or_restarted, 300, f"job {job} requeued", interval=1)
+    if seen == "held":
+        subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env)
     (per_rank,) = sub.wait(timeout_s=400)
     assert per_rank[0]["resumed_from"] is not None and per_rank[0]["resumed_from"] >= 1
     jobs = query(
