@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import duckdb
@@ -178,8 +179,18 @@ def _vanished(e: duckdb.Error) -> bool:
     return "No such file" in text or "No files found" in text
 
 
-def query(workspace: str | Path, sql: str, *, retries: int = 2, on_corrupt=None):  # type: ignore[no-untyped-def]
+def query(  # type: ignore[no-untyped-def]
+    workspace: str | Path,
+    sql: str,
+    params: Sequence[object] | Mapping[str, object] | None = None,
+    *,
+    retries: int = 2,
+    on_corrupt=None,
+):
     """Run read-only SQL over the catalog; returns a pandas DataFrame.
+
+    Values that come from a user, a file or a record go in `params` (`?` or `$name`
+    placeholders), never into the SQL text.
 
     A lake file can vanish between listing and reading during compaction: retry then.
     Corrupt lake files are left out and reported through `on_corrupt({path: reason})`.
@@ -189,7 +200,7 @@ def query(workspace: str | Path, sql: str, *, retries: int = 2, on_corrupt=None)
         con = connect(workspace, exclude=exclude, on_corrupt=on_corrupt)
         try:
             check_read_only(con, sql)
-            return con.execute(sql).df()
+            return con.execute(sql, params).df()
         except (duckdb.IOException, duckdb.InvalidInputException) as e:
             if attempt == retries:
                 raise
