@@ -9,13 +9,13 @@ it over the old one, so a client that has it open never blocks the suite either.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 
-from esm3.metrics.lake import ensure_lake, lake_dir
+from esm3.metrics.lake import ensure_lake
 from esm3.metrics.schema import LATEST_BY, TABLES
 
 CATALOG_FILE = "esm3.duckdb"
@@ -32,51 +32,82 @@ _STATE_RANK = (
 )
 
 
-def _q(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
+def source_var(table: str) -> str:
+    """The session variable holding what `table`'s view reads (a glob or a list of files).
 
-
-def view_sql(workspace: str | Path, exclude: frozenset[Path] = frozenset()) -> list[str]:
-    """CREATE VIEW statements for every contract table (absolute paths).
-
-    Files in `exclude` (corrupt ones) are left out by listing the table's files explicitly.
+    File paths are values, so they reach DuckDB as bound parameters (`SET VARIABLE ... = ?`)
+    and the views read them with getvariable(); only schema identifiers are in the SQL text.
     """
-    root = lake_dir(Path(workspace).resolve())
-    out = []
+    return f"lake_{checked_table(table)}"
+
+
+def checked_table(name: str) -> str:
+    """`name` if it is a contract table (safe to put in SQL text as an identifier)."""
+    if name not in TABLES:
+        raise KeyError(f"unknown table {name!r}")
+    return name
+
+
+def _duck_type(t: pa.DataType) -> str:  # pyarrow type -> DuckDB type name, for empty views
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMPTZ" if t.tz else "TIMESTAMP"
+    names = {pa.string(): "VARCHAR", pa.int32(): "INTEGER", pa.int64(): "BIGINT"}
+    names.update({pa.float64(): "DOUBLE", pa.bool_(): "BOOLEAN"})
+    return names.get(t, "VARCHAR")
+
+
+def _source(table: str, empty: bool) -> str:
+    if empty:  # no readable file: a typed, empty relation keeps every query binding
+        cols = ", ".join(
+            f"CAST(NULL AS {_duck_type(f.type)}) AS {f.name}" for f in TABLES[checked_table(table)]
+        )
+        return f"(SELECT {cols} WHERE false)"  # noqa: S608 - names and types of the fixed schema
+    return f"read_parquet(getvariable('{source_var(table)}'), union_by_name=true)"
+
+
+def view_statements(empty: frozenset[str] = frozenset()) -> list[tuple[str | None, str]]:
+    """(table whose files the statement reads, or None; CREATE VIEW) for every contract view.
+
+    The views read each table's files through `source_var(table)`, which the connection
+    sets; tables in `empty` (no readable file) are typed and empty.
+    """
+    out: list[tuple[str | None, str]] = []
     for table in TABLES:
-        glob = _q(str(root / table / "**" / "*.parquet"))
-        src = f"read_parquet({glob}, union_by_name=true)"
-        bad = {p for p in exclude if (root / table) in p.parents}
-        if bad:
-            good = [p for p in sorted((root / table).rglob("*.parquet")) if p not in bad]
-            files = ", ".join(_q(str(p)) for p in good)
-            src = f"read_parquet([{files}], union_by_name=true)"
+        src = _source(table, table in empty)
         if table in LATEST_BY:
             keys = ", ".join(LATEST_BY[table])
             rank = _STATE_RANK.replace("status_or_state", "status" if table == "runs" else "state")
             raw = f"{table}_history"
-            out.append(f"CREATE OR REPLACE VIEW {raw} AS SELECT * FROM {src}")
+            out.append((table, f"CREATE OR REPLACE VIEW {raw} AS SELECT * FROM {src}"))  # noqa: S608 - schema names
             out.append(
-                f"CREATE OR REPLACE VIEW {table}_latest AS SELECT * FROM {raw} "
-                f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY updated_at DESC, {rank} DESC) = 1"
+                (
+                    None,
+                    f"CREATE OR REPLACE VIEW {table}_latest AS SELECT * FROM {raw} "  # noqa: S608 - schema names
+                    f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY updated_at DESC, {rank} DESC) = 1",
+                )
             )
         elif table == "train_steps":
             # a step recomputed after a resume keeps its latest attempt's row
-            out.append(f"CREATE OR REPLACE VIEW train_steps_all AS SELECT * FROM {src}")
+            out.append((table, f"CREATE OR REPLACE VIEW train_steps_all AS SELECT * FROM {src}"))  # noqa: S608 - schema names
             out.append(
-                "CREATE OR REPLACE VIEW train_steps AS SELECT * FROM train_steps_all "
-                "QUALIFY row_number() OVER (PARTITION BY run_id, step "
-                "ORDER BY attempt DESC, time DESC) = 1"
+                (
+                    None,
+                    "CREATE OR REPLACE VIEW train_steps AS SELECT * FROM train_steps_all "
+                    "QUALIFY row_number() OVER (PARTITION BY run_id, step "
+                    "ORDER BY attempt DESC, time DESC) = 1",
+                )
             )
         else:
-            out.append(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {src}")
+            out.append((table, f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {src}"))  # noqa: S608 - schema names
+    out += [(None, stmt) for stmt in _DERIVED_VIEWS]
+    return out
+
+
+_DERIVED_VIEWS = (
     # jobs: latest state per (run, job, rank, attempt)
-    out.append(
-        "CREATE OR REPLACE VIEW jobs AS SELECT * EXCLUDE (updated_at), updated_at FROM jobs_latest"
-    )
+    "CREATE OR REPLACE VIEW jobs AS SELECT * EXCLUDE (updated_at), updated_at FROM jobs_latest",
     # runs: the latest record, with a status derived from its jobs while it is not final
-    out.append(
-        """CREATE OR REPLACE VIEW runs AS
+    """CREATE OR REPLACE VIEW runs AS
         WITH j AS (
           SELECT run_id,
                  count(*) FILTER (WHERE state IN ('FAILED','LOST','TIMEOUT')) AS failed,
@@ -99,57 +130,22 @@ def view_sql(workspace: str | Path, exclude: frozenset[Path] = frozenset()) -> l
                  coalesce(r.started_at, j.first_start) AS started_at,
                  coalesce(r.finished_at, CASE WHEN j.running = 0 AND j.completed + j.failed + j.cancelled = j.n
                                          THEN j.last_update END) AS finished_at)
-        FROM runs_latest r LEFT JOIN j USING (run_id)"""
-    )
-    return out
+        FROM runs_latest r LEFT JOIN j USING (run_id)""",
+)
 
 
-def find_corrupt_files(workspace: str | Path, *, decode: bool = False) -> dict[Path, str]:
-    """Lake files that cannot be read: path -> reason. `decode` also reads every page."""
-    import pyarrow.parquet as pq
+def connect(workspace: str | Path, *, on_corrupt=None) -> duckdb.DuckDBPyConnection:  # type: ignore[no-untyped-def]
+    """A private in-memory connection with the contract views; only the lake is readable.
 
-    bad: dict[Path, str] = {}
-    for p in sorted(lake_dir(Path(workspace).resolve()).rglob("*.parquet")):
-        try:
-            if decode:
-                pq.read_table(p)
-            else:
-                pq.read_metadata(p)
-        except Exception as e:  # any failure to read is a corrupt file here
-            bad[p] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-    return bad
-
-
-def connect(
-    workspace: str | Path,
-    *,
-    sandbox: bool = True,
-    exclude: frozenset[Path] = frozenset(),
-    on_corrupt=None,  # type: ignore[no-untyped-def]
-) -> duckdb.DuckDBPyConnection:
-    """An in-memory connection with the contract views; with `sandbox`, only the lake is readable.
-
-    A corrupt file would make every view fail to bind: such files are found and left out.
+    Corrupt files are left out (see `esm3.metrics.reader.LakeReader`) and reported through
+    `on_corrupt({path: reason})`.
     """
-    ws = Path(workspace).resolve()
-    ensure_lake(ws)
-    con = duckdb.connect(":memory:")
-    con.execute("SET parquet_metadata_cache = true")
-    try:
-        for stmt in view_sql(ws, exclude):
-            con.execute(stmt)
-    except duckdb.Error:
-        con.close()
-        bad = find_corrupt_files(ws)
-        if not bad or set(bad) <= exclude:
-            raise
-        if on_corrupt is not None:
-            on_corrupt(bad)
-        return connect(ws, sandbox=sandbox, exclude=exclude | frozenset(bad))
-    if sandbox:
-        con.execute(f"SET allowed_directories=[{_q(str(lake_dir(ws)))}]")
-        con.execute("SET enable_external_access=false")
-        con.execute("SET lock_configuration=true")
+    from esm3.metrics.reader import LakeReader
+
+    r = LakeReader(workspace)
+    con = r.private_connection()
+    if r.bad_paths and on_corrupt is not None:
+        on_corrupt(dict(r.bad_paths))
     return con
 
 
@@ -174,67 +170,68 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
             )
 
 
-def _vanished(e: duckdb.Error) -> bool:
-    text = str(e)
-    return "No such file" in text or "No files found" in text
-
-
 def query(  # type: ignore[no-untyped-def]
     workspace: str | Path,
     sql: str,
     params: Sequence[object] | Mapping[str, object] | None = None,
     *,
-    retries: int = 2,
     on_corrupt=None,
 ):
     """Run read-only SQL over the catalog; returns a pandas DataFrame.
 
     Values that come from a user, a file or a record go in `params` (`?` or `$name`
-    placeholders), never into the SQL text.
-
-    A lake file can vanish between listing and reading during compaction: retry then.
-    Corrupt lake files are left out and reported through `on_corrupt({path: reason})`.
+    placeholders), never into the SQL text. Reads go through the one reader
+    (`esm3.metrics.reader.LakeReader`): files that vanish during compaction are listed
+    again, corrupt ones are left out and reported through `on_corrupt({path: reason})`.
     """
-    exclude: frozenset[Path] = frozenset()
-    for attempt in range(retries + 1):
-        con = connect(workspace, exclude=exclude, on_corrupt=on_corrupt)
+    from esm3.metrics.reader import LakeReader
+
+    with LakeReader(workspace) as r:
+        cur = r.cursor()
         try:
-            check_read_only(con, sql)
-            return con.execute(sql, params).df()
-        except (duckdb.IOException, duckdb.InvalidInputException) as e:
-            if attempt == retries:
-                raise
-            if _vanished(e):  # compaction removed a part: the next listing is whole again
-                time.sleep(0.2)
-                continue
-            # decoding the whole lake is costly: only when a file really failed to read
-            bad = find_corrupt_files(workspace, decode=True)
-            if bad:
-                exclude = frozenset(bad)
-                if on_corrupt is not None:
-                    on_corrupt(bad)
-            elif not isinstance(e, duckdb.IOException):
-                raise
-            time.sleep(0.2)
+            check_read_only(cur, sql)
         finally:
-            con.close()
-    raise AssertionError("unreachable")
+            cur.close()
+        try:
+            return r.sql(sql, params)
+        finally:
+            if r.bad_paths and on_corrupt is not None:
+                on_corrupt(dict(r.bad_paths))
+
+
+def sql_literal(value: str | list[str]) -> str:
+    """A DuckDB string (or list) literal. Only for the catalog file's view definitions: DDL
+    stored for other clients cannot hold parameters, so the lake's paths are written in,
+    quoted here and nowhere else (DuckDB strings have no escapes but a doubled quote)."""
+    if isinstance(value, list):
+        return "[" + ", ".join(sql_literal(v) for v in value) + "]"
+    if "\x00" in value:
+        raise ValueError("a path with a NUL byte")
+    return "'" + value.replace("'", "''") + "'"
 
 
 def refresh_catalog_file(workspace: str | Path) -> Path:
-    """(Re)write workspace/esm3.duckdb with the views, by temporary file + rename."""
+    """(Re)write workspace/esm3.duckdb with the views, by temporary file + rename.
+
+    Corrupt lake files are left out as queries leave them out; the temporary file is
+    removed on every path, so a failed rebuild leaves nothing behind.
+    """
+    from esm3.metrics.reader import LakeReader
+
     ws = Path(workspace).resolve()
     ensure_lake(ws)
     final = ws / CATALOG_FILE
     tmp = ws / f".{CATALOG_FILE}.{os.getpid()}.tmp"
-    tmp.unlink(missing_ok=True)
-    con = duckdb.connect(str(tmp))
     try:
-        for stmt in view_sql(ws):
-            con.execute(stmt)
-        con.execute("CHECKPOINT")
+        tmp.unlink(missing_ok=True)
+        con = duckdb.connect(str(tmp))
+        try:
+            LakeReader(ws).bind_views(con, literal=True)
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+        os.replace(tmp, final)
     finally:
-        con.close()
-    Path(str(tmp) + ".wal").unlink(missing_ok=True)
-    os.replace(tmp, final)
+        tmp.unlink(missing_ok=True)
+        Path(str(tmp) + ".wal").unlink(missing_ok=True)
     return final

@@ -1,13 +1,8 @@
 """Every query the dashboard and the `esm3` command share, over the lake's catalog views.
 
-Readers never lock: a `LakeReader` reads the append-only Parquet files through an
-in-memory DuckDB holding the catalog's views (`esm3.metrics.catalog.view_sql`), so a
-writer never waits. The views are bound once per workspace and process, with Parquet
-footers cached (lake files never change in place); each reader uses its own cursor.
-
-One corrupt file must not take down every page: a table with a file that cannot be read
-is re-viewed (in a private database) over an explicit list of its readable files, and the
-skipped files are reported in `LakeReader.bad_files` (path -> reason).
+Readers never lock: every query goes through `esm3.metrics.reader.LakeReader` (views
+over the append-only Parquet files in an in-memory DuckDB, corrupt files skipped and named
+in `bad_files`); values always travel as bound parameters. User SQL runs under `Limits`.
 
 Long curves are downsampled in SQL: `series` buckets each run's steps into at most
 `max_points` buckets (avg/min/max per bucket), so a page ships a few thousand points per
@@ -20,26 +15,34 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
-from esm3.metrics.catalog import SqlRefused, check_read_only, view_sql
+from esm3.metrics.catalog import SqlRefused
 from esm3.metrics.lake import lake_dir
+from esm3.metrics.reader import (
+    _NOT_FILE_ERRORS,
+    LakeReader,
+    Limits,
+    SqlStopped,
+    clear_shared,
+    identity,
+)
 from esm3.metrics.schema import TABLES
 
 __all__ = [
     "EXAMPLE_QUERIES",
     "LOSS_TRACKS",
     "LakeReader",
+    "Limits",
     "SqlRefused",
+    "SqlStopped",
     "alerts",
     "clear_caches",
     "clip_threshold",
@@ -81,21 +84,6 @@ STEP_EVENT_KINDS = ("spike", "nonfinite", "skip", "rollback", "requeue", "resume
 VALIDATION_KINDS = ("validation", "val", "eval")
 DEFAULT_CLIP = 1.0  # the paper's gradient clipping threshold (A.2.3)
 
-_PARQUET_PATH = re.compile(r"(/[^'\"\n]+?\.parquet)")
-# DuckDB errors that can come from an unreadable file (not from the SQL itself)
-_NOT_FILE_ERRORS = (
-    duckdb.ParserException,
-    duckdb.BinderException,
-    duckdb.CatalogException,
-    duckdb.ConversionException,
-    duckdb.PermissionException,
-    duckdb.InterruptException,
-)
-
-
-def _q(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
-
 
 def _in_list(values: Sequence[str], params: dict, name: str) -> str:
     """`($name0, $name1, ...)` with the values bound in `params`. A literal list keeps the
@@ -111,11 +99,6 @@ def _in_list(values: Sequence[str], params: dict, name: str) -> str:
 def lake_exists(workspace: str | Path) -> bool:
     """True when the workspace has a lake folder (a reader never creates one)."""
     return lake_dir(workspace).is_dir()
-
-
-def _table_files(root: Path, table: str) -> list[Path]:
-    d = root / table
-    return sorted(d.rglob("*.parquet")) if d.is_dir() else []
 
 
 def lake_signature(workspace: str | Path, tables: Iterable[str] = TABLES) -> tuple:
@@ -142,253 +125,20 @@ def lake_signature(workspace: str | Path, tables: Iterable[str] = TABLES) -> tup
     return tuple(sig)
 
 
-# files found unreadable (or fully read and found fine) in this process, by identity;
-# lake files are never rewritten in place, so a verdict holds while (size, mtime) holds
-_verdicts: dict[tuple[str, int, int, bool], str | None] = {}
-_verdicts_lock = threading.Lock()
-
-
-def _identity(path: Path) -> tuple[str, int, int] | None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return (str(path), st.st_size, st.st_mtime_ns)
-
-
-def _check_file(path: Path, *, full: bool) -> str | None:
-    """None if `path` is a readable Parquet file, else the reason (footer only unless `full`)."""
-    ident = _identity(path)
-    if ident is None:
-        return None
-    key = (*ident, full)
-    with _verdicts_lock:
-        if key in _verdicts:
-            return _verdicts[key]
-    try:
-        if full:
-            pq.read_table(path)
-        else:
-            pq.read_metadata(path)
-        verdict = None
-    except Exception as e:  # noqa: BLE001 - any failure to read means the file is unusable
-        verdict = f"{type(e).__name__}: {e}".strip()
-    with _verdicts_lock:
-        _verdicts[key] = verdict
-    return verdict
-
-
-# one database per workspace with the views bound, shared by the readers of a process
-# (each reads through its own cursor); readers that skip a bad file build a private one
-_shared: dict[str, duckdb.DuckDBPyConnection] = {}
-_shared_lock = threading.Lock()
-
-
-@dataclass
-class _Glob:
-    table: str
-    literal: str  # the read_parquet glob literal as it appears in the view SQL
-
-
-class LakeReader:
-    """Read-only SQL over the catalog views of one workspace, robust to corrupt lake files.
-
-    One reader is meant for one page render: the views see the files present when it
-    connects (plus later files, for tables with no bad file). `bad_files` maps each
-    skipped file (path relative to the workspace) to the reason it could not be read.
-    """
-
-    def __init__(self, workspace: str | Path) -> None:
-        self.workspace = Path(workspace).resolve()
-        self.root = lake_dir(self.workspace)
-        self.bad_files: dict[str, str] = {}
-        self._bad_abs: set[str] = set()
-        self._listed: set[str] = set()  # tables viewed over an explicit list of files
-        self._con: duckdb.DuckDBPyConnection | None = None
-        self._lock = threading.Lock()
-
-    # -- connection -------------------------------------------------------------------------
-
-    def _glob(self, stmt: str) -> _Glob | None:
-        for table in TABLES:
-            lit = _q(str(self.root / table / "**" / "*.parquet"))
-            if lit in stmt:
-                return _Glob(table, lit)
-        return None
-
-    def _mark_bad(self, path: Path | str, reason: str) -> None:
-        p = Path(path)
-        self._bad_abs.add(str(p))
-        self._listed.update(t for t in TABLES if (self.root / t) in p.parents)
-        try:
-            rel = str(p.relative_to(self.workspace))
-        except ValueError:
-            rel = str(p)
-        first = reason.strip().splitlines()[0] if reason.strip() else "unreadable"
-        # the path is the key already; keep the reason short
-        first = first.replace(f"'{p}'", "").replace(str(p), "").rstrip(" :'\"")
-        self.bad_files[rel] = first or "unreadable"
-
-    def _locate_bad(self, tables: Iterable[str], err: Exception) -> bool:
-        """Find unreadable files behind `err` among `tables`' files; True if any new one."""
-        found = False
-        for m in _PARQUET_PATH.findall(str(err)):
-            p = Path(m)
-            if p.is_file() and str(p) not in self._bad_abs and self.root in p.parents:
-                self._mark_bad(p, str(err))
-                found = True
-        if found:
-            return True
-        # the error names no file: check footers first (cheap), then decode whole files
-        for full in (False, True):
-            for table in tables:
-                for p in _table_files(self.root, table):
-                    if str(p) in self._bad_abs:
-                        continue
-                    reason = _check_file(p, full=full)
-                    if reason:
-                        self._mark_bad(p, reason)
-                        found = True
-            if found:
-                return True
-        return False
-
-    def _source(self, g: _Glob) -> str:
-        files = [str(p) for p in _table_files(self.root, g.table) if str(p) not in self._bad_abs]
-        if not files:  # keep the view typed and empty
-            cols = ", ".join(
-                f"CAST(NULL AS {_duck_type(f.type)}) AS {f.name}" for f in TABLES[g.table]
-            )
-            return f"(SELECT {cols} WHERE false)"
-        return "[" + ", ".join(_q(f) for f in files) + "]"
-
-    def _rewrite(self, stmt: str, g: _Glob | None) -> str:
-        if g is None or g.table not in self._listed:
-            return stmt
-        src = self._source(g)
-        if src.startswith("("):
-            return re.sub(r"read_parquet\(" + re.escape(g.literal) + r"[^)]*\)", src, stmt)
-        return stmt.replace(g.literal, src)
-
-    def _connect(self) -> duckdb.DuckDBPyConnection:
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"no lake at {self.root}")
-        con = duckdb.connect(":memory:")
-        con.execute("SET parquet_metadata_cache=true")  # lake files never change in place
-        for stmt in view_sql(self.workspace):
-            g = self._glob(stmt)
-            while True:
-                try:
-                    con.execute(self._rewrite(stmt, g))
-                    break
-                except duckdb.Error as e:
-                    if g is None or g.table in self._listed and "No files found" in str(e):
-                        raise
-                    if "No files found" in str(e):  # a table no writer has created yet
-                        self._listed.add(g.table)
-                        continue
-                    if isinstance(e, _NOT_FILE_ERRORS) or not self._locate_bad([g.table], e):
-                        raise
-        con.execute(f"SET allowed_directories=[{_q(str(self.root))}]")
-        con.execute("SET enable_external_access=false")
-        con.execute("SET lock_configuration=true")
-        return con
-
-    def connection(self) -> duckdb.DuckDBPyConnection:
-        """A cursor on the workspace's shared database (views bound once per process,
-        Parquet footers cached), or a private database while some file is unreadable."""
-        with self._lock:
-            if self._con is None:
-                key = str(self.workspace)
-                with _shared_lock:
-                    base = _shared.get(key) if not self._listed else None
-                    if base is None:
-                        base = self._connect()
-                        if not self._listed:
-                            _shared[key] = base
-                self._con = base.cursor() if _shared.get(key) is base else base
-            return self._con
-
-    def close(self) -> None:
-        with self._lock:
-            if self._con is not None:
-                self._con.close()
-                self._con = None
-
-    def __enter__(self) -> LakeReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def files(self, table: str) -> list[Path]:
-        """The table's readable files (those found unreadable are left out)."""
-        return [p for p in _table_files(self.root, table) if str(p) not in self._bad_abs]
-
-    # -- queries ----------------------------------------------------------------------------
-
-    def sql(
-        self,
-        sql: str,
-        params: Sequence | dict | None = None,
-        frames: dict[str, pd.DataFrame] | None = None,
-    ) -> pd.DataFrame:
-        """Run trusted SQL (the module's own queries) and return a DataFrame; `frames` are
-        registered as views for the query.
-
-        A file that turns out unreadable while the query runs is skipped and the query
-        re-run without it.
-        """
-        vanished = 0
-        while True:
-            cur = self.connection().cursor()
-            try:
-                for name, frame in (frames or {}).items():
-                    cur.register(name, frame)
-                return cur.sql(sql, params=params).df()
-            except duckdb.Error as e:
-                if isinstance(e, _NOT_FILE_ERRORS):
-                    raise
-                # a file removed between listing and reading (compaction): list again
-                gone = [m for m in _PARQUET_PATH.findall(str(e)) if not Path(m).exists()]
-                if gone and vanished < 3:
-                    vanished += 1
-                    continue
-                if not self._locate_bad(TABLES, e):
-                    raise
-            finally:
-                cur.close()
-            self.close()  # rebuild the views without the file just found unreadable
-
-
-def _duck_type(t) -> str:  # pyarrow type -> DuckDB type name, for typed empty views
-    import pyarrow as pa
-
-    if pa.types.is_timestamp(t):
-        return "TIMESTAMPTZ" if t.tz else "TIMESTAMP"
-    return {
-        pa.string(): "VARCHAR",
-        pa.int32(): "INTEGER",
-        pa.int64(): "BIGINT",
-        pa.float64(): "DOUBLE",
-        pa.bool_(): "BOOLEAN",
-    }.get(t, "VARCHAR")
-
-
 # -- overview -------------------------------------------------------------------------------
 
 
 # the row that is "last" in a run: highest step, then highest attempt (a recomputed step)
 _LAST_KEY = "coalesce(step, -1) * 4096 + least(coalesce(attempt, 0), 4095)"
-_STEP_SUMMARY = f"""
+_STEP_SUMMARY = """
     SELECT filename AS file, run_id, count(*) AS rows, max(step) AS last_step,
-           max({_LAST_KEY}) AS last_key,
-           arg_max(loss, {_LAST_KEY}) AS last_loss,
-           arg_max(tokens_seen, {_LAST_KEY}) AS tokens_seen,
+           max(coalesce(step, -1) * 4096 + least(coalesce(attempt, 0), 4095)) AS last_key,
+           arg_max(loss, coalesce(step, -1) * 4096 + least(coalesce(attempt, 0), 4095)) AS last_loss,
+           arg_max(tokens_seen, coalesce(step, -1) * 4096 + least(coalesce(attempt, 0), 4095)) AS tokens_seen,
            max(time) AS last_time,
            count(*) FILTER (WHERE skipped) AS skipped_rows,
            count(*) FILTER (WHERE NOT isfinite(loss)) AS nonfinite_rows
-    FROM read_parquet(FILES, filename = true, union_by_name = true) GROUP BY ALL"""
+    FROM read_parquet($files, filename = true, union_by_name = true) GROUP BY ALL"""
 _SUMMARY_COLUMNS = [
     "run_id",
     "rows",
@@ -410,14 +160,9 @@ _SUMMARY_CACHE_MAX = 500_000
 def clear_caches() -> None:
     """Forget the shared databases, per-file summaries and file verdicts of this process
     (benchmarks use it to time a cold start)."""
-    with _shared_lock:
-        for con in _shared.values():
-            con.close()
-        _shared.clear()
+    clear_shared()
     with _summaries_lock:
         _summaries.clear()
-    with _verdicts_lock:
-        _verdicts.clear()
 
 
 def steps_by_run(r: LakeReader) -> pd.DataFrame:
@@ -426,24 +171,23 @@ def steps_by_run(r: LakeReader) -> pd.DataFrame:
     Files already summarised in this process are not read again."""
     r.connection()  # binding the views finds the files whose footers are unreadable
     files = r.files("train_steps")
-    idents = {str(p): _identity(p) for p in files}
+    idents = {str(p): identity(p) for p in files}
     with _summaries_lock:
         missing = [p for p in files if idents[str(p)] and idents[str(p)] not in _summaries]
     for i in range(0, len(missing), 2000):
         batch = missing[i : i + 2000]
         while batch:
-            lst = "[" + ", ".join(_q(str(p)) for p in batch) + "]"
-            cur = r.connection().cursor()
+            cur = r.cursor()
             try:
-                got = cur.sql(_STEP_SUMMARY.replace("FILES", lst)).df()
+                got = cur.execute(_STEP_SUMMARY, {"files": [str(p) for p in batch]}).df()
                 break
             except duckdb.Error as e:
                 if isinstance(e, _NOT_FILE_ERRORS):
                     raise
-                known = any(str(p) in r._bad_abs for p in batch)
+                known = any(p in r.bad_paths for p in batch)
                 if not known and not r._locate_bad(["train_steps"], e):
                     raise
-                batch = [p for p in batch if str(p) not in r._bad_abs]
+                batch = [p for p in batch if p not in r.bad_paths]
             finally:
                 cur.close()
         else:
@@ -488,7 +232,7 @@ def runs_overview(r: LakeReader) -> pd.DataFrame:
     """
     last = steps_by_run(r)
     df = r.sql(
-        f"""
+        """
         WITH ev AS (
           SELECT run_id,
                  count(*) FILTER (WHERE kind = 'spike') AS spikes,
@@ -499,7 +243,7 @@ def runs_overview(r: LakeReader) -> pd.DataFrame:
           FROM events GROUP BY run_id),
         jb AS (
           SELECT run_id, count(*) AS jobs,
-                 count(*) FILTER (WHERE state IN {FAILED_STATES}) AS failed_jobs
+                 count(*) FILTER (WHERE state IN ('FAILED', 'TIMEOUT', 'LOST')) AS failed_jobs
           FROM jobs GROUP BY run_id),
         l AS (SELECT * FROM last_by_run),
         ids AS (SELECT run_id FROM runs UNION SELECT run_id FROM l)
@@ -544,16 +288,17 @@ def alerts(r: LakeReader, limit: int = 200) -> pd.DataFrame:
     Columns: time, run_id, source (event kind or 'job'), step, message.
     """
     return r.sql(
-        f"""
+        """
         SELECT time, run_id, kind AS source, severity, step, message FROM events
         WHERE severity IN ('warning', 'error') OR kind IN ('spike', 'nonfinite', 'rollback')
         UNION ALL
         SELECT coalesce(ended_at, updated_at), run_id, 'job', 'error', NULL,
                concat_ws(' ', stage, 'job', job_id, 'rank', rank::VARCHAR, 'attempt',
                          attempt::VARCHAR, state, 'on', node, ':', error)
-        FROM jobs WHERE state IN {FAILED_STATES}
-        ORDER BY 1 DESC NULLS LAST LIMIT {int(limit)}
-        """
+        FROM jobs WHERE state IN ('FAILED', 'TIMEOUT', 'LOST')
+        ORDER BY 1 DESC NULLS LAST LIMIT $limit
+        """,
+        {"limit": int(limit)},
     )
 
 
@@ -603,8 +348,8 @@ def tokens_seen(r: LakeReader, run_ids: Sequence[str]) -> pd.DataFrame:
     ids = _in_list(run_ids, params, "id")
     raw = r.sql(
         f"""SELECT run_id, max(step) AS step,
-                  arg_max(tokens_by_dataset, {_LAST_KEY}) AS by_dataset
-           FROM train_steps_all WHERE run_id IN {ids} GROUP BY run_id""",
+                  arg_max(tokens_by_dataset, coalesce(step, -1) * 4096 + least(coalesce(attempt, 0), 4095)) AS by_dataset
+           FROM train_steps_all WHERE run_id IN {ids} GROUP BY run_id""",  # noqa: S608 - only $placeholders (_in_list) and train_steps column names
         params,
     )
     rows = []
@@ -705,7 +450,7 @@ def series(
                avg(clipped::DOUBLE) AS clipped_frac
         FROM s JOIN w USING (run_id)
         GROUP BY ALL ORDER BY s.run_id, step
-        """,
+        """,  # noqa: S608 - only $placeholders (_in_list) and train_steps column names
         params,
     )
     return df
@@ -717,7 +462,7 @@ def stage_boundaries(r: LakeReader, run_ids: Sequence[str]) -> pd.DataFrame:
     ids = _in_list(run_ids, params, "id")
     return r.sql(
         f"""SELECT run_id, step, coalesce(message, '') AS message FROM events
-           WHERE kind = 'stage' AND run_id IN {ids} ORDER BY run_id, step""",
+           WHERE kind = 'stage' AND run_id IN {ids} ORDER BY run_id, step""",  # noqa: S608 - only $placeholders (_in_list) and train_steps column names
         params,
     )
 
@@ -731,7 +476,7 @@ def step_events(
     return r.sql(
         f"""SELECT run_id, step, kind, severity, value, coalesce(message, '') AS message, time
            FROM events WHERE run_id IN {ids} AND kind IN {ks}
-           ORDER BY run_id, step, time""",
+           ORDER BY run_id, step, time""",  # noqa: S608 - only $placeholders (_in_list) and train_steps column names
         params,
     )
 
@@ -746,7 +491,7 @@ def validation_loss(r: LakeReader, run_ids: Sequence[str]) -> pd.DataFrame:
     ids, ks = _in_list(run_ids, params, "id"), _in_list(VALIDATION_KINDS, params, "k")
     raw = r.sql(
         f"""SELECT run_id, step, value, detail FROM events
-           WHERE kind IN {ks} AND run_id IN {ids} ORDER BY run_id, step""",
+           WHERE kind IN {ks} AND run_id IN {ids} ORDER BY run_id, step""",  # noqa: S608 - only $placeholders (_in_list) and train_steps column names
         params,
     )
     rows = []
@@ -803,7 +548,7 @@ def restarts(r: LakeReader, run_ids: Sequence[str]) -> pd.DataFrame:
            UNION ALL
            SELECT run_id, time, kind, step, coalesce(message, '') FROM events
            WHERE run_id IN {ids} AND kind IN ('requeue', 'resume', 'restart')
-           ORDER BY 1, 2 NULLS LAST""",
+           ORDER BY 1, 2 NULLS LAST""",  # noqa: S608 - only $placeholders (_in_list) and train_steps column names
         params,
     )
 
@@ -827,13 +572,13 @@ def job_state_counts(r: LakeReader) -> pd.DataFrame:
 def job_tasks(r: LakeReader, run_id: str | None = None, limit: int = 5000) -> pd.DataFrame:
     """Each task's latest attempt: run_id, stage, job_id, array_index, rank, attempts,
     state, node, exit_code, error, started_at, ended_at, updated_at."""
-    where = "WHERE run_id = $id" if run_id else ""
     return r.sql(
-        f"""SELECT run_id, stage, job_id, array_index, rank, attempt + 1 AS attempts, state,
-                   node, exit_code, error, started_at, ended_at, updated_at FROM jobs {where}
+        """SELECT run_id, stage, job_id, array_index, rank, attempt + 1 AS attempts, state,
+                   node, exit_code, error, started_at, ended_at, updated_at FROM jobs
+            WHERE $id IS NULL OR run_id = $id
             QUALIFY row_number() OVER (PARTITION BY run_id, job_id, rank ORDER BY attempt DESC) = 1
-            ORDER BY run_id, stage, array_index NULLS FIRST, rank LIMIT {int(limit)}""",
-        {"id": run_id} if run_id else None,
+            ORDER BY run_id, stage, array_index NULLS FIRST, rank LIMIT $limit""",
+        {"id": run_id or None, "limit": int(limit)},
     )
 
 
@@ -841,10 +586,11 @@ def failures(r: LakeReader, limit: int = 1000) -> pd.DataFrame:
     """Failed attempts with their error text, newest first: run_id, stage, job_id,
     array_index, rank, attempt, state, node, exit_code, error, ended_at."""
     return r.sql(
-        f"""SELECT run_id, stage, job_id, array_index, rank, attempt, state, node, exit_code,
+        """SELECT run_id, stage, job_id, array_index, rank, attempt, state, node, exit_code,
                    coalesce(error, '') AS error, coalesce(ended_at, updated_at) AS ended_at
-            FROM jobs WHERE state IN {FAILED_STATES}
-            ORDER BY ended_at DESC NULLS LAST LIMIT {int(limit)}"""
+            FROM jobs WHERE state IN ('FAILED', 'TIMEOUT', 'LOST')
+            ORDER BY ended_at DESC NULLS LAST LIMIT $limit""",
+        {"limit": int(limit)},
     )
 
 
@@ -901,32 +647,18 @@ EXAMPLE_QUERIES: dict[str, str] = {
 }
 
 
-def run_user_sql(r: LakeReader, sql: str, max_rows: int = 10_000) -> tuple[pd.DataFrame, bool]:
-    """Run a user's read-only SQL over the catalog; returns (rows, truncated).
+def run_user_sql(
+    r: LakeReader, sql: str, max_rows: int | None = None, limits: Limits | None = None
+) -> tuple[pd.DataFrame, bool]:
+    """Run a user's read-only SQL over the catalog under `limits` (default: from the
+    environment, see `Limits.from_env`); returns (rows, truncated).
 
     Raises SqlRefused, with a message saying why, for anything but a query (DROP, INSERT,
-    ATTACH, COPY, SET, ...) and for access outside the lake (URLs, other files); other
-    DuckDB errors propagate as `duckdb.Error` with DuckDB's message.
+    ATTACH, COPY, SET, ...) and for access outside the lake (URLs, other files);
+    SqlStopped (a SqlRefused) when the time, memory or spill limit stops it; other DuckDB
+    errors propagate as `duckdb.Error` with DuckDB's message.
     """
-    con = r.connection().cursor()
-    try:
-        check_read_only(con, sql)
-        try:
-            rel = con.sql(sql)
-        except duckdb.PermissionException as e:
-            raise SqlRefused(
-                "refused: the catalog reads only the workspace's lake; external access "
-                f"(URLs, files outside the lake, extensions) is disabled. DuckDB said: {e}"
-            ) from e
-        if rel is None:
-            return pd.DataFrame(), False
-        try:
-            df = rel.limit(max_rows + 1).df()
-        except duckdb.PermissionException as e:
-            raise SqlRefused(
-                "refused: the catalog reads only the workspace's lake; external access "
-                f"(URLs, files outside the lake, extensions) is disabled. DuckDB said: {e}"
-            ) from e
-    finally:
-        con.close()
-    return df.head(max_rows), len(df) > max_rows
+    limits = limits or Limits.from_env()
+    if max_rows is not None:
+        limits = replace(limits, max_rows=max_rows).checked()
+    return r.user_sql(sql, limits)
