@@ -37,6 +37,15 @@ def _cluster_arg(p: argparse.ArgumentParser, default: str = "local") -> None:
     )
 
 
+def _sql_limit_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("limits for user SQL (defaults from ESM3_SQL_* or built in)")
+    g.add_argument("--timeout", type=float, help="stop the query after N s (default 60)")
+    g.add_argument("--memory", help="DuckDB memory limit, e.g. 1GB (default 1GB)")
+    g.add_argument("--threads", type=int, help="DuckDB threads (default 2)")
+    g.add_argument("--max-rows", type=int, help="rows fetched at most (default 10000)")
+    g.add_argument("--temp", help="spill space in a scratch folder, e.g. 2GB (default 2GB)")
+
+
 # --- subcommands --------------------------------------------------------------------------
 
 
@@ -61,19 +70,33 @@ def _warn_corrupt(bad: dict[Path, str]) -> None:
         print(f"esm3: warning: skipped corrupt lake file {path}: {reason}", file=sys.stderr)
 
 
+def _sql_limits(a: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from esm3.metrics.reader import Limits
+
+    return Limits.from_env(
+        memory=a.memory, threads=a.threads, max_rows=a.max_rows, temp=a.temp, timeout_s=a.timeout
+    )
+
+
 def cmd_sql(a: argparse.Namespace) -> int:
-    from esm3.metrics.catalog import SqlRefused, query
+    import duckdb
+
+    from esm3.metrics.reader import LakeReader
     from jobs import workspace
 
-    ws = workspace.prepare(a.workspace)
+    ws = workspace.for_reading(a.workspace)
     sql = a.query if a.query != "-" else sys.stdin.read()
-    try:
-        df = query(ws, sql, on_corrupt=_warn_corrupt)
-    except SqlRefused as e:
-        raise UserError(str(e)) from e
-    except Exception as e:  # a DuckDB error: bad column, syntax
-        raise UserError(f"SQL error: {str(e).splitlines()[0]}") from e
+    limits = _sql_limits(a)
+    with LakeReader(ws) as r:
+        try:
+            df, truncated = r.user_sql(sql, limits)
+        except duckdb.Error as e:  # bad column, syntax: DuckDB's first line says which
+            raise UserError(f"SQL error: {str(e).splitlines()[0]}") from e
+        finally:
+            _warn_corrupt(r.bad_paths)
     _print_frame(df, a.format)
+    if truncated:
+        print(f"esm3 sql: note: first {limits.max_rows:,} rows shown (--max-rows)", file=sys.stderr)
     return 0
 
 
@@ -102,12 +125,19 @@ def cmd_status(a: argparse.Namespace) -> int:
     from esm3.metrics.catalog import query
     from jobs import records, workspace
 
-    ws = workspace.prepare(a.workspace)
-    records.reconcile(ws, a.run_id)
+    if a.limit < 1:
+        raise UserError(f"--limit must be a positive number of runs, not {a.limit}")
+    ws = workspace.for_reading(a.workspace)
+    try:
+        records.reconcile(ws, a.run_id)
+    except OSError as e:  # a full or read-only workspace: show what is recorded
+        print(f"esm3 status: warning: states not reconciled ({e.strerror or e})", file=sys.stderr)
     if a.run_id:
         runs = query(
             ws,
-            f"SELECT run_id, kind, name, status, cluster, slurm_job_id, nodes, world_size, submitted_at, finished_at FROM runs WHERE run_id = '{a.run_id}'",
+            "SELECT run_id, kind, name, status, cluster, slurm_job_id, nodes, world_size, "
+            "submitted_at, finished_at FROM runs WHERE run_id = ?",
+            [a.run_id],
         )
         if runs.empty:
             raise UserError(f"no run {a.run_id!r} in {ws}")
@@ -115,17 +145,19 @@ def cmd_status(a: argparse.Namespace) -> int:
         print()
         jobs = query(
             ws,
-            f"""SELECT stage, job_id, array_index, attempt, rank, node, state, exit_code,
+            """SELECT stage, job_id, array_index, attempt, rank, node, state, exit_code,
                        regexp_replace(coalesce(error, ''), '\\s+', ' ', 'g')[-120:] AS error
-                FROM jobs WHERE run_id = '{a.run_id}'
+                FROM jobs WHERE run_id = ?
                 ORDER BY stage, array_index NULLS FIRST, job_id, rank, attempt""",
+            [a.run_id],
         )
         _print_frame(jobs, a.format)
     else:
         runs = query(
             ws,
-            f"""SELECT run_id, kind, name, status, cluster, nodes, submitted_at, finished_at
-                FROM runs ORDER BY submitted_at DESC LIMIT {a.limit}""",
+            """SELECT run_id, kind, name, status, cluster, nodes, submitted_at, finished_at
+                FROM runs ORDER BY submitted_at DESC LIMIT ?""",
+            [a.limit],
         )
         _print_frame(runs, a.format)
     return 0
@@ -147,6 +179,8 @@ def cmd_dashboard(a: argparse.Namespace) -> int:
     from jobs import workspace
 
     ws = workspace.prepare(a.workspace)
+    # the SQL page's limits reach the Streamlit server through its environment
+    os.environ.update({k: str(v) for k, v in _sql_limits(a).env().items()})
     try:
         from dashboard.serve import serve
     except ImportError as e:
@@ -206,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("query", help="SQL text, or - to read it from stdin")
     s.add_argument("--format", "-f", choices=["table", "csv", "json"], default="table")
+    _sql_limit_args(s)
     _ws_arg(s)
     s.set_defaults(fn=cmd_sql)
 
@@ -256,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8501)
+    _sql_limit_args(s)
     _ws_arg(s)
     s.set_defaults(fn=cmd_dashboard)
     return p

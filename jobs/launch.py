@@ -128,8 +128,9 @@ class Submission:
     def _error(self, job: submitit.Job[Any]) -> str:
         df = query(
             self.ws,
-            f"SELECT error FROM jobs WHERE run_id = '{self.run_id}' AND job_id = '{job.job_id}' "
+            "SELECT error FROM jobs WHERE run_id = ? AND job_id = ? "
             "AND error IS NOT NULL ORDER BY updated_at DESC LIMIT 1",
+            [self.run_id, str(job.job_id)],
         )
         log_file = job.paths.stdout
         where = f" (log: {log_file})"
@@ -137,11 +138,11 @@ class Submission:
 
     def _raise_if_dead(self) -> None:
         records.reconcile(self.ws, self.run_id)
-        ids = ", ".join(f"'{i}'" for i in self.job_ids)
         df = query(
             self.ws,
-            f"SELECT job_id, state, error FROM jobs WHERE run_id = '{self.run_id}' "
-            f"AND job_id IN ({ids}) AND state IN ('CANCELLED','LOST','TIMEOUT','FAILED')",
+            "SELECT job_id, state, error FROM jobs WHERE run_id = ? "
+            "AND list_contains(?, job_id) AND state IN ('CANCELLED','LOST','TIMEOUT','FAILED')",
+            [self.run_id, [str(i) for i in self.job_ids]],
         )
         if len(df):
             # a FAILED job still writes its result file; give it a moment to appear

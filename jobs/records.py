@@ -49,7 +49,7 @@ def record_run(workspace: Path, run_id: str, **fields: Any) -> None:
 
 def update_run(workspace: Path, run_id: str, **changes: Any) -> None:
     """A new version of the run record: the latest one with `changes` applied."""
-    df = query(workspace, f"SELECT * FROM runs_latest WHERE run_id = '{_esc(run_id)}'")
+    df = query(workspace, "SELECT * FROM runs_latest WHERE run_id = ?", [run_id])
     base = df.iloc[0].to_dict() if len(df) else {"run_id": run_id}
     base = {k: (None if _isnull(v) else v) for k, v in base.items()}
     base.update(changes, updated_at=now())
@@ -59,10 +59,6 @@ def update_run(workspace: Path, run_id: str, **changes: Any) -> None:
 def record_job(workspace: Path, **fields: Any) -> None:
     fields.setdefault("updated_at", now())
     write_rows(workspace, "jobs", [fields])
-
-
-def _esc(s: str) -> str:
-    return s.replace("'", "''")
 
 
 def _isnull(v: Any) -> bool:
@@ -208,11 +204,12 @@ def reconcile(workspace: Path, run_id: str | None = None) -> int:
     """
     from jobs.clusters import load_profile  # local import: clusters imports submitit
 
-    where = f"AND run_id = '{_esc(run_id)}'" if run_id else ""
     df = query(
         workspace,
-        f"""SELECT * FROM jobs WHERE state IN {ACTIVE} {where}
+        """SELECT * FROM jobs WHERE list_contains($active, state)
+                AND ($run_id IS NULL OR run_id = $run_id)
             QUALIFY row_number() OVER (PARTITION BY run_id, job_id, rank ORDER BY attempt DESC) = 1""",
+        {"active": list(ACTIVE), "run_id": run_id or None},
     )
     if df.empty:
         return 0

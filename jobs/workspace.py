@@ -9,6 +9,8 @@ import os
 import uuid
 from pathlib import Path
 
+import duckdb
+
 from esm3.metrics.catalog import refresh_catalog_file
 from esm3.metrics.lake import ensure_lake
 
@@ -37,6 +39,18 @@ def prepare(path: str | Path | None = None) -> Path:
     if not (ws / "esm3.duckdb").exists():
         refresh_catalog_file(ws)
     return ws
+
+
+def for_reading(path: str | Path | None = None) -> Path:
+    """A workspace for commands that only read (`esm3 sql`, `esm3 status`): prepared when
+    it is writable, else (a full disk, a read-only mount) used as it is if it has a lake."""
+    try:
+        return prepare(path)
+    except (WorkspaceError, OSError, duckdb.Error):
+        ws = resolve(path)
+        if (ws / "lake").is_dir():
+            return ws
+        raise
 
 
 def submitit_folder(ws: Path, run_id: str) -> Path:
