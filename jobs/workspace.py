@@ -30,8 +30,10 @@ def prepare(path: str | Path | None = None) -> Path:
         for sub in ("lake", "runs", "data", "logs/submitit"):
             (ws / sub).mkdir(parents=True, exist_ok=True)
         probe = ws / f".write-test-{uuid.uuid4().hex[:8]}"
-        probe.write_text("ok")
-        probe.unlink()
+        try:
+            probe.write_text("ok")
+        finally:  # a full disk creates the file, then fails to write it
+            probe.unlink(missing_ok=True)
     except OSError as e:
         reason = e.strerror or str(e)
         raise WorkspaceError(f"workspace {ws} is not writable: {reason}") from e

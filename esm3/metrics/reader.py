@@ -153,6 +153,10 @@ class Limits:
         values.update({k: v for k, v in given.items() if v is not None})
         return replace(cls(), **values).checked()
 
+    def env(self) -> dict[str, str]:
+        """These limits as ESM3_SQL_* variables (for a server started as a subprocess)."""
+        return {var: str(v) for f, var in self.ENV.items() if (v := getattr(self, f)) is not None}
+
     def checked(self) -> Limits:
         if self.threads < 1 or self.max_rows < 1 or not self.timeout_s > 0:
             raise SqlRefused("SQL limits: threads, max rows and timeout must be positive")
@@ -199,7 +203,6 @@ class LakeReader:
                 con.execute(f"SET VARIABLE {source_var(table)} = ?", [value])
 
     def _mark_bad(self, path: Path, reason: str) -> None:
-        self.bad_paths[path] = reason
         self._listed.update(t for t in TABLES if (self.root / t) in path.parents)
         try:
             rel = str(path.relative_to(self.workspace))
@@ -208,7 +211,7 @@ class LakeReader:
         first = reason.strip().splitlines()[0] if reason.strip() else "unreadable"
         # the path is the key already; keep the reason short
         first = first.replace(f"'{path}'", "").replace(str(path), "").rstrip(" :'\"")
-        self.bad_files[rel] = first or "unreadable"
+        self.bad_files[rel] = self.bad_paths[path] = first or "unreadable"
 
     def _locate_bad(self, tables: Iterable[str], err: Exception) -> bool:
         """Find unreadable files behind `err` among `tables`' files; True if any new one."""
