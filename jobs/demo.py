@@ -106,22 +106,21 @@ def run_demo(a) -> int:  # type: ignore[no-untyped-def]
     total = sum(r["sequences"] for r in results)
     residues = sum(r["residues"] for r in results)
     print(f"{total:,} sequences, {residues:,} residues, mean length {residues / total:.1f}\n")
-    print(
-        f"$ esm3 sql \"SELECT run_id, kind, status, cluster, nodes FROM runs WHERE run_id = '{run_id}'\""
-    )
-    _print_frame(
-        query(
-            ws, f"SELECT run_id, kind, status, cluster, nodes FROM runs WHERE run_id = '{run_id}'"
-        ),
-        "table",
-    )
+    q = "SELECT run_id, kind, status, cluster, nodes FROM runs WHERE run_id = ?"
+    print(f'$ esm3 sql "{_shown(q, run_id)}"')
+    _print_frame(query(ws, q, [run_id]), "table")
     q = (
-        f"SELECT array_index, job_id, node, state, exit_code, "
-        f"round(epoch(ended_at - started_at), 2) AS seconds FROM jobs WHERE run_id = '{run_id}' ORDER BY array_index"
+        "SELECT array_index, job_id, node, state, exit_code, "
+        "round(epoch(ended_at - started_at), 2) AS seconds FROM jobs WHERE run_id = ? ORDER BY array_index"
     )
-    print(f'\n$ esm3 sql "{q}"')
-    _print_frame(query(ws, q), "table")
+    print(f'\n$ esm3 sql "{_shown(q, run_id)}"')
+    _print_frame(query(ws, q, [run_id]), "table")
     return 0
+
+
+def _shown(sql: str, run_id: str) -> str:
+    """The query as a user would type it into `esm3 sql` (the suite itself binds run_id)."""
+    return sql.replace("?", "'" + run_id.replace("'", "''") + "'")
 
 
 def run_full_demo(a, cfg: DemoConfig) -> int:  # type: ignore[no-untyped-def]
@@ -151,10 +150,10 @@ def run_full_demo(a, cfg: DemoConfig) -> int:  # type: ignore[no-untyped-def]
         "round(last(loss_sequence ORDER BY step), 3) AS seq_last, "
         "round(first(loss_structure ORDER BY step) FILTER (WHERE loss_structure IS NOT NULL), 3) AS struct_first, "
         "round(last(loss_structure ORDER BY step) FILTER (WHERE loss_structure IS NOT NULL), 3) AS struct_last "
-        f"FROM train_steps WHERE run_id = '{run_id}' GROUP BY stage ORDER BY min(step)"
+        "FROM train_steps WHERE run_id = ? GROUP BY stage ORDER BY min(step)"
     )
-    print(f'\n$ esm3 sql "{q}"')
-    _print_frame(query(ws, q), "table")
+    print(f'\n$ esm3 sql "{_shown(q, run_id)}"')
+    _print_frame(query(ws, q, [run_id]), "table")
     q = "SELECT run_id, kind, status, cluster, nodes, world_size, param_count FROM runs ORDER BY submitted_at"
     print(f'\n$ esm3 sql "{q}"')
     _print_frame(query(ws, q), "table")

@@ -245,23 +245,24 @@ def summarize(ws: Path, run_id: str, results: dict[str, list[Any]], lay: Any) ->
                      f"kept, {_sum(r, 'rejected')} rejected")  # fmt: skip
     if "tokenize" in results:
         lines.append(f"  tokens: {_sum(results['tokenize'], 'tokens')} structure tokens")
-    rej = query(ws, f"SELECT stage, reason, count(*) AS n FROM rejects WHERE run_id = '{run_id}' "
-                "GROUP BY ALL ORDER BY stage, n DESC")  # fmt: skip
+    rej = query(ws, "SELECT stage, reason, count(*) AS n FROM rejects WHERE run_id = ? "
+                "GROUP BY ALL ORDER BY stage, n DESC", [run_id])  # fmt: skip
     if len(rej):
         lines.append("  rejects: " + ", ".join(f"{s}/{r} {n}" for s, r, n in rej.itertuples(False)))
     with pd.option_context("display.width", 200, "display.max_columns", 20):
-        s3 = query(ws, f"""SELECT dataset, type, clustering_level AS clus_level,
+        s3 = query(ws, """SELECT dataset, type, clustering_level AS clus_level,
                 clustering_count AS clus_count, expansion_level AS exp_level,
                 expansion_count AS exp_count, sequences, round(avg_length, 1) AS avg_len,
-                tokens, release FROM dataset_stats WHERE run_id = '{run_id}'
-                ORDER BY type, dataset""")  # fmt: skip
+                tokens, release FROM dataset_stats WHERE run_id = ?
+                ORDER BY type, dataset""", [run_id])  # fmt: skip
         if len(s3):
             lines += ["", "Table S3 (dataset_stats):", s3.to_string(index=False)]
         s4 = query(
             ws,
-            f"""SELECT dataset, type, token_budget, round(repeats, 3) AS repeats,
+            """SELECT dataset, type, token_budget, round(repeats, 3) AS repeats,
                 round(unique_samples, 1) AS unique_samples, round(unique_tokens) AS unique_tokens
-                FROM token_stats WHERE run_id = '{run_id}' ORDER BY type, dataset""",
+                FROM token_stats WHERE run_id = ? ORDER BY type, dataset""",
+            [run_id],
         )
         if len(s4):
             lines += ["", "Table S4 (token_stats):", s4.to_string(index=False)]

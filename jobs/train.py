@@ -383,11 +383,12 @@ def demo_train(ws: Path, profile: ClusterProfile | str = "local", config: Any = 
     run_id, results = run_training(Path(ws), prof, cfg, progress=False)
     df = query(
         ws,
-        f"SELECT step, loss, loss_sequence, tokens_per_s, data_wait_s FROM train_steps "
-        f"WHERE run_id = '{run_id}' ORDER BY step",
+        "SELECT step, loss, loss_sequence, tokens_per_s, data_wait_s FROM train_steps "
+        "WHERE run_id = ? ORDER BY step",
+        [run_id],
     )
     ev = query(
-        ws, f"SELECT kind, count(*) AS n FROM events WHERE run_id = '{run_id}' GROUP BY kind"
+        ws, "SELECT kind, count(*) AS n FROM events WHERE run_id = ? GROUP BY kind", [run_id]
     )
     # the total loss grows when a stage turns more tracks on: follow the sequence track
     first, last = df.loss_sequence.iloc[0], df.loss_sequence.iloc[-1]

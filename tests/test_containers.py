@@ -295,8 +295,8 @@ def test_slurm_job_with_a_container_profile_runs_inside_the_image(
     (text,) = sub.wait(timeout_s=300)
     launch.finish_run(workspace, run_id, "COMPLETED")
     assert f"MMSEQS2_VERSION={_dockerfile_default('MMSEQS2_VERSION')}" in text
-    jobs = query(workspace, f"SELECT * FROM jobs WHERE run_id = '{run_id}' ORDER BY updated_at")
+    jobs = query(workspace, "SELECT * FROM jobs WHERE run_id = ? ORDER BY updated_at", [run_id])
     assert jobs.state.iloc[-1] == "COMPLETED", jobs[["state", "error"]]
     assert set(jobs.node.dropna()) <= {"node1", "node2"}
-    runs = query(workspace, f"SELECT image, status FROM runs WHERE run_id = '{run_id}'")
+    runs = query(workspace, "SELECT image, status FROM runs WHERE run_id = ?", [run_id])
     assert runs.image[0] == cpu_image and runs.status[0] == "COMPLETED"

@@ -265,7 +265,7 @@ def _measure(ws: Path, ids: list[str], params: dict, quick: bool, repeat: int) -
     # downsampled curves vs shipping every row of the selected runs, same reader
     sel = ids[:SELECTED]
     everything = (
-        f"SELECT run_id, step, {', '.join(Q.LOSS_TRACKS)} FROM train_steps "
+        f"SELECT run_id, step, {', '.join(Q.LOSS_TRACKS)} FROM train_steps "  # noqa: S608 - schema column names
         "WHERE run_id IN (SELECT unnest($ids)) ORDER BY run_id, step"
     )
     with Q.LakeReader(ws) as r:

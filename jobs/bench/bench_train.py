@@ -143,7 +143,7 @@ def bench_scaling(
         run_id, _ = run_training(
             ws, profile, cfg, nodes=nodes, tasks_per_node=1, timeout_s=900, progress=False
         )
-        df = query(ws, f"SELECT * FROM train_steps WHERE run_id = '{run_id}' AND step > 1")
+        df = query(ws, "SELECT * FROM train_steps WHERE run_id = ? AND step > 1", [run_id])
         tps[nodes] = df.tokens.sum() / df.step_time_s.sum()
         wait = df.data_wait_s.sum() / df.step_time_s.sum()
         p = dict(preset=preset, nodes=nodes, steps=len(df), batch=batch)

@@ -77,9 +77,8 @@ def run_benchmarks(a: Any) -> int:
         write_rows(ws, "benchmarks", rows)
         print(f"   ({time.monotonic() - t0:.1f}s)", flush=True)
     launch.finish_run(ws, run_id, "FAILED" if failed else "COMPLETED")
-    print(
-        f"\nresults in the `benchmarks` table: esm3 sql \"SELECT * FROM benchmarks WHERE run_id = '{run_id}'\""
-    )
+    shown = '"SELECT * FROM benchmarks WHERE run_id = ?"'.replace("?", repr(run_id))
+    print("\nresults in the `benchmarks` table: esm3 sql " + shown)
     if failed:
         print(f"failed suites: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -75,16 +75,16 @@ def test_invariants_on_real_clusters(real_levels, cap):
     con.register("low", low)
     con.register("high", high)
 
-    def one(sql: str) -> int:
-        return con.sql(sql).fetchall()[0][0]
+    def one(sql: str, params: list | None = None) -> int:
+        return con.execute(sql, params).fetchall()[0][0]
 
     # every member lies in its center's low-level cluster, and is a high-level representative
     assert one("SELECT count(*) FROM e ANTI JOIN low ON e.center = low.representative "
                "AND e.member = low.member") == 0  # fmt: skip
     assert one("SELECT count(*) FROM e ANTI JOIN (SELECT DISTINCT representative FROM high) h "
                "ON e.member = h.representative") == 0  # fmt: skip
-    assert one(f"SELECT count(*) FROM (SELECT center FROM e GROUP BY center "
-               f"HAVING count(*) > {cap})") == 0  # fmt: skip
+    assert one("SELECT count(*) FROM (SELECT center FROM e GROUP BY center "
+               "HAVING count(*) > ?)", [cap]) == 0  # fmt: skip
     assert one("SELECT count(*) - count(DISTINCT member) FROM e") == 0
     # a high-level representative is dropped only by the cap: before it, all are present
     n_high_reps = len(set(high["representative"].to_pylist()))

@@ -25,12 +25,12 @@ def _array(ws, profile):
     )
     results = sub.wait(timeout_s=180)
     assert [r["y"] for r in results] == [0, 1, 4, 9]
-    jobs = query(ws, f"SELECT * FROM jobs WHERE run_id = '{run_id}' ORDER BY array_index")
+    jobs = query(ws, "SELECT * FROM jobs WHERE run_id = ? ORDER BY array_index", [run_id])
     assert jobs.array_index.tolist() == [0, 1, 2, 3]
     assert set(jobs.state) == {"COMPLETED"} and set(jobs.exit_code) == {0}
     assert jobs.started_at.notna().all() and jobs.ended_at.notna().all()
     assert (jobs.ended_at >= jobs.started_at).all()
-    assert query(ws, f"SELECT status FROM runs WHERE run_id = '{run_id}'").status[0] == "COMPLETED"
+    assert query(ws, "SELECT status FROM runs WHERE run_id = ?", [run_id]).status[0] == "COMPLETED"
     return results, jobs
 
 
@@ -67,7 +67,7 @@ def test_two_node_job_all_reduces_over_gloo(slurm_cluster, workspace):
     assert all(r["world"] == 2 and r["sum"] == 3.0 and r["backend"] == "gloo" for r in per_rank)
     assert {r["node"] for r in per_rank} == {"node1", "node2"}
     jobs = query(
-        workspace, f"SELECT rank, node, state FROM jobs WHERE run_id = '{run_id}' ORDER BY rank"
+        workspace, "SELECT rank, node, state FROM jobs WHERE run_id = ? ORDER BY rank", [run_id]
     )
     assert jobs.to_dict("records") == [
         {"rank": 0, "node": per_rank[0]["node"], "state": "COMPLETED"},
@@ -89,16 +89,16 @@ def test_failing_job_is_recorded_with_its_error(slurm_cluster, workspace):
     )
     with pytest.raises(launch.JobFailed, match="ValueError: shard 7 is corrupt"):
         sub.wait(timeout_s=120)
-    job = query(workspace, f"SELECT * FROM jobs WHERE run_id = '{run_id}'").iloc[0]
+    job = query(workspace, "SELECT * FROM jobs WHERE run_id = ?", [run_id]).iloc[0]
     assert job.state == "FAILED" and job.exit_code == 1
     assert "ValueError: shard 7 is corrupt" in job.error and "jobfns.py" in job.error
     assert (
-        query(workspace, f"SELECT status FROM runs WHERE run_id = '{run_id}'").status[0] == "FAILED"
+        query(workspace, "SELECT status FROM runs WHERE run_id = ?", [run_id]).status[0] == "FAILED"
     )
 
 
 def _states(ws, run_id) -> list[str]:
-    return query(ws, f"SELECT state FROM jobs WHERE run_id = '{run_id}'").state.tolist()
+    return query(ws, "SELECT state FROM jobs WHERE run_id = ?", [run_id]).state.tolist()
 
 
 def _wait_state(ws, run_id, state, timeout=60):
@@ -136,7 +136,7 @@ def test_scancelled_job_shows_as_cancelled(slurm_cluster, workspace):
         90,
         lambda: f"`esm3 status` to show the run CANCELLED: {_status_csv(workspace, run_id)}",
     )
-    job = query(workspace, f"SELECT * FROM jobs WHERE run_id = '{run_id}'").iloc[0]
+    job = query(workspace, "SELECT * FROM jobs WHERE run_id = ?", [run_id]).iloc[0]
     assert job.state == "CANCELLED" and "JobState=CANCELLED" in job.error
     with pytest.raises(launch.JobFailed, match="CANCELLED"):
         sub.wait(timeout_s=30)
@@ -166,7 +166,7 @@ def test_local_job_killed_from_outside_is_lost_not_running(workspace):
     wait_for(lambda: not _alive(controller), 30, f"the controller {controller} to be gone")
     with pytest.raises(launch.JobFailed, match="LOST"):
         sub.wait(timeout_s=30, poll_s=0.2)
-    assert query(workspace, f"SELECT state FROM jobs WHERE run_id = '{run_id}'").state[0] == "LOST"
+    assert query(workspace, "SELECT state FROM jobs WHERE run_id = ?", [run_id]).state[0] == "LOST"
 
 
 def test_local_array_tasks_share_the_cores(workspace):

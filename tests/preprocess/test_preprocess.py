@@ -20,7 +20,7 @@ import pytest
 
 from esm3.data.structures.stages import structure_dataset_stats
 from esm3.data.token_stats import cluster_table, dataset_stats_row, token_stats_row
-from esm3.metrics.catalog import query
+from esm3.metrics.catalog import checked_table, query
 from jobs.cli import main as cli_main
 from jobs.clusters import load_profile
 from jobs.preprocess import run_preprocess
@@ -33,8 +33,9 @@ DATA = Path("data/preprocess/t")
 
 
 def _stats(ws: Path, run_id: str, table: str) -> list[dict]:
-    df = query(ws, f"SELECT * EXCLUDE (run_id, computed_at) FROM {table} "
-               f"WHERE run_id = '{run_id}' ORDER BY dataset")  # fmt: skip
+    table = checked_table(table)  # an identifier: only names of the fixed schema
+    df = query(ws, f"SELECT * EXCLUDE (run_id, computed_at) FROM {table} "  # noqa: S608 - checked
+               "WHERE run_id = ? ORDER BY dataset", [run_id])  # fmt: skip
     rows = df.to_dict("records")
     # NaN != NaN: compare missing levels as None
     return [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}
@@ -138,10 +139,10 @@ def test_demo_config_loads_and_its_inputs_resolve(tmp_path):
 
 def test_local_run_completes_every_stage_and_records_its_jobs(reference):
     ws, _, res = reference
-    runs = query(ws, f"SELECT status, kind FROM runs WHERE run_id = '{res.run_id}'")
+    runs = query(ws, "SELECT status, kind FROM runs WHERE run_id = ?", [res.run_id])
     assert runs.to_dict("records") == [{"status": "COMPLETED", "kind": "preprocess"}]
-    jobs = query(ws, f"SELECT stage, count(*) AS n, bool_and(state = 'COMPLETED') AS ok "
-                 f"FROM jobs WHERE run_id = '{res.run_id}' GROUP BY stage")  # fmt: skip
+    jobs = query(ws, "SELECT stage, count(*) AS n, bool_and(state = 'COMPLETED') AS ok "
+                 "FROM jobs WHERE run_id = ? GROUP BY stage", [res.run_id])  # fmt: skip
     tasks = dict(zip(jobs.stage, jobs.n, strict=True))
     assert jobs.ok.all()
     # uniref is split in 2, jgi is 1 shard; 3 sequence cluster levels; 4+3 structure levels
@@ -153,8 +154,8 @@ def test_local_run_completes_every_stage_and_records_its_jobs(reference):
 
 def test_rejects_land_with_the_run_id(reference):
     ws, _, res = reference
-    rej = query(ws, f"SELECT stage, record, reason, detail, source FROM rejects "
-                f"WHERE run_id = '{res.run_id}'")  # fmt: skip
+    rej = query(ws, "SELECT stage, record, reason, detail, source FROM rejects "
+                "WHERE run_id = ?", [res.run_id])  # fmt: skip
     by = {(r.stage, r.record): r for r in rej.itertuples()}
     assert by[("ingest", "ZZBAD1")].reason == "invalid_characters"
     assert "'J'" in by[("ingest", "ZZBAD1")].detail
@@ -248,8 +249,8 @@ def test_slurm_killed_mid_way_and_resumed_ends_like_the_uninterrupted_run(
         _wait_for(ws, "SELECT count(*) AS n FROM jobs WHERE stage = 'ingest' "
                   "AND state = 'COMPLETED'", 180)  # fmt: skip
         first = _run_id(ws)
-        ids = query(ws, f"SELECT DISTINCT split_part(job_id, '_', 1) AS j FROM jobs "
-                    f"WHERE run_id = '{first}'").j.tolist()  # fmt: skip
+        ids = query(ws, "SELECT DISTINCT split_part(job_id, '_', 1) AS j FROM jobs "
+                    "WHERE run_id = ?", [first]).j.tolist()  # fmt: skip
         subprocess.run(["scancel", *ids], env=env, check=True)
         out, err = proc.communicate(timeout=120)
     finally:
@@ -257,16 +258,16 @@ def test_slurm_killed_mid_way_and_resumed_ends_like_the_uninterrupted_run(
             proc.kill()
     assert proc.returncode == 1, err
     assert "job failed" in err and "CANCELLED" in err
-    stats = query(ws, f"SELECT count(*) AS n FROM dataset_stats WHERE run_id = '{first}'")
+    stats = query(ws, "SELECT count(*) AS n FROM dataset_stats WHERE run_id = ?", [first])
     assert stats.n[0] == 0  # it stopped before the end
-    assert query(ws, f"SELECT status FROM runs WHERE run_id = '{first}'").status[0] == "FAILED"
+    assert query(ws, "SELECT status FROM runs WHERE run_id = ?", [first]).status[0] == "FAILED"
 
     res = run_preprocess(ws, load_profile("slurm-local"), cfg, "all", progress=False,
                          timeout_s=600)  # fmt: skip
     _same(_snapshot(ws), _snapshot(ref_ws))
     _same_rows(_stats(ws, res.run_id, "dataset_stats"), _stats(ref_ws, ref.run_id, "dataset_stats"))
     _same_rows(_stats(ws, res.run_id, "token_stats"), _stats(ref_ws, ref.run_id, "token_stats"))
-    jobs = query(ws, f"SELECT stage, job_id, node, state FROM jobs WHERE run_id = '{res.run_id}'")
+    jobs = query(ws, "SELECT stage, job_id, node, state FROM jobs WHERE run_id = ?", [res.run_id])
     assert set(jobs.state) == {"COMPLETED"}
     multi = jobs.stage.isin(["ingest", "purge", "structures", "tokenize", "cluster", "expand"])
     assert jobs[multi].job_id.str.fullmatch(r"\d+_\d+").all()  # array tasks
@@ -275,8 +276,8 @@ def test_slurm_killed_mid_way_and_resumed_ends_like_the_uninterrupted_run(
     # the resumed run found the ingest shards done
     assert all(r["skipped"] for r in res.results["ingest"])
     # and recorded their rejects again under its own run id
-    n = query(ws, f"SELECT count(*) AS n FROM rejects WHERE run_id = '{res.run_id}' "
-              "AND stage = 'ingest'").n[0]  # fmt: skip
+    n = query(ws, "SELECT count(*) AS n FROM rejects WHERE run_id = ? "
+              "AND stage = 'ingest'", [res.run_id]).n[0]  # fmt: skip
     assert n == 3
 
 
@@ -304,7 +305,7 @@ def test_local_structures_killed_and_resumed(reference, tmp_path):
             except ProcessLookupError:
                 pass
     first = _run_id(ws)
-    assert query(ws, f"SELECT count(*) AS n FROM dataset_stats WHERE run_id = '{first}'").n[0] == 0
+    assert query(ws, "SELECT count(*) AS n FROM dataset_stats WHERE run_id = ?", [first]).n[0] == 0
     done_before = len(list((ws / DATA / "structures" / "pdb" / "shards").glob("*.parquet"))) + len(
         list((ws / DATA / "structures" / "afdb" / "shards").glob("*.parquet"))
     )

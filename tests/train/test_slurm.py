@@ -46,22 +46,22 @@ def test_two_node_fsdp_run_on_real_data(reference):
         "node1",
         "node2",
     }
-    steps = query(ws, f"SELECT * FROM train_steps WHERE run_id = '{run_id}' ORDER BY step")
+    steps = query(ws, "SELECT * FROM train_steps WHERE run_id = ? ORDER BY step", [run_id])
     assert steps.step.tolist() == list(range(1, 27))
     first, last = steps.loss.iloc[:3].mean(), steps[steps.stage == "seq"].loss.iloc[-3:].mean()
     assert last < first, (first, last)  # loss falls within the sequence-only stage
     assert steps.loss.tolist() == [per_rank[0]["losses"][s] for s in range(1, 27)]
     assert (steps.tokens > 0).all() and (steps.data_wait_s >= 0).all()
-    runs = query(ws, f"SELECT * FROM runs WHERE run_id = '{run_id}'")
+    runs = query(ws, "SELECT * FROM runs WHERE run_id = ?", [run_id])
     r = runs.iloc[0]
     assert (r.status, r.world_size, r.nodes, r.kind) == ("COMPLETED", 2, 2, "train")
     assert r.param_count == per_rank[0]["param_count"] and r.git_rev
-    jobs = query(ws, f"SELECT rank, node, state FROM jobs WHERE run_id = '{run_id}' ORDER BY rank")
+    jobs = query(ws, "SELECT rank, node, state FROM jobs WHERE run_id = ? ORDER BY rank", [run_id])
     assert jobs.to_dict("records") == [
         {"rank": 0, "node": "node1", "state": "COMPLETED"},
         {"rank": 1, "node": "node2", "state": "COMPLETED"},
     ]
-    ev = query(ws, f"SELECT kind, step FROM events WHERE run_id = '{run_id}' ORDER BY time")
+    ev = query(ws, "SELECT kind, step FROM events WHERE run_id = ? ORDER BY time", [run_id])
     assert {"start", "stage", "checkpoint"} <= set(ev.kind)
     assert ev[ev.kind == "stage"].step.tolist() == [0, 6]
 
@@ -79,7 +79,7 @@ def test_preempted_run_requeues_resumes_and_matches(reference, slurm_cluster, tm
     # machine; the job checkpoints at the next step boundary
     wait_for(
         lambda: len(
-            query(ws, f"SELECT 1 FROM events WHERE run_id = '{run_id}' AND kind = 'start'")
+            query(ws, "SELECT 1 FROM events WHERE run_id = ? AND kind = 'start'", [run_id])
         ),
         300,
         f"the 'start' event of {run_id}",
@@ -94,7 +94,7 @@ def test_preempted_run_requeues_resumes_and_matches(reference, slurm_cluster, tm
         ).stdout
         if "BeginTime" in held:
             return "held"
-        restarted = query(ws, f"SELECT 1 FROM jobs WHERE run_id = '{run_id}' AND attempt > 0")
+        restarted = query(ws, "SELECT 1 FROM jobs WHERE run_id = ? AND attempt > 0", [run_id])
         return "restarted" if len(restarted) else ""
 
     seen = wait_for(held_or_restarted, 300, f"job {job} requeued", interval=1)
@@ -104,7 +104,8 @@ def test_preempted_run_requeues_resumes_and_matches(reference, slurm_cluster, tm
     assert per_rank[0]["resumed_from"] is not None and per_rank[0]["resumed_from"] >= 1
     jobs = query(
         ws,
-        f"SELECT rank, attempt, state FROM jobs WHERE run_id = '{run_id}' ORDER BY attempt, rank",
+        "SELECT rank, attempt, state FROM jobs WHERE run_id = ? ORDER BY attempt, rank",
+        [run_id],
     )
     recs = [tuple(x) for x in jobs[jobs.state != "SUBMITTED"].itertuples(index=False)]
     assert recs == [
@@ -113,8 +114,8 @@ def test_preempted_run_requeues_resumes_and_matches(reference, slurm_cluster, tm
         (0, 1, "COMPLETED"),
         (1, 1, "COMPLETED"),
     ]
-    kinds = set(query(ws, f"SELECT kind FROM events WHERE run_id = '{run_id}'").kind)
+    kinds = set(query(ws, "SELECT kind FROM events WHERE run_id = ?", [run_id]).kind)
     assert {"preempt", "resume", "requeue"} <= kinds
-    steps = query(ws, f"SELECT step, loss FROM train_steps WHERE run_id = '{run_id}' ORDER BY step")
+    steps = query(ws, "SELECT step, loss FROM train_steps WHERE run_id = ? ORDER BY step", [run_id])
     assert steps.step.tolist() == list(range(1, 27))
     assert steps.loss.tolist() == [ref_ranks[0]["losses"][s] for s in range(1, 27)]
