@@ -190,9 +190,16 @@ def train_job(ws: Path, run_id: str, cfg: Any, *, attempt: int = 0) -> dict[str,
     rank0 = info.rank == 0
     steps_w = LakeWriter(ws, "train_steps", flush_seconds=5.0) if rank0 else None
     events_w = LakeWriter(ws, "events", flush_seconds=2.0) if rank0 else None
+
+    def flush() -> None:  # before a checkpoint is declared: its steps and "saved" event
+        for w in (steps_w, events_w):
+            if w is not None:
+                w.flush()
+
     sinks = Sinks(
         step=steps_w.add if steps_w else (lambda r: None),
         event=events_w.add if events_w else (lambda r: None),
+        flush=flush,
     )
     if rank0:
         changes: dict[str, Any] = dict(status="RUNNING", world_size=info.world_size)

@@ -120,6 +120,8 @@ class LakeWriter:
 
     `add` never blocks on readers. Use as a context manager, or call `close()`, so the
     last rows are written; a background timer flushes a quiet buffer so dashboards stay live.
+    When `flush()` returns, every row added before the call is in a lake file, including
+    rows the background timer had taken and was still writing.
     """
 
     def __init__(
@@ -137,7 +139,8 @@ class LakeWriter:
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
         self._rows: list[Mapping[str, Any]] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the buffer; held only briefly
+        self._write_lock = threading.Lock()  # one flush at a time, so flushes finish in order
         self._last = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -157,10 +160,11 @@ class LakeWriter:
             self.add(r)
 
     def flush(self) -> Path | None:
-        with self._lock:
-            rows, self._rows = self._rows, []
-            self._last = time.monotonic()
-        return write_rows(self.workspace, self.table, rows) if rows else None
+        with self._write_lock:
+            with self._lock:
+                rows, self._rows = self._rows, []
+                self._last = time.monotonic()
+            return write_rows(self.workspace, self.table, rows) if rows else None
 
     def _tick(self) -> None:
         while not self._stop.wait(min(1.0, self.flush_seconds)):

@@ -44,6 +44,7 @@ class StabilityMonitor:
     nonfinite_run: int = 0
     spikes_total: int = 0
     rollbacks: int = 0
+    nonfinite_since_checkpoint: int = 0  # not saved: a restored state is at a checkpoint
 
     def observe(self, step: int, loss: float, grad_norm: float) -> Verdict:
         """Judge one step. Non-finite steps never enter the history; spikes do not either,
@@ -54,6 +55,7 @@ class StabilityMonitor:
             v.nonfinite = True
             self.nonfinite_total += 1
             self.nonfinite_run += 1
+            self.nonfinite_since_checkpoint += 1
             if self.nonfinite_run > c.max_nonfinite:
                 v.abort = (
                     f"{self.nonfinite_run} consecutive non-finite steps "
@@ -91,6 +93,19 @@ class StabilityMonitor:
         self.grads.clear()
         self.spike_steps.clear()
 
+    @property
+    def in_streak(self) -> bool:
+        """The latest step was non-finite: no checkpoint is written or pruned now, since its
+        weights may be the cause and pruning could delete the last good one."""
+        return self.nonfinite_run > 0
+
+    def checkpointed(self) -> bool:
+        """Called when a checkpoint is taken: whether the steps since the previous one were
+        all finite (the checkpoint is clean); starts counting afresh."""
+        clean = self.nonfinite_since_checkpoint == 0
+        self.nonfinite_since_checkpoint = 0
+        return clean
+
     def rolled_back(self) -> None:
         """Called after a rollback: the spike burst is over."""
         self.rollbacks += 1
@@ -114,5 +129,6 @@ class StabilityMonitor:
         self.spike_steps = deque(int(x) for x in state["spike_steps"])
         for k in ("nonfinite_total", "nonfinite_run", "spikes_total", "rollbacks"):
             setattr(self, k, int(state[k]))
+        self.nonfinite_since_checkpoint = 0
         if keep_rollbacks:  # a rollback restores an older state but must not forget itself
             self.rollbacks = max(self.rollbacks, rollbacks)

@@ -41,10 +41,13 @@ Row = dict[str, Any]
 
 @dataclass
 class Sinks:
-    """Where rank 0's rows go (train_steps rows, events rows); no-ops by default."""
+    """Where rank 0's rows go (train_steps rows, events rows); no-ops by default.
+
+    `flush` makes every row given so far durable; it runs before a checkpoint is declared."""
 
     step: Callable[[Row], None] = lambda r: None
     event: Callable[[Row], None] = lambda r: None
+    flush: Callable[[], None] = lambda: None
 
 
 @dataclass
@@ -163,7 +166,7 @@ def train(
         event(
             step,
             "checkpoint_corrupt",
-            f"{path.name} unreadable, falling back: {reason}",
+            f"{path.name} refused, falling back: {reason}",
             "warning",
             path=str(path),
         )
@@ -242,11 +245,36 @@ def train(
 
     def save(reason: str) -> None:
         nonlocal pending
+        if monitor.in_streak:
+            event(
+                step,
+                "checkpoint_skipped",
+                f"no {reason} checkpoint during a non-finite streak "
+                f"({monitor.nonfinite_run} step(s))",
+                "warning",
+                reason=reason,
+            )
+            return
         if pending is not None:
             pending.finish()
             pending = None
         t0 = time.perf_counter()
-        st = train_state()
+        st = {**train_state(), "clean": monitor.checkpointed()}
+        name = ckpt.step_dir(ckpt_dir, step).name
+        saved_at = step
+
+        def declare() -> None:  # the saved event and all rows so far, durable before the manifest
+            event(
+                saved_at,
+                "checkpoint",
+                f"saved {name} ({reason})",
+                value=time.perf_counter() - t0,
+                path=str(ckpt.step_dir(ckpt_dir, saved_at)),
+                reason=reason,
+                clean=st["clean"],
+            )
+            sinks.flush()
+
         p = ckpt.save(
             ckpt_dir,
             step,
@@ -257,17 +285,9 @@ def train(
             keep=cfg.checkpoint.keep,
             async_save=cfg.checkpoint.async_save and reason == "periodic",
             process_group=ckpt_pg,
+            before_commit=declare,
         )
-        if p.finished:
-            event(
-                step,
-                "checkpoint",
-                f"saved {p.path.name} ({reason})",
-                value=time.perf_counter() - t0,
-                path=str(p.path),
-                reason=reason,
-            )
-        else:
+        if not p.finished:
             pending = p
         result.checkpoint = str(p.path)
 
@@ -484,13 +504,7 @@ def train(
                     t_last = time.perf_counter()
                     continue
             if pending is not None and pending.done():
-                pending.finish()
-                event(
-                    pending.step,
-                    "checkpoint",
-                    f"saved {pending.path.name} (async)",
-                    path=str(pending.path),
-                )
+                pending.finish(prune_old=not monitor.in_streak)
                 pending = None
             if stop:
                 save("preemption")
@@ -509,7 +523,7 @@ def train(
                 save("final")
     finally:
         if pending is not None:
-            pending.finish()
+            pending.finish(prune_old=not monitor.in_streak)
     result.step = step
     return result
 
