@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -52,6 +53,8 @@ def _sql_limit_args(p: argparse.ArgumentParser) -> None:
 def cmd_slurm(a: argparse.Namespace) -> int:
     from jobs import slurm_local
 
+    if a.nodes < 1:  # before any action: nothing is started or stopped on a bad count
+        raise UserError(f"--nodes must be >= 1, got {a.nodes}")
     if a.action == "up":
         c = slurm_local.up(nodes=a.nodes)
         print(f"local SLURM cluster up: {', '.join(c.node_names)} idle; SLURM_CONF={c.conf}")
@@ -298,6 +301,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `esm3` command; returns the exit code."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a reader that left shows here rather than at interpreter exit
+    except BrokenPipeError:
+        return _stdout_gone()
+
+
+def _stdout_gone() -> int:
+    """The reader of our output went away (`esm3 sql ... | head -1`): stop quietly with the
+    status of a process ended by SIGPIPE, as other command-line tools do."""
+    # what is still buffered goes nowhere instead of failing again at interpreter exit
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
+
+
+def _main(argv: list[str] | None) -> int:
     from esm3.metrics.catalog import SqlRefused
     from jobs.config import ConfigError
     from jobs.launch import JobFailed

@@ -4,6 +4,7 @@ profile into a submitit executor, with the job's Python wrapped in a container i
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -49,6 +50,7 @@ class ClusterProfile:
     gpus_per_node: int = 0
     cpus_per_task: int = 1
     mem_gb: float = 0.0  # 0: the scheduler's default
+    gpu_mem_gb: float = 0.0  # memory of one GPU; 0: unknown (the batch is not checked on GPUs)
     time_min: int = 60
     array_parallelism: int = 64
     signal_delay_s: int = 60  # USR2 this long before the time limit: checkpoint and requeue
@@ -61,16 +63,44 @@ class ClusterProfile:
         for k in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "array_parallelism"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"cluster key '{k}': {getattr(self, k)} must be >= 1")
+        for k in ("gpus_per_node", "mem_gb", "gpu_mem_gb"):
+            v = getattr(self, k)
+            if not (v >= 0 and math.isfinite(v)):
+                raise ConfigError(f"cluster key '{k}': must be >= 0, got {v}")
         if self.executor == "local" and self.nodes != 1:
             raise ConfigError(
                 f"cluster key 'nodes': {self.nodes} is not allowed with executor 'local' "
                 "(one node; use a slurm profile for several)"
             )
 
+    def memory_per_rank(self, tasks_per_node: int) -> tuple[float, str] | None:
+        """(bytes, what they are) one rank can use for training, or None where unknown.
+
+        On GPUs the step lives in the GPU's memory; on CPUs it shares the node's memory
+        with the node's other ranks. The node is this host for the local executor and the
+        local SLURM cluster unless mem_gb says otherwise.
+        """
+        if self.gpus_per_node > 0:
+            if self.gpu_mem_gb <= 0:
+                return None
+            return self.gpu_mem_gb * 2**30, "gpu_mem_gb: one GPU's memory"
+        if self.mem_gb > 0:
+            node, what = self.mem_gb * 2**30, "mem_gb"
+        elif self.executor == "local" or self.slurm_conf == "local":
+            node, what = float(host_memory()), "this host's memory"
+        else:
+            return None
+        return node / max(1, tasks_per_node), f"{what} / {tasks_per_node} task(s) per node"
+
     def slurm_conf_path(self) -> Path | None:
         if self.slurm_conf == "local":
             return slurm_local.conf_path()
         return Path(self.slurm_conf) if self.slurm_conf else None
+
+
+def host_memory() -> int:
+    """Physical memory of this host in bytes."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def available_profiles() -> list[str]:

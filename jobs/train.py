@@ -85,9 +85,16 @@ def ckpt_dir(ws: Path, run_id: str) -> Path:
     return wsp.run_dir(ws, run_id) / "checkpoints"
 
 
-def check_inputs(cfg: Any, ws: Path, world_size: int) -> dict[str, Any]:
+def check_inputs(
+    cfg: Any,
+    ws: Path,
+    world_size: int,
+    profile: ClusterProfile | None = None,
+    tasks_per_node: int = 1,
+) -> dict[str, Any]:
     """Everything checkable before submission; one-line ConfigError naming the problem.
 
+    With a profile, a step must also fit the memory one rank gets there.
     Returns facts for the run record: param_count, per-dataset record counts.
     """
     from esm3.model.config import param_count
@@ -100,6 +107,8 @@ def check_inputs(cfg: Any, ws: Path, world_size: int) -> dict[str, Any]:
         cfg.check_world_size(world_size)
     except TrainConfigError as e:
         raise ConfigError(str(e)) from e
+    if profile is not None:
+        check_memory(cfg, profile, world_size, tasks_per_node)
     try:
         datasets = load_datasets(cfg, data_root(ws))
     except DataError as e:
@@ -115,6 +124,33 @@ def check_inputs(cfg: Any, ws: Path, world_size: int) -> dict[str, Any]:
         "param_count": param_count(mcfg),
         "records": {n: len(d) for n, d in datasets.items()},
     }
+
+
+def _size(n: float) -> str:
+    """Bytes as GiB, TiB or PiB, one decimal."""
+    units = ("GiB", "TiB", "PiB")
+    i = 0
+    while i < len(units) - 1 and n >= 2 ** (40 + 10 * i):
+        i += 1
+    return f"{n / 2 ** (30 + 10 * i):,.1f} {units[i]}"
+
+
+def check_memory(cfg: Any, profile: ClusterProfile, world_size: int, tasks_per_node: int) -> None:
+    """Refuse a batch whose step cannot fit one rank's memory on this profile (a lower bound
+    of the step against what the profile gives a rank; skipped where that is unknown)."""
+    budget = profile.memory_per_rank(tasks_per_node)
+    if budget is None:
+        return
+    avail, what = budget
+    need = cfg.min_step_bytes(world_size)
+    if need > avail:
+        ctx = max(s.context_length for s in cfg.stages)
+        raise ConfigError(
+            f"config key 'data.batch_size': {cfg.data.batch_size} samples of up to {ctx} tokens "
+            f"over {world_size} rank(s) need at least {_size(need)} per rank, more than the "
+            f"{_size(avail)} a rank has on profile '{profile.name}' ({what}); lower data.batch_size or "
+            "the context length, or use more ranks"
+        )
 
 
 # --- the job -----------------------------------------------------------------------------
@@ -261,7 +297,14 @@ def train_job(ws: Path, run_id: str, cfg: Any, *, attempt: int = 0) -> dict[str,
 
 
 def _resources(profile: ClusterProfile, nodes: int | None, tasks: int | None) -> Resources:
-    return Resources(nodes=nodes or profile.nodes, tasks_per_node=tasks or profile.tasks_per_node)
+    """The job's nodes and tasks per node: the command line's, else the profile's."""
+    for flag, v in (("--nodes", nodes), ("--tasks-per-node", tasks)):
+        if v is not None and v < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {v}")
+    res = Resources(nodes=nodes or profile.nodes, tasks_per_node=tasks or profile.tasks_per_node)
+    if profile.executor == "local" and res.nodes != 1:
+        raise ConfigError(f"profile '{profile.name}': {res.nodes} nodes requested, local runs one")
+    return res
 
 
 def submit(
@@ -276,11 +319,9 @@ def submit(
 ) -> tuple[str, launch.Submission]:
     """Check everything, record the run, submit the job; returns (run_id, submission)."""
     res = _resources(profile, nodes, tasks_per_node)
-    if profile.executor == "local" and res.nodes != 1:
-        raise ConfigError(f"profile '{profile.name}': {res.nodes} nodes requested, local runs one")
     world = (res.nodes or 1) * (res.tasks_per_node or 1)
     check_ready(profile)
-    facts = check_inputs(cfg, ws, world)
+    facts = check_inputs(cfg, ws, world, profile, res.tasks_per_node or 1)
     cfg_json = config_dict(cfg)
     run_id = launch.start_run(
         ws,
@@ -552,12 +593,12 @@ def add_parser(subparsers: argparse._SubParsersAction, common: Any) -> None:
 
 def entry(args: argparse.Namespace) -> int:
     profile = load_profile(args.cluster)
+    res = _resources(profile, args.nodes, args.tasks_per_node)
     cfg = load_config(args.config, args.overrides)
     ws = wsp.prepare(args.workspace)
     if args.dry_run:
-        res = _resources(profile, args.nodes, args.tasks_per_node)
         world = (res.nodes or 1) * (res.tasks_per_node or 1)
-        facts = check_inputs(cfg, ws, world)
+        facts = check_inputs(cfg, ws, world, profile, res.tasks_per_node or 1)
         print(json.dumps(config_dict(cfg), indent=1, default=str))
         print(
             f"# {facts['param_count']:,} parameters; world size {world}; records {facts['records']}"

@@ -279,3 +279,27 @@ def test_new_steps_show_without_a_restart(seeded, tmp_path, monkeypatch):
         p.name for p in (src / part).glob("*.parquet")
     }
     assert sum(pq.read_metadata(ws / part / n).num_rows for n in new) == 25
+
+
+def test_jobs_lists_training_failures_without_an_array_index(tmp_path, monkeypatch):
+    """A training job is no array task: its array_index is null (pd.NA on the page), and a
+    LOST job may have no node and no end time either."""
+    from esm3.metrics.lake import now, write_rows
+
+    base = dict(run_id="train-x", stage="train", attempt=0, node="nodeA", cluster="local")
+    rows = [
+        dict(base, job_id="70", rank=0, state="COMPLETED", ended_at=now()),
+        dict(base, job_id="71", rank=0, state="FAILED", exit_code=1, error="loss is NaN"),
+        dict(base, job_id="72", rank=1, state="LOST", error="node went away", node=None),
+        dict(base, job_id="73", array_index=4, rank=0, state="FAILED", error="oom"),
+    ]
+    write_rows(tmp_path, "jobs", rows)
+    at = open_page(tmp_path, "jobs", monkeypatch)
+    assert_clean(at, "jobs")
+    assert metrics(at)["Failed"] == "3"
+    labels = [e.label for e in at.expander]
+    assert any("FAILED" in lb and "job 71" in lb and "rank 0" in lb for lb in labels), labels
+    assert any("LOST" in lb and "job 72" in lb and "rank 1" in lb for lb in labels), labels
+    assert any("job 73" in lb and "array task 4" in lb for lb in labels), labels
+    codes = [c.value for c in at.code]
+    assert "loss is NaN" in codes and "node went away" in codes

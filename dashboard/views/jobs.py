@@ -3,6 +3,9 @@ their error text, and the input records the stages refused, by reason."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import pandas as pd
 import streamlit as st
 
 from dashboard import charts, common
@@ -10,6 +13,21 @@ from esm3.metrics import queries
 
 st.title("Jobs")
 ws = common.workspace()
+
+
+def _text(value: object) -> str:
+    """A cell as text; a missing value (None, NaN, pd.NA, NaT) as a dash, like fmt_int."""
+    return "–" if pd.isna(value) else str(value)
+
+
+def _where(row: Any) -> str:
+    """An array task by its index; a training job (no array index) by its rank.
+
+    The columns are nullable: a missing value is pd.NA, which has no truth value.
+    """
+    if not pd.isna(row.array_index):
+        return f"array task {int(row.array_index)}"
+    return f"rank {common.fmt_int(row.rank)}"
 
 
 @st.fragment(run_every=common.run_every())
@@ -43,18 +61,14 @@ def live() -> None:
                 st.success("No failed task.", icon=":material/check:")
             else:
                 for row in fail.head(5).itertuples():
-                    where = (
-                        f"array task {row.array_index}"
-                        if row.array_index == row.array_index and row.array_index is not None
-                        else f"rank {row.rank}"
-                    )
                     with st.expander(
                         f":red[{row.state}] {row.run_id} · {row.stage} · job {row.job_id} · "
-                        f"{where} · attempt {row.attempt} · exit {common.fmt_int(row.exit_code)}",
+                        f"{_where(row)} · attempt {common.fmt_int(row.attempt)} · "
+                        f"exit {common.fmt_int(row.exit_code)}",
                         expanded=row.Index == 0,
                     ):
                         st.code(row.error or "(no error text recorded)", language=None)
-                        st.caption(f"node {row.node} · ended {row.ended_at}")
+                        st.caption(f"node {_text(row.node)} · ended {_text(row.ended_at)}")
                 if len(fail) > 5:
                     st.dataframe(fail, hide_index=True, width="stretch")
         with common.section("the tasks"):

@@ -8,6 +8,7 @@ suite's ConfigError.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -23,6 +24,34 @@ class TrainConfigError(ValueError):
     """A bad training config; the message is one line naming the key."""
 
 
+def _bad(key: str, msg: str) -> TrainConfigError:
+    return TrainConfigError(f"config key '{key}': {msg}")
+
+
+def _finite(key: str, value: float) -> None:
+    # NaN fails every comparison and inf passes a lower bound: refuse both by name
+    if not math.isfinite(value):
+        raise _bad(key, f"must be a finite number, got {value}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    _finite(key, value)
+    if value < low:
+        raise _bad(key, f"must be >= {low}, got {value}")
+
+
+def _above(key: str, value: float, low: float) -> None:
+    _finite(key, value)
+    if value <= low:
+        raise _bad(key, f"must be > {low}, got {value}")
+
+
+def _in_range(key: str, value: float, low: float, high: float, high_open: bool = False) -> None:
+    _finite(key, value)
+    if value < low or value > high or (high_open and value == high):
+        raise _bad(key, f"must be in [{low}, {high}{')' if high_open else ']'}, got {value}")
+
+
 @dataclass
 class ModelSection:
     """A preset of `esm3.model.config.PRESETS`, with optional size overrides."""
@@ -34,6 +63,14 @@ class ModelSection:
     context_length: int | None = None
     attention: Literal["sdpa", "xformers"] = "sdpa"
     linear: Literal["torch", "te"] = "torch"
+
+    def check(self) -> None:
+        """The size overrides in range (before the model config divides by them)."""
+        for k in ("d_model", "n_layers", "d_head"):
+            if getattr(self, k) is not None:
+                _at_least(f"model.{k}", getattr(self, k), 1)
+        if self.context_length is not None:
+            _at_least("model.context_length", self.context_length, 3)
 
     def build(self, fp8: bool = False) -> ModelConfig:
         over: dict[str, object] = {
@@ -184,69 +221,108 @@ class TrainConfig:
         return len(self.stages) - 1, self.stages[-1]
 
     def validate(self) -> None:
-        def bad(key: str, msg: str) -> TrainConfigError:
-            return TrainConfigError(f"config key '{key}': {msg}")
-
+        """Every value in its range; the first bad one is a one-line TrainConfigError."""
         if self.model.preset not in PRESETS:
-            raise bad("model.preset", f"{self.model.preset!r} is not one of {', '.join(PRESETS)}")
+            raise _bad("model.preset", f"{self.model.preset!r} is not one of {', '.join(PRESETS)}")
+        self.model.check()
         mc = self.model_config()
-        if not self.stages:
-            raise bad("stages", "at least one stage is needed")
-        names = [d.name for d in self.data.datasets]
+        self._validate_data()
+        self._validate_stages(mc.context_length)
+        self._validate_optim()
+        self._validate_intervals()
+        if self.parallel.fp8 and self.model.linear != "te":
+            raise _bad("parallel.fp8", "FP8 needs model.linear = 'te' (TransformerEngine)")
+        _at_least("parallel.peak_tflops", self.parallel.peak_tflops, 0)
+        _at_least("parallel.threads", self.parallel.threads, 0)
+        unknown_w = set(self.loss_weights) - set(CATEGORICAL_TRACKS)
+        if unknown_w:
+            raise _bad("loss_weights", f"unknown tracks {sorted(unknown_w)}")
+        for track, w in self.loss_weights.items():
+            _at_least(f"loss_weights.{track}", w, 0)
+
+    def _validate_data(self) -> None:
+        d = self.data
+        names = [ds.name for ds in d.datasets]
         if not names:
-            raise bad("data.datasets", "no dataset configured")
+            raise _bad("data.datasets", "no dataset configured")
         if len(set(names)) != len(names) or not all(names):
-            raise bad("data.datasets", f"dataset names must be unique and non-empty: {names}")
-        for i, d in enumerate(self.data.datasets):
-            if not d.shards:
-                raise bad(f"data.datasets[{i}].shards", f"dataset {d.name!r} lists no shards")
-            if d.weight < 0:
-                raise bad(f"data.datasets[{i}].weight", f"{d.weight} must be >= 0")
-        if self.data.batch_size < 1:
-            raise bad("data.batch_size", f"{self.data.batch_size} must be >= 1")
-        if self.data.task == "inverse_folding":
-            if any(d.type != "structure" for d in self.data.datasets):
-                raise bad("data.task", "inverse folding trains on structure datasets only")
-        if not 0.0 <= self.data.inverse_folding_prob <= 1.0:
-            raise bad("data.inverse_folding_prob", "must be in [0, 1]")
+            raise _bad("data.datasets", f"dataset names must be unique and non-empty: {names}")
+        for i, ds in enumerate(d.datasets):
+            if not ds.shards:
+                raise _bad(f"data.datasets[{i}].shards", f"dataset {ds.name!r} lists no shards")
+            _at_least(f"data.datasets[{i}].weight", ds.weight, 0)
+        _at_least("data.batch_size", d.batch_size, 1)
+        _at_least("data.workers", d.workers, 0)
+        _at_least("data.prefetch", d.prefetch, 1)  # 0 would be an unbounded queue
+        _at_least("data.max_records", d.max_records, 0)
+        _at_least("data.sequence_weight", d.sequence_weight, 0)
+        _at_least("data.structure_weight", d.structure_weight, 0)
+        _in_range("data.inverse_folding_prob", d.inverse_folding_prob, 0, 1)
+        if d.task == "inverse_folding" and any(ds.type != "structure" for ds in d.datasets):
+            raise _bad("data.task", "inverse folding trains on structure datasets only")
+
+    def _validate_stages(self, model_context: int) -> None:
+        if not self.stages:
+            raise _bad("stages", "at least one stage is needed")
+        names = [ds.name for ds in self.data.datasets]
         for i, s in enumerate(self.stages):
             key = f"stages[{i}]"
-            if s.steps < 1:
-                raise bad(f"{key}.steps", f"{s.steps} must be >= 1")
-            if not 3 <= s.context_length <= mc.context_length:
-                raise bad(
+            _at_least(f"{key}.steps", s.steps, 1)
+            _at_least(f"{key}.context_length", s.context_length, 3)
+            if s.context_length > model_context:
+                raise _bad(
                     f"{key}.context_length",
-                    f"{s.context_length} must be in [3, {mc.context_length}] (the model's)",
+                    f"must be <= {model_context} (the model's context length), "
+                    f"got {s.context_length}",
                 )
             unknown = set(s.weights) - set(names)
             if unknown:
-                raise bad(
+                raise _bad(
                     f"{key}.weights",
                     f"names dataset(s) {sorted(unknown)} not in data.datasets ({names})",
                 )
+            for ds, w in s.weights.items():
+                _at_least(f"{key}.weights.{ds}", w, 0)
+            for kind in ("sequence_weight", "structure_weight"):
+                if getattr(s, kind) is not None:
+                    _at_least(f"{key}.{kind}", getattr(s, kind), 0)
             bad_tracks = set(s.tracks) - set(TRACKS)
             if bad_tracks or "sequence" not in s.tracks:
-                raise bad(
+                raise _bad(
                     f"{key}.tracks",
                     f"{s.tracks}: must include 'sequence', allowed {', '.join(TRACKS)}",
                 )
+
+    def _validate_optim(self) -> None:
         o = self.optim
+        _above("optim.lr", o.lr, 0)
+        _above("optim.base_lr", o.base_lr, 0)
         if o.scale_lr and o.reference_params <= 0:
-            raise bad("optim.reference_params", "must be > 0 when optim.scale_lr is true")
-        if not 0 <= o.min_lr_ratio <= 1:
-            raise bad("optim.min_lr_ratio", f"{o.min_lr_ratio} must be in [0, 1]")
-        if o.warmup_steps < 0 or o.clip <= 0:
-            raise bad("optim", "warmup_steps must be >= 0 and clip > 0")
-        if self.checkpoint.keep < 1:
-            raise bad("checkpoint.keep", f"{self.checkpoint.keep} must be >= 1")
+            raise _bad("optim.reference_params", "must be > 0 when optim.scale_lr is true")
+        _in_range("optim.beta1", o.beta1, 0, 1, high_open=True)
+        _in_range("optim.beta2", o.beta2, 0, 1, high_open=True)
+        _above("optim.eps", o.eps, 0)
+        _at_least("optim.weight_decay", o.weight_decay, 0)
+        _above("optim.clip", o.clip, 0)
+        _at_least("optim.warmup_steps", o.warmup_steps, 0)
+        _in_range("optim.min_lr_ratio", o.min_lr_ratio, 0, 1)
+
+    def _validate_intervals(self) -> None:
+        # 0 keeps its documented meaning where a field has one (never / only at the end)
+        _at_least("log_every", self.log_every, 1)
+        _at_least("update_ratio_every", self.update_ratio_every, 0)
+        _at_least("checkpoint.every", self.checkpoint.every, 0)
+        _at_least("checkpoint.keep", self.checkpoint.keep, 1)
         st = self.stability
-        if st.window < 3 or st.min_history < 1 or st.loss_spike <= 1 or st.grad_spike <= 1:
-            raise bad("stability", "window >= 3, min_history >= 1, spike factors > 1 required")
-        if self.parallel.fp8 and self.model.linear != "te":
-            raise bad("parallel.fp8", "FP8 needs model.linear = 'te' (TransformerEngine)")
-        unknown_w = set(self.loss_weights) - set(CATEGORICAL_TRACKS)
-        if unknown_w:
-            raise bad("loss_weights", f"unknown tracks {sorted(unknown_w)}")
+        _at_least("stability.window", st.window, 3)
+        _at_least("stability.min_history", st.min_history, 1)
+        _above("stability.loss_spike", st.loss_spike, 1)
+        _above("stability.grad_spike", st.grad_spike, 1)
+        _at_least("stability.max_nonfinite", st.max_nonfinite, 0)
+        _at_least("stability.rollback_spikes", st.rollback_spikes, 1)
+        _at_least("stability.rollback_window", st.rollback_window, 1)
+        _at_least("stability.max_rollbacks", st.max_rollbacks, 0)
+        _above("stability.spike_scale", st.spike_scale, 0)
 
     def check_world_size(self, world_size: int) -> int:
         """Samples per rank per step; raises when the world size does not divide the batch."""
@@ -256,3 +332,23 @@ class TrainConfig:
                 f"divisible by the world size {world_size} (nodes x tasks per node)"
             )
         return self.data.batch_size // world_size
+
+    def min_step_bytes(self, world_size: int) -> int:
+        """A lower bound on one rank's memory for a training step (bytes).
+
+        Counts only what must exist at once: the FSDP-sharded fp32 weights, gradients and
+        two AdamW moments (16 bytes per parameter over the world), the rank's token ids,
+        each block's bf16 input kept for the backward pass, and the bf16 logits of the
+        output heads. Real use is higher (attention, FFN, workers), so a config over this
+        bound cannot run.
+        """
+        from esm3.model.config import _head_outputs, param_count
+
+        mc = self.model_config()
+        states = 16 * param_count(mc) // max(1, world_size)
+        per_rank = -(-self.data.batch_size // max(1, world_size))
+        tokens = per_rank * max(s.context_length for s in self.stages)
+        ids = tokens * 8 * len(TRACKS)
+        residual = tokens * mc.d_model * mc.n_layers * 2
+        logits = tokens * sum(_head_outputs(mc, t) for t in mc.heads) * 2
+        return states + ids + residual + logits
