@@ -57,10 +57,13 @@ def cmd_slurm(a: argparse.Namespace) -> int:
         raise UserError(f"--nodes must be >= 1, got {a.nodes}")
     if a.action == "up":
         c = slurm_local.up(nodes=a.nodes)
+        if c.resumed:
+            print(f"resumed {', '.join(c.resumed)}: left drained by the last `esm3 slurm down`")
         print(f"local SLURM cluster up: {', '.join(c.node_names)} idle; SLURM_CONF={c.conf}")
     elif a.action == "down":
-        stopped = slurm_local.down()
-        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+        report = slurm_local.down()
+        print("\n".join(report.lines()))
+        return 1 if report.left else 0
     else:
         st = slurm_local.status()
         print(json.dumps(st, indent=2))

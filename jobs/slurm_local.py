@@ -2,12 +2,17 @@
 
 `up` starts munged, slurmctld and one slurmd per emulated node (`slurmd -N nodeX`), with
 config, state, logs and pid files under one folder (env ESM3_SLURM_DIR, default
-`<project>/.slurm`). `down` stops only the processes whose pid files `up` wrote.
+`<project>/.slurm`), and resumes nodes that an earlier `down` of its own left drained.
+`down` cancels this cluster's jobs, waits (bounded) for their steps, then stops the
+daemons whose pid files `up` wrote and the slurmstepd processes of this cluster (found by
+their sockets in this cluster's spool folder or their SLURM_CONF, never by name alone:
+another cluster may run on the same host), TERM first and SIGKILL after a bound.
 The settings are the ones seen to work on one host (see DESIGN.md).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -15,7 +20,7 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 log = logging.getLogger("esm3.slurm")
@@ -44,6 +49,7 @@ class LocalCluster:
     cpus_per_node: int = 0  # 0: this host's core count
     mem_mb_per_node: int = 0  # 0: a share of this host's memory
     port: int = field(default_factory=lambda: int(os.environ.get("ESM3_SLURM_PORT", DEFAULT_PORT)))
+    resumed: tuple[str, ...] = ()  # nodes `up` returned to service (drained by our own down)
 
     @property
     def node_names(self) -> list[str]:
@@ -226,10 +232,64 @@ def sinfo_states(c: LocalCluster) -> dict[str, str]:
     return out
 
 
+def node_info(c: LocalCluster) -> dict[str, tuple[str, str]]:
+    """node -> (state, reason) as sinfo reports them (empty when the controller is silent)."""
+    try:
+        proc = subprocess.run(
+            [_need("sinfo"), "-h", "-N", "-o", "%N|%T|%E"],
+            env=c.env(),
+            capture_output=True,
+            text=True,
+            timeout=15,
+        )
+    except subprocess.TimeoutExpired:
+        return {}
+    out = {}
+    for line in proc.stdout.splitlines() if proc.returncode == 0 else []:
+        parts = line.split("|", 2)
+        if len(parts) == 3:
+            out[parts[0]] = (parts[1].rstrip("*~#$@+-"), parts[2].strip())
+    return out
+
+
+# reasons slurmctld gives a node whose daemons were stopped under running steps: after a
+# `down` of ours they are our doing, and `up` returns such nodes to service
+OWN_DOWN_REASONS = ("Kill task failed", "Not responding", "Node unexpectedly rebooted")
+_OUT_OF_SERVICE = ("drained", "draining", "down", "fail", "failing")
+
+
+def _down_marker(root: Path) -> Path:
+    return root / "run" / "down.json"
+
+
+def _resume_ours(c: LocalCluster, info: dict[str, tuple[str, str]]) -> list[str]:
+    """Resume the nodes that our own earlier `down` left out of service; returns them."""
+    if not _down_marker(c.root).exists():
+        return []  # no down of ours before: a drained node is someone's decision
+    done = []
+    for n in c.node_names:
+        state, reason = info.get(n, ("", ""))
+        if state in _OUT_OF_SERVICE and reason.startswith(OWN_DOWN_REASONS):
+            proc = subprocess.run(
+                [_need("scontrol"), "update", f"nodename={n}", "state=resume"],
+                env=c.env(),
+                capture_output=True,
+                text=True,
+                timeout=15,
+            )
+            if proc.returncode == 0:
+                log.info("resumed %s (%s: %s, left by the last `slurm down`)", n, state, reason)
+                done.append(n)
+    return done
+
+
 def up(
     nodes: int = DEFAULT_NODES, *, root: Path | None = None, timeout_s: float = 90
 ) -> LocalCluster:
-    """Start the cluster (idempotent); return once every node is idle (or allocated/mixed)."""
+    """Start the cluster (idempotent); return once every node is idle (or allocated/mixed).
+
+    Nodes that our own `down` left drained or down ("Kill task failed") are resumed; the
+    returned cluster's `resumed` names them."""
     c = LocalCluster(root or state_dir(), nodes=nodes)
     for sub in ("etc", "state", "spool", "run", "log"):
         (c.root / sub).mkdir(parents=True, exist_ok=True)
@@ -248,42 +308,231 @@ def up(
         if not _alive(c.pidfiles()[f"slurmd-{n}"]):
             _run_daemon([_need("slurmd"), "-N", n, "-f", str(c.conf)], c, f"slurmd {n}")
     deadline = time.monotonic() + timeout_s
-    states: dict[str, str] = {}
+    info: dict[str, tuple[str, str]] = {}
+    resumed: list[str] = []
     while time.monotonic() < deadline:
-        states = sinfo_states(c)
-        if states and all(states.get(n) in ("idle", "mixed", "allocated") for n in c.node_names):
-            return c
+        info = node_info(c)
+        resumed += _resume_ours(c, {n: v for n, v in info.items() if n not in resumed})
+        if info and all(
+            info.get(n, ("",))[0] in ("idle", "mixed", "allocated") for n in c.node_names
+        ):
+            _down_marker(c.root).unlink(missing_ok=True)
+            return replace(c, resumed=tuple(resumed))
         time.sleep(0.5)
+    said = {n: f"{st} ({why})" if why and why != "none" else st for n, (st, why) in info.items()}
     raise SlurmLocalError(
-        f"local SLURM cluster did not become idle within {timeout_s:.0f}s (sinfo: {states or 'no answer'}); "
+        f"local SLURM cluster did not become idle within {timeout_s:.0f}s (sinfo: {said or 'no answer'}); "
         f"logs in {c.root / 'log'}"
     )
 
 
-def down(*, root: Path | None = None, timeout_s: float = 20) -> list[str]:
-    """Stop the daemons `up` started (by their pid files); returns the names stopped."""
-    c = LocalCluster(root or state_dir())
-    pidfiles = {k: p for k, p in _all_pidfiles(c.root).items()}
-    if "slurmctld" in pidfiles and _alive(pidfiles["slurmctld"]) and shutil.which("scancel"):
-        # our cluster's jobs only: SLURM_CONF points at this cluster
-        subprocess.run(["scancel", "--full", "-u", "root"], env=c.env(), capture_output=True)
-    stopped = []
-    # slurmd before slurmctld, munged last
-    order = sorted(pidfiles, key=lambda k: (k == "munged", k == "slurmctld"))
-    for name in order:
-        pid = _alive(pidfiles[name])
-        if pid is None:
-            pidfiles[name].unlink(missing_ok=True)
+# --- down ----------------------------------------------------------------------------------
+
+_DAEMONS = ("munged", "slurmctld", "slurmscriptd", "slurmd", "slurmstepd")
+
+
+@dataclass
+class DownReport:
+    """What `down` did, for a truthful report."""
+
+    cancelled: list[str] = field(default_factory=list)  # job ids scancel was given
+    stopped: list[str] = field(default_factory=list)  # ended on SIGTERM
+    killed: list[str] = field(default_factory=list)  # needed SIGKILL
+    left: list[str] = field(default_factory=list)  # still alive at the end
+
+    def lines(self) -> list[str]:
+        out = []
+        if self.cancelled:
+            out.append(f"cancelled {len(self.cancelled)} job(s): {', '.join(self.cancelled)}")
+        if self.stopped:
+            out.append("stopped: " + ", ".join(self.stopped))
+        if self.killed:
+            out.append("killed (SIGKILL, did not end on SIGTERM): " + ", ".join(self.killed))
+        if self.left:
+            out.append("STILL RUNNING: " + ", ".join(self.left))
+        return out or ["nothing was running"]
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, parent pid) of a process; None when gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    return fields[0], int(fields[1])
+
+
+def _gone(pid: int) -> bool:
+    st = _proc_stat(pid)
+    return st is None or st[0] in ("Z", "X")  # a zombie has ended; its parent may never reap it
+
+
+def _our_socket_inodes(root: Path) -> set[str]:
+    """Inodes of unix sockets bound under this cluster's folder (slurmstepd's step sockets
+    live in its spool folder)."""
+    prefix = f"{root}/"
+    try:
+        lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+    except OSError:
+        return set()
+    return {f[6] for f in (ln.split() for ln in lines) if len(f) >= 8 and f[7].startswith(prefix)}
+
+
+def _belongs(pid: int, root: Path, conf: Path, inodes: set[str]) -> bool:
+    proc = Path(f"/proc/{pid}")
+    try:
+        if f"{root}/".encode() in (proc / "cmdline").read_bytes():
+            return True  # munged, slurmctld, slurmd: started with paths under root
+        if f"SLURM_CONF={conf}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+            return True  # slurmscriptd, slurmstepd: inherit the daemons' environment
+        fds = [os.readlink(f) for f in (proc / "fd").iterdir()] if inodes else []
+    except OSError:
+        return False
+    return any(f.startswith("socket:[") and f[8:-1] in inodes for f in fds)
+
+
+def cluster_processes(root: Path | None = None) -> dict[int, str]:
+    """pid -> name of every SLURM/munge daemon of the cluster under `root` (slurmstepd
+    included): the daemon's name and a tie to this cluster's paths, never the name alone."""
+    root = (root or state_dir()).resolve()
+    conf, inodes = conf_path(root), _our_socket_inodes(root)
+    out = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or _gone(int(proc.name)):
             continue
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and _alive(pidfiles[name]):
-            time.sleep(0.1)
-        if _alive(pidfiles[name]):
-            os.kill(pid, signal.SIGKILL)
-        pidfiles[name].unlink(missing_ok=True)
-        stopped.append(name)
-    return stopped
+        try:
+            comm = (proc / "comm").read_text().strip()
+        except OSError:
+            continue
+        if comm in _DAEMONS and _belongs(int(proc.name), root, conf, inodes):
+            out[int(proc.name)] = comm
+    return out
+
+
+def _descendants(pids: set[int]) -> set[int]:
+    """Every process below `pids` (a job's shell, srun, its tasks under a slurmstepd)."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        st = _proc_stat(int(proc.name)) if proc.name.isdigit() else None
+        if st is not None:
+            children.setdefault(st[1], []).append(int(proc.name))
+    out, todo = set(), list(pids)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def _stop(procs: dict[int, str], grace_s: float, report: DownReport) -> None:
+    """SIGTERM `procs`; SIGKILL what is left after `grace_s`; record the outcome."""
+    for pid in procs:
+        _signal(pid, signal.SIGTERM)
+    _wait_gone(procs, grace_s)
+    hard = [p for p in procs if not _gone(p)]
+    for pid in hard:
+        _signal(pid, signal.SIGKILL)
+    _wait_gone(procs, 5)
+    for pid, name in procs.items():
+        label = f"{name} (pid {pid})"
+        if not _gone(pid):
+            report.left.append(label)
+        elif name:  # unnamed: a job's own process, reported as a count below
+            (report.killed if pid in hard else report.stopped).append(label)
+    jobs = [p for p, n in procs.items() if not n and _gone(p)]
+    if jobs:
+        report.killed.append(f"{len(jobs)} process(es) of the jobs' steps")
+
+
+def _cmdline(pid: int) -> str:
+    """The name a process shows (slurmstepd sets it to e.g. "slurmstepd: [12.batch]")."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return f"pid {pid}"
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip() or f"pid {pid}"
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait_gone(pids: dict[int, str], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not all(_gone(p) for p in pids):
+        time.sleep(0.1)
+
+
+def _squeue_ids(c: LocalCluster) -> list[str]:
+    try:
+        proc = subprocess.run(
+            [_need("squeue"), "-h", "-o", "%A"], env=c.env(), capture_output=True, text=True,
+            timeout=15,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return []
+    return sorted(set(proc.stdout.split())) if proc.returncode == 0 else []
+
+
+def _cancel_jobs(c: LocalCluster, timeout_s: float, report: DownReport) -> None:
+    """scancel every job of this cluster (SLURM_CONF points at it), then wait (bounded) for
+    the jobs to leave the queue and their slurmstepd processes to end."""
+    ids = _squeue_ids(c)
+    if not ids:
+        return
+    subprocess.run([_need("scancel"), "--full", *ids], env=c.env(), capture_output=True, timeout=30)
+    report.cancelled = ids
+    if not any(n == "slurmd" for n in cluster_processes(c.root).values()):
+        return  # no slurmd to end the steps: waiting would not help
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        steps = [p for p, n in cluster_processes(c.root).items() if n == "slurmstepd"]
+        if not steps and not _squeue_ids(c):
+            return
+        time.sleep(0.5)
+    log.warning("jobs of %s did not end within %.0fs of scancel: stopping them", c.root, timeout_s)
+
+
+def down(*, root: Path | None = None, timeout_s: float = 20) -> DownReport:
+    """Cancel this cluster's jobs, then stop its daemons: slurmd, the slurmstepd left with
+    their jobs' processes, slurmctld, munged; SIGKILL after `timeout_s`."""
+    c = LocalCluster((root or state_dir()).resolve())
+    report = DownReport()
+    pidfiles = _all_pidfiles(c.root)
+    alive = {name: _alive(p) for name, p in pidfiles.items()}
+    if alive.get("slurmctld"):
+        _cancel_jobs(c, timeout_s, report)
+    by_name = {pid: name for name, pid in alive.items() if pid}
+    found = cluster_processes(c.root)
+    steps = {p for p, n in found.items() if n == "slurmstepd"}
+    # slurmd first (no new steps), then the steps with their jobs' processes, then slurmctld
+    groups: list[dict[int, str]] = [
+        {p: n for p, n in by_name.items() if n.startswith("slurmd")},
+        {**dict.fromkeys(_descendants(steps), ""), **{p: _cmdline(p) for p in steps}},
+        {p: n for p, n in by_name.items() if n == "slurmctld"},
+    ]
+    for group in groups:
+        if group:
+            _stop(group, timeout_s, report)
+    # what is still ours besides munged (slurmscriptd, a stepd that started late), then munged
+    rest = {p: n for p, n in cluster_processes(c.root).items() if n != "munged"}
+    if rest:
+        _stop(rest, timeout_s, report)
+    munged = {p: n for p, n in by_name.items() if n == "munged"}
+    munged.update({p: n for p, n in cluster_processes(c.root).items() if n == "munged"})
+    if munged:
+        _stop(munged, timeout_s, report)
+    for path in pidfiles.values():
+        if not _alive(path):
+            path.unlink(missing_ok=True)
+    if by_name or found:  # the next `up` may resume nodes this stop leaves drained
+        _down_marker(c.root).write_text(json.dumps({"at": time.time(), "pid": os.getpid()}))
+    return report
 
 
 def _all_pidfiles(root: Path) -> dict[str, Path]:
