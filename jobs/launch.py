@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +32,18 @@ log = logging.getLogger("esm3.launch")
 
 
 class JobFailed(RuntimeError):
-    """A job of the submission failed, was cancelled or was lost; the message has its error."""
+    """A job of the submission failed, was cancelled or was lost; the message has its error
+    and `state` the job's state (FAILED, CANCELLED, LOST, TIMEOUT)."""
+
+    def __init__(self, message: str, state: str = "FAILED") -> None:
+        super().__init__(message)
+        self.state = state
+
+
+def run_status_after(error: BaseException) -> str:
+    """The final status of a run whose driver stopped on `error`: a cancelled job cancels
+    the run; anything else fails it."""
+    return "CANCELLED" if getattr(error, "state", None) == "CANCELLED" else "FAILED"
 
 
 def start_run(
@@ -46,7 +58,10 @@ def start_run(
     token_budget: int | None = None,
     param_count: int | None = None,
     run_id: str | None = None,
+    stages: Sequence[str] = (),
 ) -> str:
+    """Record a new run; `stages` are the stages it plans (it is COMPLETED only once each
+    has run)."""
     run_id = run_id or records.new_run_id(kind)
     image = profile.container.image or None
     records.record_run(
@@ -64,6 +79,7 @@ def start_run(
         token_budget=token_budget,
         param_count=param_count,
         submitted_at=now(),
+        stages=",".join(stages) or None,
     )
     return run_id
 
@@ -84,30 +100,52 @@ class Submission:
         subs = getattr(job, "_sub_jobs", None) or []
         return [s.paths.result_pickle for s in subs] or [job.paths.result_pickle]
 
-    def _finished(self, job: submitit.Job[Any]) -> bool:
-        return all(p.exists() for p in self._result_files(job))
+    def _finished(self, job: submitit.Job[Any], listed: dict[str, Any]) -> bool:
+        """Its result files exist, and the scheduler no longer lists it: a requeued job
+        may have left the files of an attempt that did not finish."""
+        return str(job.job_id) not in listed and all(p.exists() for p in self._result_files(job))
+
+    def _listed(self) -> dict[str, records.SlurmJob]:
+        """The submission's jobs the scheduler still lists (none on the local executor)."""
+        if self.profile.executor != "slurm":
+            return {}
+        mine = set(self.job_ids)
+        return {j: v for j, v in records.squeue(self._slurm_env()).items() if j in mine}
+
+    def _slurm_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        conf = self.profile.slurm_conf_path()
+        if conf is not None:
+            env["SLURM_CONF"] = str(conf)
+        return env
 
     def wait(
         self, *, timeout_s: float | None = None, poll_s: float = 0.5, progress: bool | None = None
     ) -> list[Any]:
-        """Wait for every job; return their results in order, or raise JobFailed."""
+        """Wait for every job; return their results in order, or raise JobFailed as soon as
+        one fails, is cancelled or is lost (its siblings are not waited for)."""
         from tqdm import tqdm
 
         show = sys.stderr.isatty() if progress is None else progress
         bar = tqdm(total=len(self.jobs), desc=f"{self.stage}", unit="job", disable=not show)
         pending = list(range(len(self.jobs)))
+        results: dict[int, Any] = {}
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         last_check = time.monotonic()
+        listed = self._listed()
         try:
             while pending:
-                done = [i for i in pending if self._finished(self.jobs[i])]
+                done = [i for i in pending if self._finished(self.jobs[i], listed)]
+                for i in done:
+                    results[i] = self._result(self.jobs[i])
                 if done:
                     bar.update(len(done))
                     pending = [i for i in pending if i not in done]
                     continue
-                if time.monotonic() - last_check > 5:
+                if time.monotonic() - last_check > 2:
                     last_check = time.monotonic()
-                    self._raise_if_dead()
+                    self._raise_if_dead([self.jobs[i] for i in pending])
+                    listed = self._listed()
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(
                         f"{self.stage}: {len(pending)} job(s) not finished after {timeout_s:.0f}s: "
@@ -116,49 +154,82 @@ class Submission:
                 time.sleep(poll_s)
         finally:
             bar.close()
-        out = []
-        for j in self.jobs:
-            try:
-                res = j.results()
-            except Exception as e:  # the job raised: its own record has the traceback
-                raise JobFailed(f"{self.stage}: job {j.job_id} failed: {self._error(j)}") from e
-            out.append(res[0] if len(res) == 1 else res)
-        return out
+        return [results[i] for i in range(len(self.jobs))]
 
-    def _error(self, job: submitit.Job[Any]) -> str:
+    def _result(self, job: submitit.Job[Any]) -> Any:
+        try:
+            res = job.results()
+        except Exception as e:  # the job raised: its own record has the traceback
+            state, line = self._failure(job)
+            verb = "failed" if state == "FAILED" else f"is {state}"
+            raise JobFailed(f"{self.stage}: job {job.job_id} {verb}: {line}", state) from e
+        return res[0] if len(res) == 1 else res
+
+    def _failure(self, job: submitit.Job[Any]) -> tuple[str, str]:
+        """(state, the real error line and where the log is) of a job that did not finish:
+        its record's error, or for a job stopped from outside the last meaningful line of
+        its stderr (SLURM's own "*** JOB ... CANCELLED ***" line)."""
         df = query(
             self.ws,
-            "SELECT error FROM jobs WHERE run_id = ? AND job_id = ? "
-            "AND error IS NOT NULL ORDER BY updated_at DESC LIMIT 1",
-            [self.run_id, str(job.job_id)],
+            "SELECT state, error FROM jobs WHERE run_id = ? AND job_id = ? "
+            "AND list_contains(?, state) ORDER BY attempt DESC, updated_at DESC LIMIT 1",
+            [self.run_id, str(job.job_id), list(_BAD)],
         )
-        log_file = job.paths.stdout
-        where = f" (log: {log_file})"
-        return (_last_line(df.error[0]) if len(df) else "no error recorded") + where
+        state = df.state[0] if len(df) else "FAILED"
+        recorded = error_line(df.error[0]) if len(df) and isinstance(df.error[0], str) else ""
+        from_log = error_line(_read_tail(job.paths.stderr))
+        stopped_outside = state != "FAILED" or not recorded
+        line = (from_log if stopped_outside and from_log else recorded) or "no error recorded"
+        return state, f"{line} (log: {job.paths.stderr})"
 
-    def _raise_if_dead(self) -> None:
+    def _raise_if_dead(self, pending: list[submitit.Job[Any]]) -> None:
+        """Raise JobFailed for the first pending job whose current attempt is recorded (or
+        reconciled) as failed, cancelled, lost or timed out. A job SLURM has requeued is
+        not dead: the records of its earlier attempts do not count."""
         records.reconcile(self.ws, self.run_id)
+        ids = [str(j.job_id) for j in pending]
         df = query(
             self.ws,
-            "SELECT job_id, state, error FROM jobs WHERE run_id = ? "
-            "AND list_contains(?, job_id) AND state IN ('CANCELLED','LOST','TIMEOUT','FAILED')",
-            [self.run_id, [str(i) for i in self.job_ids]],
+            """SELECT job_id, attempt, state FROM jobs WHERE run_id = ? AND list_contains(?, job_id)
+                QUALIFY row_number() OVER (PARTITION BY job_id, rank ORDER BY attempt DESC) = 1""",
+            [self.run_id, ids],
         )
-        if len(df):
-            # a FAILED job still writes its result file; give it a moment to appear
-            time.sleep(1.0)
-            unfinished = [j for j in self.jobs if not self._finished(j)]
-            bad = df[df["job_id"].isin([str(j.job_id) for j in unfinished])]
-            if len(bad):
-                r = bad.iloc[0]
-                raise JobFailed(
-                    f"{self.stage}: job {r['job_id']} is {r['state']}: {_last_line(r['error'] or '')}"
-                )
+        bad = df[df.state.isin(_BAD)]
+        if bad.empty:
+            return
+        listed = self._listed()
+        for r in bad.itertuples(index=False):
+            now_running = listed.get(r.job_id)
+            if now_running is not None and now_running.restarts > r.attempt:
+                continue  # an earlier attempt; SLURM runs the job again
+            job = pending[ids.index(r.job_id)]
+            state, line = self._failure(job)
+            raise JobFailed(f"{self.stage}: job {r.job_id} is {state}: {line}", state)
 
 
-def _last_line(text: str) -> str:
-    lines = [ln for ln in str(text).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
+_BAD = ("CANCELLED", "LOST", "TIMEOUT", "FAILED")
+# progress output that is not an error: `[=====>    ] 45%` (mmseqs), `45%|####  |` (tqdm)
+_PROGRESS = re.compile(r"^\[[=>#.\s-]*\]|\d+%\|")
+# SLURM's own account of why it stopped a job, written into the job's stderr
+_SLURM_SAYS = re.compile(r"\*\*\* (JOB|STEP) \S+ ON \S+ (CANCELLED|DUE TO|TIME LIMIT)")
+
+
+def error_line(text: str) -> str:
+    """The last meaningful line of a job's error output: SLURM's "*** JOB ... ***" line
+    if there is one, else the last line that is not a progress bar."""
+    lines = [ln.strip() for ln in re.split(r"[\r\n]+", str(text)) if ln.strip()]
+    lines = [ln for ln in lines if not _PROGRESS.search(ln)]
+    said = [ln for ln in lines if _SLURM_SAYS.search(ln)]
+    return (said or lines or [""])[-1]
+
+
+def _read_tail(path: Path, size: int = 64_000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - size))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _record_submitted(sub: Submission, t0: Any, indexed: bool) -> None:
@@ -181,8 +252,15 @@ def _record_submitted(sub: Submission, t0: Any, indexed: bool) -> None:
         )
     write_rows(sub.ws, "jobs", rows)
     if sub.profile.executor == "slurm":
-        ids = sorted({str(j.job_id).split("_")[0] for j in sub.jobs})
-        records.update_run(sub.ws, sub.run_id, slurm_job_id=",".join(ids))
+        add_slurm_ids(sub.ws, sub.run_id, [str(j.job_id).split("_")[0] for j in sub.jobs])
+
+
+def add_slurm_ids(ws: Path, run_id: str, ids: Sequence[str]) -> None:
+    """Add job ids to the run's `slurm_job_id`, which keeps every stage's, in order."""
+    df = query(ws, "SELECT slurm_job_id FROM runs_latest WHERE run_id = ?", [run_id])
+    known = str(df.slurm_job_id[0]).split(",") if len(df) and df.slurm_job_id[0] else []
+    merged = list(dict.fromkeys([*known, *ids]))
+    records.update_run(ws, run_id, slurm_job_id=",".join(merged))
 
 
 def submit_array(

@@ -150,12 +150,13 @@ def run_preprocess(
         return PreprocessResult("", what, {}, "\n".join(lines))
     check_fingerprint(lay, cfg)
     launch.start_run(ws, kind="preprocess", name=f"{cfg.name}:{what}", profile=profile,
-                     config=to_dict(cfg), run_id=run_id)  # fmt: skip
+                     config=to_dict(cfg), run_id=run_id,
+                     stages=[s.name for s in stages if s.items])  # fmt: skip
     records.update_run(ws, run_id, status="RUNNING", started_at=now())
     try:
         results = run_stages(ws, profile, run_id, stages, progress=progress, timeout_s=timeout_s)
-    except BaseException:
-        launch.finish_run(ws, run_id, "FAILED")
+    except BaseException as e:
+        launch.finish_run(ws, run_id, launch.run_status_after(e))
         raise
     _write_manifest(cfg, inputs, lay, kinds, run_id)
     launch.finish_run(ws, run_id, "COMPLETED")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import time
@@ -22,6 +23,10 @@ from esm3.metrics.lake import now, write_rows
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ACTIVE = ("SUBMITTED", "PENDING", "RUNNING")
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "LOST")
+FINAL_RUN = ("COMPLETED", "FAILED", "CANCELLED")
+# a run whose jobs all ended but whose planned stages did not all run is closed as FAILED
+# only after this long: its driver may be about to submit the next stage
+DRIVER_GRACE_S = 20.0
 
 
 def new_run_id(kind: str) -> str:
@@ -105,10 +110,16 @@ class Task:
     def on_interrupted(self, ident: dict[str, Any]) -> None:
         """After an `Interrupted` attempt is recorded: a job that can requeue does it here."""
 
+    def on_sigterm(self) -> None:
+        """SIGTERM (scancel, a requeue, a lost node): stop the work now. A job that must
+        stop at a safe point (collectives) overrides this to set a flag instead."""
+        raise Terminated("stopped by SIGTERM")
+
     def __call__(self, *args: Any) -> Any:
         ws = Path(self.workspace)
         ident = self.identity(args)
         started = now()
+        _watch_sigterm(self.on_sigterm)
         record_job(ws, **ident, state="RUNNING", started_at=started)
 
         def ended(state: str, **fields: Any) -> None:
@@ -116,11 +127,17 @@ class Task:
 
         try:
             result = self.run(ident, args)
-        except Interrupted as e:
-            ended("REQUEUED", error=str(e))
-            self.on_interrupted(ident)
-            raise
         except BaseException as e:
+            if sigterm_received():
+                # the scheduler is ending this attempt: say why in its words, and leave no
+                # result file (the attempt did not finish; a requeued one will write it)
+                state, why = interruption_verdict(ident["attempt"])
+                ended(state, exit_code=128 + signal.SIGTERM, error=why)
+                raise SystemExit(128 + signal.SIGTERM) from e
+            if isinstance(e, Interrupted):
+                ended("REQUEUED", error=str(e))
+                self.on_interrupted(ident)
+                raise
             ended("FAILED", exit_code=1, error="".join(traceback.format_exception(e))[-8000:])
             raise
         ended("COMPLETED", exit_code=0)
@@ -130,6 +147,56 @@ class Task:
 class Interrupted(Exception):
     """Raised by a job's work when this attempt stops to be requeued (preemption, time
     limit): recorded as REQUEUED, not FAILED."""
+
+
+class Terminated(Interrupted):
+    """SIGTERM reached the job: recorded as the scheduler says (CANCELLED, REQUEUED)."""
+
+
+_SIGTERM = {"at": 0.0}
+
+
+def sigterm_received() -> bool:
+    return bool(_SIGTERM["at"])
+
+
+def _watch_sigterm(react: Callable[[], None]) -> None:
+    """On SIGTERM note the time, then `react` once (a second SIGTERM is only noted, so it
+    cannot interrupt the recording of the first)."""
+
+    def handler(signum: int, frame: Any) -> None:  # noqa: ARG001 - signal handler signature
+        first = not _SIGTERM["at"]
+        _SIGTERM["at"] = time.time()
+        if first:
+            react()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _own_slurm_job() -> str | None:
+    """This job's id as squeue and scontrol name it (`71_3` for an array task)."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def interruption_verdict(attempt: int) -> tuple[str, str]:
+    """(state, why) for an attempt stopped by SIGTERM, from the scheduler's word: SLURM
+    counts a requeue (a lost or downed node, `scontrol requeue`) before it signals the
+    job, so a restart count past this attempt means REQUEUED; otherwise it was cancelled."""
+    job = _own_slurm_job()
+    if job is None:
+        return "CANCELLED", "stopped by SIGTERM (no scheduler: killed from outside)"
+    st = slurm_states([job]).get(job)
+    if st is None:
+        return "CANCELLED", "stopped by SIGTERM from SLURM (the job is no longer known)"
+    said = f"JobState={st.state} Restarts={st.restarts}"
+    if st.restarts > attempt:
+        return "REQUEUED", f"stopped by SIGTERM from SLURM: requeued ({said})"
+    if st.state in ("TIMEOUT", "DEADLINE"):
+        return "TIMEOUT", f"stopped by SIGTERM from SLURM: time limit ({said})"
+    return "CANCELLED", f"stopped by SIGTERM from SLURM: cancelled ({said})"
 
 
 # --- reconciliation with the scheduler -------------------------------------------------
@@ -147,39 +214,60 @@ _SLURM_STATE = {
 }
 
 
-def slurm_states(
-    job_ids: list[str], env: dict[str, str] | None = None
-) -> dict[str, tuple[str, str]]:
-    """job id -> (SLURM state, exit code) from squeue, then scontrol for finished jobs."""
-    out: dict[str, tuple[str, str]] = {}
+@dataclass(frozen=True)
+class SlurmJob:
+    """What SLURM says of one job or array task."""
+
+    state: str  # JobState: PENDING, RUNNING, COMPLETING, COMPLETED, CANCELLED, ...
+    exit_code: str  # "0:0"; empty while it is listed
+    restarts: int  # requeues so far: the attempt SLURM runs or will run
+    listed: bool  # squeue still lists it (pending, running or completing)
+
+
+def slurm_states(job_ids: list[str], env: dict[str, str] | None = None) -> dict[str, SlurmJob]:
+    """job id -> SlurmJob from squeue, then scontrol for jobs squeue no longer lists."""
+    out = {j: v for j, v in squeue(env).items() if j in set(job_ids)}
+    for j in job_ids:
+        if j in out:
+            continue
+        try:
+            sc = subprocess.run(
+                ["scontrol", "show", "job", "-o", j],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=30,
+            )
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if sc.returncode != 0:
+            continue
+        kv = dict(tok.split("=", 1) for tok in sc.stdout.split() if "=" in tok)
+        if "JobState" in kv:
+            restarts = int(kv.get("Restarts", "0") or 0)
+            out[j] = SlurmJob(kv["JobState"], kv.get("ExitCode", ""), restarts, listed=False)
+    return out
+
+
+def squeue(env: dict[str, str] | None = None) -> dict[str, SlurmJob]:
+    """Every job and array task squeue lists (pending, running, completing)."""
     try:
         proc = subprocess.run(
-            ["squeue", "-h", "-r", "-o", "%i %T"],
+            ["squeue", "-h", "-r", "-O", "JobArrayID:64,State:24,RestartCnt:12"],
             capture_output=True,
             text=True,
             env=env,
             timeout=30,
         )
     except (OSError, subprocess.SubprocessError):
+        return {}
+    out: dict[str, SlurmJob] = {}
+    if proc.returncode != 0:
         return out
-    if proc.returncode == 0:
-        listed = dict(line.split()[:2] for line in proc.stdout.splitlines() if line.strip())
-        out.update({j: (listed[j], "") for j in job_ids if j in listed})
-    for j in job_ids:
-        if j in out:
-            continue
-        sc = subprocess.run(
-            ["scontrol", "show", "job", "-o", j],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=30,
-        )
-        if sc.returncode != 0:
-            continue
-        kv = dict(tok.split("=", 1) for tok in sc.stdout.split() if "=" in tok)
-        if "JobState" in kv:
-            out[j] = (kv["JobState"], kv.get("ExitCode", ""))
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[2].isdigit():
+            out[parts[0]] = SlurmJob(parts[1], "", int(parts[2]), listed=True)
     return out
 
 
@@ -212,7 +300,7 @@ def reconcile(workspace: Path, run_id: str | None = None) -> int:
         {"active": list(ACTIVE), "run_id": run_id or None},
     )
     if df.empty:
-        return 0
+        return reconcile_runs(workspace, run_id)
     rows: list[dict[str, Any]] = []
     stamp = now()
     for cluster, group in df.groupby(df["cluster"].fillna("local")):
@@ -237,24 +325,83 @@ def reconcile(workspace: Path, run_id: str | None = None) -> int:
         if not states and _scheduler_down(env):
             continue  # cannot tell; leave the records as they are
         for rec in group.to_dict("records"):
-            st = states.get(rec["job_id"])
-            if st is None:
-                rows.append(
-                    _closed(
-                        rec,
-                        "LOST",
-                        "SLURM no longer knows this job and it never reported an end",
-                        stamp,
-                    )
-                )
-                continue
-            mapped = _SLURM_STATE.get(st[0])
-            if mapped and mapped != rec["state"]:
-                msg = f"reconciled from SLURM: JobState={st[0]} ExitCode={st[1] or '?'}"
-                rows.append(_closed(rec, mapped, msg, stamp, exit_code=_exit(st[1])))
+            row = _reconciled(rec, states.get(rec["job_id"]), stamp)
+            if row is not None:
+                rows.append(row)
     if rows:
         write_rows(workspace, "jobs", rows)
-    return len(rows)
+    return len(rows) + reconcile_runs(workspace, run_id)
+
+
+def _reconciled(rec: dict[str, Any], st: SlurmJob | None, stamp: datetime) -> dict[str, Any] | None:
+    """The closing record SLURM's word gives one open attempt, or None while it may run.
+
+    SLURM keeps one state per job, that of its latest attempt: an earlier attempt that
+    never recorded its end (killed, then requeued) did not complete, whatever the job did
+    since."""
+    if st is None:
+        why = "SLURM no longer knows this job and it never reported an end"
+        return _closed(rec, "LOST", why, stamp)
+    attempt = int(rec["attempt"] or 0)
+    if st.restarts > attempt:
+        why = (
+            f"attempt {attempt} ended without recording its end (killed); SLURM has since "
+            f"requeued the job (Restarts={st.restarts}, JobState={st.state})"
+        )
+        return _closed(rec, "LOST", why, stamp)
+    mapped = _SLURM_STATE.get(st.state)
+    if mapped and mapped != rec["state"]:
+        msg = f"reconciled from SLURM: JobState={st.state} ExitCode={st.exit_code or '?'}"
+        return _closed(rec, mapped, msg, stamp, exit_code=_exit(st.exit_code))
+    return None
+
+
+def reconcile_runs(workspace: Path, run_id: str | None = None) -> int:
+    """Close run records that no driver will close: a run is live while any of its jobs
+    is (their records are its heartbeat), so a detached run ends when its jobs do. It is
+    COMPLETED only when every planned stage finished; FAILED or CANCELLED as its jobs say.
+    Returns the number of run records written."""
+    runs = query(
+        workspace,
+        "SELECT run_id, stages FROM runs_latest WHERE list_contains($open, status) "
+        "AND ($run_id IS NULL OR run_id = $run_id)",
+        {"open": ["SUBMITTED", "RUNNING"], "run_id": run_id or None},
+    )
+    if runs.empty:
+        return 0
+    jobs = query(
+        workspace,
+        """SELECT run_id, stage, state, coalesce(ended_at, updated_at) AS ended FROM jobs
+            WHERE list_contains($runs, run_id)
+            QUALIFY row_number() OVER (PARTITION BY run_id, job_id, rank ORDER BY attempt DESC) = 1""",
+        {"runs": runs.run_id.tolist()},
+    )
+    written = 0
+    for rec in runs.to_dict("records"):
+        mine = jobs[jobs.run_id == rec["run_id"]]
+        status = _run_verdict(mine, rec.get("stages"))
+        if status is not None:
+            ended = mine.ended.max().to_pydatetime()
+            update_run(workspace, rec["run_id"], status=status, finished_at=ended)
+            written += 1
+    return written
+
+
+def _run_verdict(jobs: Any, stages: str | None) -> str | None:
+    """A run's final status from its jobs' latest attempts, or None while it may go on."""
+    if jobs.empty or not set(jobs.state) <= set(TERMINAL):
+        return None  # nothing submitted yet, or something still pending, running, requeued
+    if jobs.state.isin(["FAILED", "LOST", "TIMEOUT"]).any():
+        return "FAILED"
+    if (jobs.state == "CANCELLED").any():
+        return "CANCELLED"
+    planned = [s for s in (stages or "").split(",") if s] if not _isnull(stages) else []
+    if set(planned) <= set(jobs.stage):
+        return "COMPLETED"  # every planned stage ran, and every job of it completed
+    ended = jobs.ended.max()
+    if (now() - ended).total_seconds() < DRIVER_GRACE_S:
+        return None  # its driver may be submitting the next stage
+    return "FAILED"  # its driver stopped before submitting every stage
 
 
 def _scheduler_down(env: dict[str, str]) -> bool:

@@ -188,6 +188,12 @@ class TrainJob(records.Task, submitit.helpers.Checkpointable):
     def on_interrupted(self, ident: dict[str, Any]) -> None:
         _requeue_and_wait(ident["rank"], self.run_id)  # does not return on SLURM
 
+    def on_sigterm(self) -> None:
+        # SLURM's SIGTERM (scancel, a requeue, a downed node) stops training at the next
+        # step boundary like USR2, but is recorded as the scheduler says (CANCELLED or
+        # REQUEUED) and not requeued again by us; DataLoader workers ignore it
+        _on_signal(signal.SIGTERM, None)
+
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
@@ -333,6 +339,7 @@ def submit(
         world_size=world,
         param_count=facts["param_count"],
         run_id=run_id,
+        stages=[STAGE],
     )
     folder = wsp.submitit_folder(ws, run_id)
     ex = make_executor(profile, folder, workspace=ws, job_name=STAGE, resources=res)
@@ -352,7 +359,7 @@ def submit(
         updated_at=t0,
     )
     if profile.executor == "slurm":
-        records.update_run(ws, run_id, slurm_job_id=str(sjob.job_id))
+        launch.add_slurm_ids(ws, run_id, [str(sjob.job_id)])
     write_rows(
         ws,
         "events",
@@ -409,8 +416,8 @@ def run_training(
         return run_id, []
     try:
         results = sub.wait(timeout_s=timeout_s, progress=progress)
-    except (launch.JobFailed, TimeoutError):
-        launch.finish_run(ws, run_id, "FAILED")
+    except (launch.JobFailed, TimeoutError) as e:
+        launch.finish_run(ws, run_id, launch.run_status_after(e))
         raise
     return run_id, results
 

@@ -78,7 +78,11 @@ def view_statements(empty: frozenset[str] = frozenset()) -> list[tuple[str | Non
             keys = ", ".join(LATEST_BY[table])
             rank = _STATE_RANK.replace("status_or_state", "status" if table == "runs" else "state")
             raw = f"{table}_history"
-            out.append((table, f"CREATE OR REPLACE VIEW {raw} AS SELECT * FROM {src}"))  # noqa: S608 - schema names
+            # by name over the typed empty relation: a column added to the schema later
+            # reads as NULL in files written before it
+            typed = _source(table, True)
+            out.append((table, f"CREATE OR REPLACE VIEW {raw} AS SELECT * FROM {typed} "  # noqa: S608 - schema names
+                        f"UNION ALL BY NAME SELECT * FROM {src}"))  # fmt: skip
             out.append(
                 (
                     None,
@@ -115,6 +119,7 @@ _DERIVED_VIEWS = (
                  count(*) FILTER (WHERE state IN ('RUNNING','REQUEUED')) AS running,
                  count(*) FILTER (WHERE state = 'COMPLETED') AS completed,
                  count(*) AS n,
+                 list(DISTINCT stage) AS stages_seen,
                  min(started_at) AS first_start,
                  max(coalesce(ended_at, updated_at)) AS last_update
           FROM (SELECT * FROM jobs_latest
@@ -125,10 +130,16 @@ _DERIVED_VIEWS = (
                       WHEN j.failed > 0 THEN 'FAILED'
                       WHEN j.cancelled > 0 THEN 'CANCELLED'
                       WHEN j.running > 0 THEN 'RUNNING'
-                      WHEN j.completed = j.n THEN 'COMPLETED'
+                      -- only once every planned stage has run: a driver that stopped
+                      -- early leaves completed jobs but not a completed run
+                      WHEN j.completed = j.n AND (r.stages IS NULL
+                           OR list_has_all(j.stages_seen, string_split(r.stages, ',')))
+                           THEN 'COMPLETED'
                       ELSE r.status END AS status,
                  coalesce(r.started_at, j.first_start) AS started_at,
                  coalesce(r.finished_at, CASE WHEN j.running = 0 AND j.completed + j.failed + j.cancelled = j.n
+                                              AND (j.completed < j.n OR r.stages IS NULL
+                                                   OR list_has_all(j.stages_seen, string_split(r.stages, ',')))
                                          THEN j.last_update END) AS finished_at)
         FROM runs_latest r LEFT JOIN j USING (run_id)""",
 )

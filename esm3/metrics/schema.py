@@ -23,7 +23,7 @@ TABLES: dict[str, pa.Schema] = {
             ("config", pa.string()),  # JSON
             ("git_rev", pa.string()),
             ("image", pa.string()),
-            ("slurm_job_id", pa.string()),  # comma-separated when several
+            ("slurm_job_id", pa.string()),  # every stage's job id, comma-separated
             ("nodes", pa.int32()),
             ("world_size", pa.int32()),
             ("param_count", pa.int64()),
@@ -32,6 +32,8 @@ TABLES: dict[str, pa.Schema] = {
             ("started_at", TS),
             ("finished_at", TS),
             ("updated_at", TS),
+            # planned stages, comma-separated: the run is COMPLETED only once each has run
+            ("stages", pa.string()),
         ]
     ),
     # one row per lifecycle change of a job / array task / rank / attempt

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import math
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -333,6 +334,10 @@ def _identity(x: Any) -> Any:
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # a worker builds numpy batches; leave the cores to training
+    # the scheduler's SIGTERM goes to every process of the job: the main process decides
+    # how to stop, and a worker dying first would surface as a DataLoader error instead;
+    # a worker still ends with its parent
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def batches(

@@ -137,7 +137,10 @@ def test_scancelled_job_shows_as_cancelled(slurm_cluster, workspace):
         lambda: f"`esm3 status` to show the run CANCELLED: {_status_csv(workspace, run_id)}",
     )
     job = query(workspace, "SELECT * FROM jobs WHERE run_id = ?", [run_id]).iloc[0]
-    assert job.state == "CANCELLED" and "JobState=CANCELLED" in job.error
+    # the job says so itself on SLURM's SIGTERM (or reconciliation does, from SLURM's word)
+    assert job.state == "CANCELLED" and (
+        "SIGTERM from SLURM: cancelled" in job.error or "JobState=CANCELLED" in job.error
+    )
     with pytest.raises(launch.JobFailed, match="CANCELLED"):
         sub.wait(timeout_s=30)
 
