@@ -177,9 +177,9 @@ class Submission:
         )
         state = df.state[0] if len(df) else "FAILED"
         recorded = error_line(df.error[0]) if len(df) and isinstance(df.error[0], str) else ""
-        from_log = error_line(_read_tail(job.paths.stderr))
-        stopped_outside = state != "FAILED" or not recorded
-        line = (from_log if stopped_outside and from_log else recorded) or "no error recorded"
+        log_text = _read_tail(job.paths.stderr)
+        said = slurm_says(log_text) if state != "FAILED" else ""
+        line = said or recorded or error_line(log_text) or "no error recorded"
         return state, f"{line} (log: {job.paths.stderr})"
 
     def _raise_if_dead(self, pending: list[submitit.Job[Any]]) -> None:
@@ -214,13 +214,21 @@ _PROGRESS = re.compile(r"^\[[=>#.\s-]*\]|\d+%\|")
 _SLURM_SAYS = re.compile(r"\*\*\* (JOB|STEP) \S+ ON \S+ (CANCELLED|DUE TO|TIME LIMIT)")
 
 
+def _lines(text: str) -> list[str]:
+    lines = [ln.strip() for ln in re.split(r"[\r\n]+", str(text)) if ln.strip()]
+    return [ln for ln in lines if not _PROGRESS.search(ln)]
+
+
+def slurm_says(text: str) -> str:
+    """SLURM's last "*** JOB ... CANCELLED AT ... ***" line in a job's stderr, or ""."""
+    said = [ln for ln in _lines(text) if _SLURM_SAYS.search(ln)]
+    return said[-1] if said else ""
+
+
 def error_line(text: str) -> str:
     """The last meaningful line of a job's error output: SLURM's "*** JOB ... ***" line
     if there is one, else the last line that is not a progress bar."""
-    lines = [ln.strip() for ln in re.split(r"[\r\n]+", str(text)) if ln.strip()]
-    lines = [ln for ln in lines if not _PROGRESS.search(ln)]
-    said = [ln for ln in lines if _SLURM_SAYS.search(ln)]
-    return (said or lines or [""])[-1]
+    return slurm_says(text) or (_lines(text) or [""])[-1]
 
 
 def _read_tail(path: Path, size: int = 64_000) -> str:

@@ -41,3 +41,15 @@ def allreduce() -> dict[str, object]:
         "backend": info.backend,
         "node": os.environ.get("SLURMD_NODENAME"),
     }
+
+
+def busy_with_progress(seconds: float) -> str:
+    """Like an mmseqs task: a child process does the work while progress bars go to
+    stderr, so a cancelled task's last stderr lines are progress, not its error."""
+    import subprocess
+    import sys
+
+    for pct in (10, 20, 30):
+        print(f"[{'=' * pct}>{' ' * (30 - pct)}] {pct}.00% 12 0s 4ms", file=sys.stderr, flush=True)
+    subprocess.run(["sleep", str(seconds)], check=True)
+    return "done"
