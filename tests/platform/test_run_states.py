@@ -16,7 +16,9 @@ from tests.waiting import wait_for
 
 
 def _running(ws, run_id: str) -> int:
-    df = query(ws, "SELECT count(*) AS n FROM jobs WHERE run_id = ? AND state = 'RUNNING'", [run_id])
+    df = query(
+        ws, "SELECT count(*) AS n FROM jobs WHERE run_id = ? AND state = 'RUNNING'", [run_id]
+    )
     return int(df.n[0])
 
 
