@@ -128,10 +128,17 @@ def run_preprocess(
     every stage and a printable summary. Raises UserError/ConfigError before submitting
     anything when the config or an input is wrong, launch.JobFailed when a job fails."""
     from esm3.metrics.lake import now
-    from jobs import launch, records
+    from jobs import launch, locks, records
     from jobs.clusters import check_ready
     from jobs.config import to_dict
-    from jobs.stages.runner import Layout, check_fingerprint, run_stages
+    from jobs.stages.runner import (
+        Layout,
+        check_fingerprint,
+        clean_scratch,
+        lock_path,
+        note,
+        run_stages,
+    )
 
     if what not in WHAT:
         raise UserError(f"unknown pipeline {what!r} (one of {', '.join(WHAT)})")
@@ -148,19 +155,26 @@ def run_preprocess(
         lines += [f"  {s.name}: {len(s.items)} task(s) after {s.after or '-'}"
                   for s in stages if s.items]  # fmt: skip
         return PreprocessResult("", what, {}, "\n".join(lines))
-    check_fingerprint(lay, cfg)
-    launch.start_run(ws, kind="preprocess", name=f"{cfg.name}:{what}", profile=profile,
-                     config=to_dict(cfg), run_id=run_id,
-                     stages=[s.name for s in stages if s.items])  # fmt: skip
-    records.update_run(ws, run_id, status="RUNNING", started_at=now())
-    try:
-        results = run_stages(ws, profile, run_id, stages, progress=progress, timeout_s=timeout_s)
-    except BaseException as e:
-        launch.finish_run(ws, run_id, launch.run_status_after(e))
-        raise
-    _write_manifest(cfg, inputs, lay, kinds, run_id)
-    launch.finish_run(ws, run_id, "COMPLETED")
-    return PreprocessResult(run_id, what, results, summarize(ws, run_id, results, lay))
+    # one run per workspace and config: a second one would redo the same tasks and fight
+    # over their scratch; the lock is taken before anything is recorded
+    with locks.held(lock_path(lay), run_id, f"preprocessing of config {cfg.name!r} in {ws}"):
+        for d, size in clean_scratch(lay):  # left by tasks of a run that was killed
+            note(f"removed scratch of an earlier, stopped run: {d} ({size / 1e6:.1f} MB)")
+        check_fingerprint(lay, cfg)
+        launch.start_run(ws, kind="preprocess", name=f"{cfg.name}:{what}", profile=profile,
+                         config=to_dict(cfg), run_id=run_id,
+                         stages=[s.name for s in stages if s.items])  # fmt: skip
+        records.update_run(ws, run_id, status="RUNNING", started_at=now())
+        try:
+            results = run_stages(
+                ws, profile, run_id, stages, progress=progress, timeout_s=timeout_s
+            )
+        except BaseException as e:
+            launch.finish_run(ws, run_id, launch.run_status_after(e))
+            raise
+        _write_manifest(cfg, inputs, lay, kinds, run_id)
+        launch.finish_run(ws, run_id, "COMPLETED")
+        return PreprocessResult(run_id, what, results, summarize(ws, run_id, results, lay))
 
 
 def _require_datasets(cfg: PreprocessConfig, kinds: set[str]) -> None:

@@ -16,7 +16,7 @@ import duckdb
 import pyarrow as pa
 
 from esm3.metrics.lake import ensure_lake
-from esm3.metrics.schema import LATEST_BY, TABLES
+from esm3.metrics.schema import LATEST_BY, LATEST_PER_OUTPUT, TABLES
 
 CATALOG_FILE = "esm3.duckdb"
 
@@ -90,6 +90,8 @@ def view_statements(empty: frozenset[str] = frozenset()) -> list[tuple[str | Non
                     f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY updated_at DESC, {rank} DESC) = 1",
                 )
             )
+        elif table in LATEST_PER_OUTPUT:
+            out += _latest_per_output(table, src)
         elif table == "train_steps":
             # a step recomputed after a resume keeps its latest attempt's row
             out.append((table, f"CREATE OR REPLACE VIEW train_steps_all AS SELECT * FROM {src}"))  # noqa: S608 - schema names
@@ -105,6 +107,20 @@ def view_statements(empty: frozenset[str] = frozenset()) -> list[tuple[str | Non
             out.append((table, f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {src}"))  # noqa: S608 - schema names
     out += [(None, stmt) for stmt in _DERIVED_VIEWS]
     return out
+
+
+def _latest_per_output(table: str, src: str) -> list[tuple[str | None, str]]:
+    """`<table>_all` (every write) and `<table>`: per output key only the newest write (its
+    rows share one time stamp), so a re-run replaces rows instead of adding them; rows
+    written before keys existed are all kept."""
+    stamp, raw = LATEST_PER_OUTPUT[table], f"{table}_all"
+    typed = _source(table, True)  # by name: files from before `output_key` read it as NULL
+    return [
+        (table, f"CREATE OR REPLACE VIEW {raw} AS SELECT * FROM {typed} "  # noqa: S608 - schema names
+                f"UNION ALL BY NAME SELECT * FROM {src}"),
+        (None, f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {raw} "  # noqa: S608 - schema names
+               f"QUALIFY output_key IS NULL OR {stamp} = max({stamp}) OVER (PARTITION BY output_key)"),
+    ]  # fmt: skip
 
 
 _DERIVED_VIEWS = (

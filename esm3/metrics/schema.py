@@ -119,6 +119,7 @@ TABLES: dict[str, pa.Schema] = {
             ("tokens", pa.int64()),
             ("release", pa.string()),
             ("computed_at", TS),
+            ("output_key", pa.string()),  # the output these rows describe
         ]
     ),
     # Table S4
@@ -132,6 +133,7 @@ TABLES: dict[str, pa.Schema] = {
             ("unique_samples", pa.float64()),
             ("unique_tokens", pa.float64()),
             ("computed_at", TS),
+            ("output_key", pa.string()),  # the output these rows describe
         ]
     ),
     "rejects": pa.schema(
@@ -143,6 +145,7 @@ TABLES: dict[str, pa.Schema] = {
             ("reason", pa.string()),  # short machine-groupable reason
             ("detail", pa.string()),
             ("time", TS),
+            ("output_key", pa.string()),  # the output these rows describe
         ]
     ),
     "benchmarks": pa.schema(
@@ -170,4 +173,13 @@ PARTITIONED = {"train_steps", "events"}
 LATEST_BY: dict[str, tuple[str, ...]] = {
     "runs": ("run_id",),
     "jobs": ("run_id", "job_id", "rank", "attempt"),
+}
+
+# tables whose rows describe one output (a shard, a dataset's clusters): a re-run writes
+# them again, and the view shows the newest write per `output_key` (table -> its time
+# stamp column, the same for every row of one write); `<table>_all` keeps every write
+LATEST_PER_OUTPUT: dict[str, str] = {
+    "dataset_stats": "computed_at",
+    "token_stats": "computed_at",
+    "rejects": "time",
 }

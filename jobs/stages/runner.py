@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from esm3.metrics.lake import write_rows
+from esm3.metrics.lake import now, write_rows
 from jobs import launch
 from jobs import workspace as wsp
 from jobs.clusters import ClusterProfile, Resources
@@ -74,24 +75,41 @@ def _marker(ws: str | Path, run_id: str, kind: str, key: str) -> Path:
     return wsp.run_dir(Path(ws), run_id) / "recorded" / kind / safe
 
 
+def output_key(ws: str | Path, output: str | Path) -> str:
+    """The key of the rows that describe one output: its path in the workspace. A re-run
+    writes them again under the same key and the views keep the newest write only."""
+    out, root = Path(output).resolve(), Path(ws).resolve()
+    return out.relative_to(root).as_posix() if out.is_relative_to(root) else out.as_posix()
+
+
+def _batch(rows: Sequence[dict], run_id: str, key: str, stamp_col: str) -> list[dict]:
+    """Rows of one write: one key and one time stamp, which is how the views tell this
+    write from an earlier one of the same output."""
+    stamp = now()
+    return [{**r, "run_id": run_id, "output_key": key, stamp_col: stamp} for r in rows]
+
+
 def record_rejects(ws: str | Path, run_id: str, key: str, rejects: Sequence[dict]) -> int:
-    """Write a task's reject rows to the `rejects` table with the run id, once per run and
-    key (a requeued task does not write them twice). Returns the number of rejects."""
+    """Write a task's reject rows to the `rejects` table with the run id and the output's
+    key (`output_key`), once per run and key (a requeued task does not write them twice);
+    the `rejects` view shows the newest write per key, so a re-run replaces them.
+    Returns the number of rejects."""
     marker = _marker(ws, run_id, "rejects", key)
     if rejects and not marker.exists():
-        for start in range(0, len(rejects), 100_000):
-            chunk = rejects[start : start + 100_000]
-            write_rows(Path(ws), "rejects", [{**r, "run_id": run_id} for r in chunk])
+        rows = _batch(rejects, run_id, key, "time")
+        for start in range(0, len(rows), 100_000):
+            write_rows(Path(ws), "rejects", rows[start : start + 100_000])
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
     return len(rejects)
 
 
 def record_stats(ws: str | Path, run_id: str, key: str, table: str, rows: list[dict]) -> None:
-    """Write `dataset_stats` / `token_stats` rows once per run and key."""
+    """Write `dataset_stats` / `token_stats` rows once per run and output key; the views
+    show the newest write per key."""
     marker = _marker(ws, run_id, table, key)
     if rows and not marker.exists():
-        write_rows(Path(ws), table, [{**r, "run_id": run_id} for r in rows])
+        write_rows(Path(ws), table, _batch(rows, run_id, key, "computed_at"))
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
 
@@ -146,6 +164,24 @@ class Layout:
     @property
     def manifest(self) -> Path:
         return self.root / "manifest.json"
+
+
+def lock_path(layout: Layout) -> Path:
+    """One preprocessing run at a time per workspace and config (`jobs.locks`)."""
+    return layout.root / ".preprocess.lock"
+
+
+def clean_scratch(layout: Layout) -> list[tuple[Path, int]]:
+    """Remove the scratch folders (`tmp`: mmseqs and DuckDB work space) that killed tasks
+    left under the config's data; only while holding its lock, so no task of another run
+    still uses them. Returns (folder, bytes) of each one removed."""
+    removed = []
+    for d in sorted(layout.root.rglob("tmp")) if layout.root.is_dir() else []:
+        if d.is_dir() and not d.is_symlink():
+            size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file() and not f.is_symlink())
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append((d, size))
+    return removed
 
 
 FINGERPRINT_SKIP = ("name", "resources", "tokens")  # keys that do not change the data files
@@ -251,7 +287,7 @@ def run_stages(
         sub = launch.submit_array(
             ws, profile, run_id=run_id, stage=st.name, fn=st.fn, items=st.items, resources=res
         )
-        _note(f"{st.name}: {len(st.items)} task(s) submitted ({sub.job_ids[0].split('_')[0]})")
+        note(f"{st.name}: {len(st.items)} task(s) submitted ({sub.job_ids[0].split('_')[0]})")
         return sub
 
     try:
@@ -264,7 +300,7 @@ def run_stages(
             results[st.name] = sub.wait(progress=progress, timeout_s=timeout_s)
             skipped = sum(1 for r in results[st.name] if isinstance(r, dict) and r.get("skipped"))
             extra = f", {skipped} already done" if skipped else ""
-            _note(f"{st.name}: {len(results[st.name])} task(s) finished{extra}")
+            note(f"{st.name}: {len(results[st.name])} task(s) finished{extra}")
     except BaseException:
         if slurm:
             pending = [j for name, s in subs.items() if name not in results for j in s.job_ids]
@@ -273,7 +309,7 @@ def run_stages(
     return results
 
 
-def _note(message: str) -> None:
+def note(message: str) -> None:
     """Driver progress: a log line (stderr), also when not at a terminal."""
     log.info(message)
     if not sys.stderr.isatty():

@@ -32,6 +32,7 @@ from jobs.stages.runner import (
     Stage,
     job_cpus,
     job_memory_limit,
+    output_key,
     record_rejects,
     record_stats,
     say,
@@ -53,7 +54,7 @@ def ingest_task(
     summary, rejects = ingest_fasta(
         src, out, dataset=dataset, header_format=header, lowercase=lowercase
     )
-    record_rejects(ws, run_id, f"ingest-{dataset}-{Path(out).stem}", rejects)
+    record_rejects(ws, run_id, output_key(ws, out), rejects)
     verb = "already done" if summary.get("skipped") else "ingested"
     say("ingest", f"{src}: {verb}: {summary['written']} rows, {len(rejects)} rejected -> {out}")
     return summary
@@ -138,7 +139,7 @@ def purge_task(
         threads=job_cpus(),
         split_memory_limit=job_memory_limit(),
     )
-    record_rejects(ws, run_id, f"purge-{Path(train).parent.parent.name}-{Path(out).stem}", rejects)
+    record_rejects(ws, run_id, output_key(ws, out), rejects)
     say("purge", f"{train}: kept {summary['kept']}, blacklisted {summary['blacklisted']}")
     return summary
 
@@ -206,7 +207,8 @@ def stats_rows(
 
 
 def sequence_stats_task(ws: str, run_id: str, specs: list[dict]) -> dict:
-    """Per dataset: final clusters, then one `dataset_stats` and one `token_stats` row."""
+    """Per dataset: final clusters, then one `dataset_stats` and one `token_stats` row
+    (keyed by the final clusters file: a re-run replaces them)."""
     s3_rows, s4_rows = [], []
     for sp in specs:
         final = final_clusters(sp["expanded"], sp["shards"], sp["final"])
@@ -222,11 +224,11 @@ def sequence_stats_task(ws: str, run_id: str, specs: list[dict]) -> dict:
         )
         s3_rows.append(s3)
         s4_rows.append(s4)
+        record_stats(ws, run_id, output_key(ws, final), "dataset_stats", [s3])
+        record_stats(ws, run_id, output_key(ws, final), "token_stats", [s4])
         say("sequence-stats", f"{sp['dataset']}: {s3['clustering_count']} centers, "
             f"{s3['sequences']} sequences, {s3['tokens']} tokens; "
             f"{s4['unique_samples']:.0f} unique samples at {s4['repeats']:.3g} repeats")  # fmt: skip
-    record_stats(ws, run_id, "sequence-stats", "dataset_stats", s3_rows)
-    record_stats(ws, run_id, "sequence-stats", "token_stats", s4_rows)
     return {"dataset_stats": _plain(s3_rows), "token_stats": _plain(s4_rows)}
 
 

@@ -38,7 +38,15 @@ from esm3.data.structures.stages import (
 from esm3.data.token_stats import cluster_table, token_stats_row
 from jobs.errors import UserError
 from jobs.stages.config import DatasetConfig, Inputs, PreprocessConfig
-from jobs.stages.runner import Layout, Stage, record_rejects, record_stats, say, stage_resources
+from jobs.stages.runner import (
+    Layout,
+    Stage,
+    output_key,
+    record_rejects,
+    record_stats,
+    say,
+    stage_resources,
+)
 from jobs.stages.sequences import cluster_task, expand_task, token_budgets
 
 _SIGNALLED = re.compile(r"exit code -\d+")
@@ -49,7 +57,7 @@ _SIGNALLED = re.compile(r"exit code -\d+")
 def interpro_task(ws: str, run_id: str, src: str, out: str, kind: str) -> dict:
     ingest = ingest_protein2ipr if kind == "protein2ipr" else ingest_interproscan
     summary, rejects = ingest(src, out)
-    record_rejects(ws, run_id, f"interpro-{Path(out).stem}", rejects)
+    record_rejects(ws, run_id, output_key(ws, out), rejects)
     say("interpro", f"{src}: {summary.get('rows')} rows, {summary.get('malformed')} malformed")
     return summary
 
@@ -155,8 +163,7 @@ def structure_task(
             f"{out}: removed, {killed[0]['record']}: a tool was killed by a signal, not a data "
             f"problem ({killed[0]['detail'].splitlines()[0]}); a re-run redoes this shard"
         )
-    record_rejects(ws, run_id, f"structures-{config.dataset}-{Path(out).parent.parent.name}-"
-                   f"{Path(out).stem}", res.rejects)  # fmt: skip
+    record_rejects(ws, run_id, output_key(ws, out), res.rejects)
     s = res.summary
     say("structures", f"{out}: {s.get('files')} files, {s.get('chains_kept')} chains kept, "
         f"{len(res.rejects)} rejected{' (already done)' if s.get('skipped') else ''}")  # fmt: skip
@@ -199,10 +206,12 @@ def _lengths(shards: list[str]) -> pa.Table:
 
 def structure_stats_task(ws: str, run_id: str, specs: list[dict]) -> dict:
     """Table S3 rows per structure dataset (and `<name>` unclustered + `<name>_clustered`
-    when asked, as the paper lists PDB), and a Table S4 row from the expanded clusters."""
+    when asked, as the paper lists PDB), and a Table S4 row from the expanded clusters;
+    keyed by the expanded clusters file, so a re-run replaces them."""
     s3_rows, s4_rows = [], []
     for sp in specs:
         name, levels, shards = sp["dataset"], sp["levels"], sp["shards"]
+        first = len(s3_rows)
         if sp["also_unclustered"]:
             s3_rows.append(structure_dataset_stats(shards, name, sp["release"]))
         low = _representatives(sp["level_files"][0])
@@ -226,12 +235,12 @@ def structure_stats_task(ws: str, run_id: str, specs: list[dict]) -> dict:
             s4 = dict(dataset=name, type="structure", token_budget=sp["token_budget"],
                       repeats=0.0, unique_samples=0.0, unique_tokens=0.0)  # fmt: skip
         s4_rows.append(s4)
+        for r in s3_rows[first:]:
+            r.pop("run_id", None)
+        record_stats(ws, run_id, output_key(ws, sp["expanded"]), "dataset_stats", s3_rows[first:])
+        record_stats(ws, run_id, output_key(ws, sp["expanded"]), "token_stats", [s4])
         say("structure-stats", f"{name}: {s3_rows[-1]['sequences']} chains, "
             f"{s3_rows[-1]['clustering_count']} clusters at {levels[0]:g}")  # fmt: skip
-    for r in s3_rows:
-        r.pop("run_id", None)
-    record_stats(ws, run_id, "structure-stats", "dataset_stats", s3_rows)
-    record_stats(ws, run_id, "structure-stats", "token_stats", s4_rows)
     plain = [{k: v for k, v in r.items() if k not in ("computed_at", "run_id")} for r in s3_rows]
     return {"dataset_stats": plain, "token_stats": [
         {k: v for k, v in r.items() if k not in ("computed_at", "run_id")} for r in s4_rows]}  # fmt: skip
