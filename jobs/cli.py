@@ -7,6 +7,7 @@ is submitted.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import importlib.util
 import json
@@ -354,6 +355,30 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print(f"esm3 {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        full = _no_space(e)
+        if full is None:
+            raise
+        from jobs.workspace import resolve
+
+        where = full.filename or f"the workspace {resolve(getattr(args, 'workspace', None))}"
+        print(f"esm3 {args.command}: error: no space left on device: {where}", file=sys.stderr)
+        return 1
+
+
+def _no_space(e: BaseException) -> OSError | None:
+    """The ENOSPC behind `e` (itself, or what it was raised from), if any: a full disk is
+    one line for the user, not a traceback."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno == errno.ENOSPC:
+            return cur
+        if "No space left on device" in str(cur):  # DuckDB's IO errors carry no errno
+            return OSError(errno.ENOSPC, "No space left on device")
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 if __name__ == "__main__":

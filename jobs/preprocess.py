@@ -207,6 +207,7 @@ def _plan(ws, run_id, cfg, inputs, lay, kinds):  # type: ignore[no-untyped-def]
 
 def _write_manifest(cfg, inputs, lay, kinds, run_id) -> None:  # type: ignore[no-untyped-def]
     """What the training loader reads: shards and clusters per dataset, codebook, labels."""
+    from jobs.stages.runner import write_text_atomic
     from jobs.stages.sequences import sequence_outputs
     from jobs.stages.structures import structure_outputs
 
@@ -224,10 +225,8 @@ def _write_manifest(cfg, inputs, lay, kinds, run_id) -> None:  # type: ignore[no
         "structure_codebook": str(lay.codebook) if lay.codebook.exists() else None,
         "interpro": sorted(str(p) for p in lay.interpro.glob("*.parquet")),
     }
-    tmp = lay.manifest.with_name(".manifest.json.tmp")
     lay.root.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(lay.manifest)
+    write_text_atomic(lay.manifest, json.dumps(manifest, indent=1))
 
 
 def _sum(rows: list[Any], key: str) -> int:

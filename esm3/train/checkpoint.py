@@ -228,11 +228,15 @@ def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> d
 
 def _atomic_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, sort_keys=True, default=str))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(data, sort_keys=True, default=str))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @dataclass
@@ -260,17 +264,27 @@ class PendingSave:
         """
         if self.finished:
             return self.path
-        if self.future is not None:
-            self.future.result()
-        files = file_manifest(self.path) if self.rank == 0 else {}
-        if self.before_commit is not None:
-            self.before_commit()
-        if self.rank == 0:
-            _atomic_json(self.path / STATE_FILE, {**self.train_state, "files": files})
-            if prune_old:
-                prune(self.path.parent, self.keep)
+        try:
+            if self.future is not None:
+                self.future.result()
+            files = file_manifest(self.path) if self.rank == 0 else {}
+            if self.before_commit is not None:
+                self.before_commit()
+            if self.rank == 0:
+                _atomic_json(self.path / STATE_FILE, {**self.train_state, "files": files})
+        except BaseException:
+            self.discard()
+            raise
+        if self.rank == 0 and prune_old:
+            prune(self.path.parent, self.keep)
         self.finished = True
         return self.path
+
+    def discard(self) -> None:
+        """(rank 0) remove the folder of a save that failed (a full disk): a partial
+        checkpoint would only hold the space that is missing."""
+        if self.rank == 0 and not (self.path / STATE_FILE).exists():
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def save(
@@ -308,7 +322,11 @@ def save(
     if async_save:
         pending.future = dcp.async_save(sd, checkpoint_id=str(path), process_group=process_group)
         return pending
-    dcp.save(sd, checkpoint_id=str(path), process_group=process_group)
+    try:
+        dcp.save(sd, checkpoint_id=str(path), process_group=process_group)
+    except BaseException:
+        pending.discard()
+        raise
     pending.finish()
     _barrier(process_group)
     return pending

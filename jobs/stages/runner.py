@@ -202,9 +202,24 @@ def check_fingerprint(layout: Layout, cfg: PreprocessConfig) -> None:
             )
         return
     layout.root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".config.json.tmp")
-    tmp.write_text(json.dumps({"fingerprint": digest, "config": data}, indent=1, sort_keys=True))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps({"fingerprint": digest, "config": data}, indent=1,
+                                       sort_keys=True))  # fmt: skip
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """`path` whole or not at all; a failed write (a full disk) leaves no temporary file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is None and e.errno is not None:  # name the file in the error
+            raise OSError(e.errno, os.strerror(e.errno), str(path)) from e
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # --- the stage graph -----------------------------------------------------------------------
