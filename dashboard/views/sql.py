@@ -17,7 +17,8 @@ MAX_ROWS = 10_000
 st.caption(
     "Read-only SQL over the catalog (DuckDB). Views: "
     + ", ".join(f"`{t}`" for t in TABLES)
-    + ", plus `jobs_history`, `runs_history`, `train_steps_all`. Writes, ATTACH, COPY, SET "
+    + ", plus `jobs_history`, `runs_history`, `train_steps_all`, `rejects_all`, "
+    "`dataset_stats_all`, `token_stats_all`. Writes, ATTACH, COPY, SET "
     "and reads outside the workspace's lake are refused."
 )
 
