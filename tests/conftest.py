@@ -29,6 +29,15 @@ def slurm_cluster():
     return c
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (skips the test where Chromium or selenium is missing)."""
+    from tests.browser import chromium
+
+    with chromium() as driver:
+        yield driver
+
+
 def _cuda() -> bool:
     try:
         import torch

@@ -10,187 +10,39 @@ the texts it asserts (`wait_page`, `tests.waiting.wait_for`)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
 import threading
-import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from dashboard import demo_data
 from dashboard.common import TEST_DELAY_ENV
-from dashboard.serve import command
 from esm3.metrics.lake import LakeWriter
+from tests.browser import (
+    StaleElementReferenceException,
+    assert_no_error,
+    run_sql,
+    screenshot,
+    serve_dashboard,
+    texts,
+    wait_page,
+)
 from tests.waiting import pause, wait_for
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-if not CHROMIUM or not CHROMEDRIVER:
-    pytest.skip(
-        "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
-        allow_module_level=True,
-    )
-webdriver = pytest.importorskip(
-    "selenium.webdriver", reason="needs selenium (pip install selenium)"
-)
-from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.keys import Keys  # noqa: E402
-
-SHOTS = Path(__file__).resolve().parents[1] / "artifacts" / "screenshots"
 STEPS = 300
-WIDTH = 1400
 DATA_DELAY_S = 1.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str, proc: subprocess.Popen, log: Path) -> bool:
-    if proc.poll() is not None:
-        raise AssertionError(f"streamlit exited with {proc.returncode}: {log.read_text()}")
-    with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-        return r.status == 200
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     ws = tmp_path_factory.mktemp("browser") / "ws"
     sims = demo_data.seed(ws, steps=STEPS)
-    port = _free_port()
-    log_path = ws.parent / "streamlit.log"
-    log = open(log_path, "w")  # noqa: SIM115 - closed below
     # every data read is held back: the figures render seconds after the page's frame, so a
     # test that reads the page before its figures are there fails every time, not by chance
-    env = dict(os.environ, **{TEST_DELAY_ENV: str(DATA_DELAY_S)})
-    proc = subprocess.Popen(command(ws, port=port), stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(
-            lambda: _healthy(url, proc, log_path), 90, "streamlit's health endpoint",
-            ignore=(OSError,),
-        )  # fmt: skip
+    with serve_dashboard(ws, **{TEST_DELAY_ENV: str(DATA_DELAY_S)}) as (url, _):
         yield url, ws, sims
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    profile = tempfile.mkdtemp(prefix="chromium-")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--window-size={WIDTH},1200",
-        f"--user-data-dir={profile}",
-    ):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
-    driver.set_page_load_timeout(60)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
-
-
-def _texts(driver, css: str) -> list[str]:
-    return [e.text for e in driver.find_elements(By.CSS_SELECTOR, css)]
-
-
-def _main_text(driver) -> str:
-    return "\n".join(_texts(driver, '[data-testid="stMain"]'))
-
-
-def _charts_drawn(driver) -> int:
-    return driver.execute_script(
-        "return Array.from(document.querySelectorAll('.vega-embed'))"
-        ".filter(e => e.querySelector('svg, canvas')).length"
-    )
-
-
-def wait_page(driver, title: str, charts: int = 0, figures=(), timeout: float = 90) -> None:
-    """Wait until the page shows its title, `charts` drawn charts and every text in
-    `figures`: exactly what the test then asserts, not a proxy for "rendered"."""
-
-    def missing() -> list[str]:
-        out = [] if title in _texts(driver, "h1") else [f"the title {title!r}"]
-        drawn = _charts_drawn(driver)
-        if drawn < charts:
-            out.append(f"{charts - drawn} of {charts} charts")
-        body = _main_text(driver)
-        return out + [repr(f) for f in figures if f not in body]
-
-    wait_for(
-        lambda: not missing(),
-        timeout,
-        lambda: f"page {title!r}; still missing: {', '.join(missing())}",
-        ignore=(StaleElementReferenceException,),
-    )
-
-
-def _chart_sizes(driver) -> list[list[int]]:
-    return driver.execute_script(
-        "return Array.from(document.querySelectorAll('.vega-embed svg, .vega-embed canvas'))"
-        ".map(e => [e.clientWidth, e.clientHeight])"
-    )
-
-
-def wait_layout_settled(driver, timeout: float = 30) -> None:
-    """Charts re-lay out after a window resize: wait until their sizes stop changing."""
-    seen: list = [None]
-
-    def settled() -> bool:
-        now = _chart_sizes(driver)
-        same, seen[0] = now == seen[0], now
-        return same
-
-    wait_for(settled, timeout, "the charts to settle at the new window size")
-
-
-def screenshot(driver, name: str) -> Path:
-    """A full-length screenshot of the app's main area."""
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    height = driver.execute_script(
-        "const m = document.querySelector('[data-testid=stMain]');return m ? m.scrollHeight : 1200"
-    )
-    driver.set_window_size(WIDTH, min(5000, max(900, int(height) + 40)))
-    wait_layout_settled(driver)
-    path = SHOTS / f"{name}.png"
-    driver.save_screenshot(str(path))
-    driver.set_window_size(WIDTH, 1200)
-    assert path.stat().st_size > 10_000
-    return path
-
-
-def assert_no_error(driver) -> None:
-    errors = _texts(driver, '[data-testid="stException"]') + _texts(
-        driver, '[data-testid="stAlertContentError"]'
-    )
-    assert not errors, errors
 
 
 def _page_expectations(sims) -> list[tuple[str, str, int, list[str]]]:
@@ -217,19 +69,6 @@ def test_page_renders(server, browser, index):
     screenshot(browser, path or "overview")
 
 
-def _run_sql(driver, sql: str) -> None:
-    box = wait_for(
-        lambda: driver.find_elements(By.CSS_SELECTOR, '[data-testid="stTextArea"] textarea'),
-        30,
-        "the SQL box",
-    )[0]
-    box.click()
-    box.send_keys(Keys.CONTROL, "a")
-    box.send_keys(Keys.DELETE)
-    box.send_keys(sql)
-    driver.find_element(By.CSS_SELECTOR, '[data-testid="stFormSubmitButton"] button').click()
-
-
 def test_sql_refusals(server, browser):
     url, _, _ = server
     browser.get(f"{url}/sql?refresh=0")
@@ -238,19 +77,19 @@ def test_sql_refusals(server, browser):
         ("DROP VIEW runs", "refused: DROP statements are not allowed"),
         ("SELECT * FROM read_csv('http://example.com/x.csv')", "external access"),
     ]:
-        _run_sql(browser, sql)
+        run_sql(browser, sql)
         wait_for(
             lambda says=says: any(
-                says in t for t in _texts(browser, '[data-testid="stAlertContentError"]')
+                says in t for t in texts(browser, '[data-testid="stAlertContentError"]')
             ),
             30,
             f"the refusal {says!r}",
             ignore=(StaleElementReferenceException,),
         )
-        assert not _texts(browser, '[data-testid="stException"]')
+        assert not texts(browser, '[data-testid="stException"]')
     screenshot(browser, "sql-refused")
     # the catalog is intact: a query still answers
-    _run_sql(browser, "SELECT count(*) AS n FROM runs")
+    run_sql(browser, "SELECT count(*) AS n FROM runs")
     wait_page(browser, "SQL", figures=["1 row"], timeout=30)
 
 
@@ -281,7 +120,7 @@ def test_live_steps_while_a_writer_appends(server, browser):
         lambda: (
             any(
                 v.replace(",", "").isdigit() and sim.last_step < int(v.replace(",", "")) < target
-                for v in _texts(browser, '[data-testid="stMetricValue"]')
+                for v in texts(browser, '[data-testid="stMetricValue"]')
             )
             or not t.is_alive()
         ),
@@ -293,7 +132,7 @@ def test_live_steps_while_a_writer_appends(server, browser):
     assert not t.is_alive() and not failures, failures
     assert wrote[-1] == target  # the writer was never held up by the page's reads
     wait_for(
-        lambda: f"{target:,}" in _texts(browser, '[data-testid="stMetricValue"]'),
+        lambda: f"{target:,}" in texts(browser, '[data-testid="stMetricValue"]'),
         60,
         f"step {target} on the page",
         ignore=(StaleElementReferenceException,),
@@ -313,7 +152,7 @@ def test_corrupt_file_named_rest_renders(server, browser):
         wait_for(
             lambda: any(
                 named in w and "corrupt" in w
-                for w in _texts(browser, '[data-testid="stAlertContentWarning"]')
+                for w in texts(browser, '[data-testid="stAlertContentWarning"]')
             ),
             60,
             f"a warning naming {named} as corrupt",
