@@ -60,15 +60,14 @@ def _attempts(ws: Path, run_id: str) -> list[tuple[int, int, str]]:
     return [tuple(r) for r in df.itertuples(index=False)]
 
 
-def _release_hold(job: str, env: dict[str, str]) -> bool:
-    """SLURM holds a requeued job ~2 minutes (BeginTime): let it start now. True once the
-    job is no longer held."""
-    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%r"], capture_output=True,
+def _running_again(job: str, env: dict[str, str]) -> bool:
+    """True once the requeued job runs again. SLURM holds a requeued job ~2 minutes
+    (BeginTime): each time it shows held, let it start now."""
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True,
                          text=True, env=env).stdout  # fmt: skip
     if "BeginTime" in out:
         subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env)
-        return False
-    return True
+    return out.startswith("RUNNING")
 
 
 @pytest.mark.slurm
@@ -110,7 +109,7 @@ def test_downed_node_requeues_and_the_submitter_waits_to_completion(
         finally:
             subprocess.run(["scontrol", "update", "nodename=node1", "state=resume"], env=env)
         assert proc.poll() is None, "the submitter gave up on a requeued job"
-        wait_for(lambda: _release_hold(job, env), 60, f"job {job} released", interval=1)
+        wait_for(lambda: _running_again(job, env), 90, f"job {job} running again", interval=1)
         out, err = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
@@ -163,7 +162,7 @@ def test_killed_attempt_then_requeued_is_not_completed(slurm_cluster, train_data
         return r.returncode == 0
 
     wait_for(requeued, 60, f"scontrol requeue {job} accepted", interval=1)
-    wait_for(lambda: _release_hold(job, env), 60, f"job {job} released", interval=1)
+    wait_for(lambda: _running_again(job, env), 90, f"job {job} running again", interval=1)
     status = [sys.executable, "-m", "jobs.cli", "status", run_id, "-w", str(workspace)]
     wait_for(
         lambda: (
