@@ -4,7 +4,6 @@ array task is reported at once with SLURM's own line, and a run keeps every stag
 from __future__ import annotations
 
 import subprocess
-import time
 
 import pytest
 
@@ -39,15 +38,12 @@ def test_cancelled_array_task_is_reported_at_once_with_its_real_error(slurm_clus
         wait_for(lambda: _running(workspace, run_id) == 3, 60, "all three tasks running")
         victim = sub.job_ids[1]
         subprocess.run(["scancel", victim], check=True, env=env)
-        t0 = time.monotonic()
+        # at once: the siblings run 120 s, so waiting for them would end in TimeoutError
         with pytest.raises(launch.JobFailed) as err:
             sub.wait(timeout_s=60)
-        waited = time.monotonic() - t0
     finally:
         subprocess.run(["scancel", sub.job_ids[0].split("_")[0]], env=env, check=False)
     msg = str(err.value)
-    # at once: not after its siblings' two minutes
-    assert waited < 20, (waited, msg)
     assert err.value.state == "CANCELLED"
     assert f"job {victim} is CANCELLED" in msg
     assert "CANCELLED AT" in msg and "***" in msg and "[===" not in msg, msg
