@@ -76,18 +76,19 @@ def test_serve_command_line(tmp_path):
 
 
 def test_serve_returns_streamlits_exit_code(tmp_path, monkeypatch):
-    seen = {}
+    """`serve` runs what `command` builds (here a stand-in that reports its workspace and
+    port, then exits 3) and returns its exit code."""
+    seen = tmp_path / "seen"
 
-    def fake_call(cmd, env):
-        seen["cmd"], seen["env"] = cmd, env
-        return 3
+    def stand_in(workspace, host, port, headless):
+        report = f"import os, sys; open({str(seen)!r}, 'w').write(os.environ['ESM3_WORKSPACE'] + ' {port}'); sys.exit(3)"
+        return [sys.executable, "-c", report]
 
-    monkeypatch.setattr(serve.subprocess, "call", fake_call)
+    monkeypatch.setattr(serve, "command", stand_in)
     assert serve.serve(tmp_path, port=8600) == 3
-    assert seen["env"]["ESM3_WORKSPACE"] == str(tmp_path.resolve())
-    assert "8600" in seen["cmd"]
+    assert seen.read_text() == f"{tmp_path.resolve()} 8600"
     assert serve.main(["--workspace", str(tmp_path), "--port", "8601"]) == 3
-    assert "8601" in seen["cmd"]
+    assert seen.read_text() == f"{tmp_path.resolve()} 8601"
 
 
 def test_workspace_resolution(tmp_path, monkeypatch):

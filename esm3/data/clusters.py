@@ -31,14 +31,16 @@ DEFAULT_CAP = 20
 
 
 def _connect(memory_limit: str | None, threads: int | None, temp_dir: str | None):
-    con = duckdb.connect()
-    con.sql("SET enable_progress_bar = false")
+    # settings through the config, not SQL text: a path or size is never pasted into SQL
+    config: dict[str, object] = {}
     if memory_limit:
-        con.sql(f"SET memory_limit = '{memory_limit}'")
+        config["memory_limit"] = str(memory_limit)
     if threads:
-        con.sql(f"SET threads = {int(threads)}")
+        config["threads"] = int(threads)
     if temp_dir:
-        con.sql(f"SET temp_directory = {sql_path(temp_dir)}")
+        config["temp_directory"] = str(temp_dir)
+    con = duckdb.connect(config=config)
+    con.sql("SET enable_progress_bar = false")
     return con
 
 
@@ -77,26 +79,28 @@ def _expand(con, low: Source, high: Source | None, cap: int, seed: int) -> dict:
     ).fetchall()[0]
     stats["removed_members"] = stats["low_members"] - kept_rows
     stats["dropped_empty_centers"] = stats["low_clusters"] - kept_centers
-    con.sql(
-        f"""
+    bound = {"cap": int(cap), "salt": f"{int(seed)}:"}
+    con.execute(
+        """
         CREATE OR REPLACE TEMP TABLE expanded AS
         SELECT center, member, rank FROM (
             SELECT center, member, row_number() OVER (
                 PARTITION BY center ORDER BY
                     -- the (slow, version-stable) md5 only where a cluster must be cut
-                    CASE WHEN size > {int(cap)}
-                         THEN md5_number_lower('{int(seed)}:' || member) ELSE 0 END,
+                    CASE WHEN size > $cap THEN md5_number_lower($salt || member) ELSE 0 END,
                     member
             ) AS rank
             FROM (SELECT center, member, count(*) OVER (PARTITION BY center) AS size FROM kept)
-        ) WHERE rank <= {int(cap)}
-        """
+        ) WHERE rank <= $cap
+        """,
+        bound,
     )
-    (rows, centers, capped) = con.sql(
-        f"""SELECT count(*), count(DISTINCT center),
-                   (SELECT count(*) FROM (SELECT center FROM kept GROUP BY center
-                                          HAVING count(*) > {int(cap)}))
-            FROM expanded"""
+    (rows, centers, capped) = con.execute(
+        """SELECT count(*), count(DISTINCT center),
+                  (SELECT count(*) FROM (SELECT center FROM kept GROUP BY center
+                                         HAVING count(*) > $cap))
+           FROM expanded""",
+        {"cap": bound["cap"]},
     ).fetchall()[0]
     stats["members_before_cap"] = kept_rows
     stats["dropped_by_cap"] = kept_rows - rows
@@ -168,10 +172,12 @@ def expand_cluster_files(
         stats = {"output": str(out), **stats}
         meta = json.dumps(stats).replace("'", "''")
         with atomic_path(out) as tmp:
-            con.sql(
+            # COPY's target and options cannot be bound: the path and the metadata go in as
+            # quoted literals (sql_path; `meta` has its quotes doubled above)
+            con.execute(
                 f"""COPY (SELECT center, member FROM expanded ORDER BY center, rank)
                     TO {sql_path(tmp)}
-                    (FORMAT parquet, COMPRESSION zstd, KV_METADATA {{expansion: '{meta}'}})"""
+                    (FORMAT parquet, COMPRESSION zstd, KV_METADATA {{expansion: '{meta}'}})"""  # noqa: S608
             )
         return {**stats, "skipped": False}, []
     finally:

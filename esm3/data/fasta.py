@@ -55,7 +55,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from esm3.data.shards import ShardWriter, atomic_path, is_done, tmp_path, write_table
+from esm3.data.shards import ShardWriter, atomic_path, is_done, sql_path, tmp_path, write_table
 
 ALPHABET = "ACDEFGHIKLMNPQRSTVWYXBUZO"
 HEADER_FORMATS = ("auto", "uniprot", "uniref", "mgnify", "jgi", "oas", "plain")
@@ -577,14 +577,15 @@ def _drop_duplicate_ids(tmp: Path, source: str, rejects: list[dict]) -> tuple[Pa
     ids = pq.read_table(tmp, columns=["id"]).column("id")
     if pc.count_distinct(ids).as_py() == len(ids):  # the common case, without DuckDB
         return None
-    src = f"read_parquet('{_sql_str(tmp)}')"
-    repeats = f"""
+    src = {"src": str(tmp)}
+    repeats = """
         SELECT id, "offset", min("offset") OVER (PARTITION BY id) AS first_offset
-        FROM {src} WHERE id IN (SELECT id FROM {src} GROUP BY id HAVING count(*) > 1)
+        FROM read_parquet($src)
+        WHERE id IN (SELECT id FROM read_parquet($src) GROUP BY id HAVING count(*) > 1)
         QUALIFY "offset" > first_offset"""
     con = duckdb.connect()
     try:
-        dups = con.sql(f'{repeats} ORDER BY "offset"').fetchall()
+        dups = con.execute(repeats + ' ORDER BY "offset"', src).fetchall()
         if not dups:
             return None
         rejects += [
@@ -598,17 +599,17 @@ def _drop_duplicate_ids(tmp: Path, source: str, rejects: list[dict]) -> tuple[Pa
             for rid, offset, first in dups
         ]
         dedup = tmp_path(tmp)
-        con.sql(
-            f"""COPY (SELECT * FROM {src} WHERE "offset" NOT IN (SELECT "offset" FROM ({repeats}))
-                ORDER BY "offset") TO '{_sql_str(dedup)}' (FORMAT parquet, COMPRESSION zstd)"""
+        # COPY's target cannot be bound: it goes in quoted by sql_path
+        con.execute(
+            f"""COPY (SELECT * FROM read_parquet($src)
+                      WHERE "offset" NOT IN (SELECT "offset" FROM ({repeats}))
+                      ORDER BY "offset")
+                TO {sql_path(dedup)} (FORMAT parquet, COMPRESSION zstd)""",  # noqa: S608
+            src,
         )
         return dedup, len(dups)
     finally:
         con.close()
-
-
-def _sql_str(p: Path | str) -> str:
-    return str(p).replace("'", "''")
 
 
 def fasta_byte_ranges(path: str | Path, n: int) -> list[tuple[int, int]]:

@@ -39,16 +39,16 @@ def select_validation(
     try:
         con.sql("SET enable_progress_bar = false")
         duckdb_source(con, "seqs", sequences)
-        table = con.sql(
-            f"""
+        return con.sql(
+            """
             SELECT * EXCLUDE (k) FROM (
                 SELECT *, row_number() OVER (
-                    PARTITION BY dataset ORDER BY md5_number_lower('{int(seed)}:' || id), id
+                    PARTITION BY dataset ORDER BY md5_number_lower($salt || id), id
                 ) AS k FROM seqs
-            ) WHERE k <= {int(n)} ORDER BY dataset, id
-            """
-        ).arrow()
-        return table.read_all() if isinstance(table, pa.RecordBatchReader) else table
+            ) WHERE k <= $n ORDER BY dataset, id
+            """,
+            params={"salt": f"{int(seed)}:", "n": int(n)},
+        ).to_arrow_table()
     finally:
         con.close()
 

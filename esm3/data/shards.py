@@ -138,8 +138,8 @@ def duckdb_source(con, name: str, source: Source) -> str:
     paths = [source] if isinstance(source, str | Path) else list(source)
     if not paths:
         raise ValueError(f"{name}: no Parquet files given")
-    quoted = ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths)
-    con.sql(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM read_parquet([{quoted}])")
+    # a relation, not SQL text: the paths are never pasted into a statement
+    con.read_parquet([str(p) for p in paths]).create_view(name, replace=True)
     return name
 
 

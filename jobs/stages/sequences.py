@@ -83,10 +83,10 @@ def _check_unique_ids(shards: list[str]) -> None:
     con = duckdb.connect()
     try:
         con.sql("SET enable_progress_bar = false")
-        files = "[" + ", ".join(sql_path(s) for s in shards) + "]"
-        dups = con.sql(
-            f"""SELECT id, list(DISTINCT filename) FROM read_parquet({files}, filename = true)
-                GROUP BY id HAVING count(*) > 1 ORDER BY id LIMIT 3"""
+        dups = con.execute(
+            """SELECT id, list(DISTINCT filename) FROM read_parquet(?, filename = true)
+               GROUP BY id HAVING count(*) > 1 ORDER BY id LIMIT 3""",
+            [[str(s) for s in shards]],
         ).fetchall()
     finally:
         con.close()
@@ -153,14 +153,15 @@ def final_clusters(expanded: str | Path, shards: list[str], out: str | Path) -> 
     con = duckdb.connect()
     try:
         con.sql("SET enable_progress_bar = false")
-        files = "[" + ", ".join(sql_path(s) for s in shards) + "]"
         with atomic_path(out) as tmp:
-            con.sql(
+            # COPY's target cannot be bound: it goes in quoted by sql_path; the inputs are bound
+            con.execute(
                 f"""COPY (SELECT e.center, e.member
-                    FROM read_parquet({sql_path(expanded)}, file_row_number = true) e
-                    SEMI JOIN read_parquet({files}) s ON e.member = s.id
+                    FROM read_parquet($expanded, file_row_number = true) e
+                    SEMI JOIN read_parquet($shards) s ON e.member = s.id
                     ORDER BY e.file_row_number)
-                    TO {sql_path(tmp)} (FORMAT parquet, COMPRESSION zstd)"""
+                    TO {sql_path(tmp)} (FORMAT parquet, COMPRESSION zstd)""",  # noqa: S608
+                {"expanded": str(expanded), "shards": [str(s) for s in shards]},
             )
     finally:
         con.close()

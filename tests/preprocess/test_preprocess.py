@@ -245,9 +245,17 @@ def test_slurm_killed_mid_way_and_resumed_ends_like_the_uninterrupted_run(
            "-w", str(ws), "-c", "slurm-local"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        # every stage is queued at once; kill it all once the ingest array is done
-        _wait_for(ws, "SELECT count(*) AS n FROM jobs WHERE stage = 'ingest' "
-                  "AND state = 'COMPLETED'", 180)  # fmt: skip
+        # every stage is queued at once; kill it all once the whole ingest array is done
+        # (each of its tasks, as many as the reference ran: the resume must skip them all)
+        tasks = query(ref_ws, "SELECT count(*) AS n FROM jobs WHERE stage = 'ingest' "
+                      "AND run_id = ?", [ref.run_id]).n[0]  # fmt: skip
+        wait_for(
+            lambda: query(ws, "SELECT count(*) AS n FROM jobs WHERE stage = 'ingest' "
+                          "AND state = 'COMPLETED'").n[0] == tasks,
+            180,
+            f"all {tasks} ingest tasks COMPLETED",
+            interval=0.5,
+        )  # fmt: skip
         first = _run_id(ws)
         ids = query(ws, "SELECT DISTINCT split_part(job_id, '_', 1) AS j FROM jobs "
                     "WHERE run_id = ?", [first]).j.tolist()  # fmt: skip
