@@ -212,24 +212,7 @@ def _run_daemon(cmd: list[str], c: LocalCluster, what: str) -> None:
 
 def sinfo_states(c: LocalCluster) -> dict[str, str]:
     """node -> state as sinfo reports it (empty when the controller does not answer)."""
-    try:
-        proc = subprocess.run(
-            [_need("sinfo"), "-h", "-N", "-o", "%N %T"],
-            env=c.env(),
-            capture_output=True,
-            text=True,
-            timeout=15,
-        )
-    except subprocess.TimeoutExpired:
-        return {}
-    if proc.returncode != 0:
-        return {}
-    out = {}
-    for line in proc.stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            out[parts[0]] = parts[1].rstrip("*~#$@+-")
-    return out
+    return {node: state for node, (state, _) in node_info(c).items()}
 
 
 def node_info(c: LocalCluster) -> dict[str, tuple[str, str]]:
