@@ -113,7 +113,7 @@ class Task:
     def on_sigterm(self) -> None:
         """SIGTERM (scancel, a requeue, a lost node): stop the work now. A job that must
         stop at a safe point (collectives) overrides this to set a flag instead."""
-        raise Terminated("stopped by SIGTERM")
+        raise_terminated()
 
     def __call__(self, *args: Any) -> Any:
         ws = Path(self.workspace)
@@ -149,11 +149,20 @@ class Interrupted(Exception):
     limit): recorded as REQUEUED, not FAILED."""
 
 
-class Terminated(Interrupted):
-    """SIGTERM reached the job: recorded as the scheduler says (CANCELLED, REQUEUED)."""
+class Terminated(BaseException):
+    """SIGTERM reached the job: recorded as the scheduler says (CANCELLED, REQUEUED).
+
+    Raised from the signal handler at whatever line the job is on, so it is no `Exception`:
+    a stage's per-record `except Exception` (a bad file becomes a reject) must not take it
+    for a bad record and finish its shard without that record."""
 
 
 _SIGTERM = {"at": 0.0}
+
+
+def raise_terminated() -> None:
+    """The default reaction to SIGTERM: stop the work where it is."""
+    raise Terminated("stopped by SIGTERM")
 
 
 def sigterm_received() -> bool:

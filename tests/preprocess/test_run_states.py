@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from esm3.metrics.catalog import query
 from jobs.workspace import prepare
@@ -48,3 +49,61 @@ def test_killed_local_driver_leaves_its_run_not_completed(inputs, tmp_path):
             subprocess.run(["pkill", "-KILL", "-P", pid], check=False)
     stages = query(ws, "SELECT DISTINCT stage FROM jobs WHERE run_id = ?", [run_id]).stage
     assert "structure-cluster" not in set(stages)  # later stages never ran
+
+
+# A structures task stopped by SIGTERM while it works on a file (the signal reaches the
+# task's process while mkdssp runs) must not finish its shard without that file: before,
+# the per-file `except Exception` took the handler's exception for a bad file.
+_SHARD_UNDER_SIGTERM = """
+import sys
+from jobs.records import _watch_sigterm, raise_terminated
+from esm3.data.structures.stages import StructureStageConfig, process_structure_shard
+
+_watch_sigterm(raise_terminated)  # what every job but training does (records.Task)
+out, files = sys.argv[1], sys.argv[2:]
+process_structure_shard(files, out, StructureStageConfig("pdb", sasa_points=100))
+"""
+
+
+def _dssp_on_a_file(pid: int) -> list[int]:
+    """mkdssp children of `pid` working on a structure (not the `--version` check)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            comm, rest = stat.read_text().rsplit(")", 1)
+            args = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if comm.endswith("(mkdssp") and int(rest.split()[1]) == pid and b"--version" not in args:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _still_running(proc: subprocess.Popen) -> list:
+    if proc.poll() is not None:
+        raise AssertionError(f"the task ended early ({proc.returncode}): {proc.stderr.read()}")
+    return []
+
+
+def test_sigterm_during_a_structures_shard_writes_no_shard(inputs, tmp_path):
+    out = tmp_path / "shard.parquet"
+    files = [str(inputs[k]) for k in ("5pti", "1yjp", "4e43", "7etn")] * 3
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SHARD_UNDER_SIGTERM, str(out), *files],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(
+            lambda: _dssp_on_a_file(proc.pid) or _still_running(proc),
+            120,
+            "mkdssp running on a file under the task",
+            interval=0.02,
+        )
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and "Terminated" in err, err[-2000:]
+    assert not out.exists()  # no shard: a re-run must redo every file of it
