@@ -197,7 +197,8 @@ def cmd_dashboard(a: argparse.Namespace) -> int:
 
 # --- parser -------------------------------------------------------------------------------
 
-STAGE_MODULES = ("preprocess", "train")
+# the modules that add a stage command (`add_parser(subparsers, COMMON)`)
+STAGE_MODULES = ("jobs.preprocess", "jobs.train.cli")
 
 
 class _Common:
@@ -224,11 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log more (INFO)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    # stage commands live with their orchestration: a module `jobs/<name>.py` adds its own
+    # stage commands live with their orchestration: each of STAGE_MODULES adds its own
     # subparser with `add_parser(subparsers, COMMON)`, setting `fn` to its entry point
-    for name in STAGE_MODULES:
-        if importlib.util.find_spec(f"jobs.{name}") is not None:
-            importlib.import_module(f"jobs.{name}").add_parser(sub, COMMON)
+    for module in STAGE_MODULES:
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module).add_parser(sub, COMMON)
 
     s = sub.add_parser(
         "slurm",

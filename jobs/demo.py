@@ -128,9 +128,10 @@ def run_full_demo(a, cfg: DemoConfig) -> int:  # type: ignore[no-untyped-def]
     import time
 
     from esm3.metrics.catalog import query
-    from jobs import preprocess, train, workspace
+    from jobs import preprocess, workspace
     from jobs.cli import _print_frame
     from jobs.clusters import check_ready, load_profile
+    from jobs.train.submit import demo_train
 
     profile = load_profile(a.cluster)
     ws = workspace.prepare(a.workspace)
@@ -141,7 +142,7 @@ def run_full_demo(a, cfg: DemoConfig) -> int:  # type: ignore[no-untyped-def]
     )
     print(preprocess.demo(ws, profile, cfg.preprocess), flush=True)
     print(f"\n== 2/2 training ({cfg.train}) on '{profile.name}'", flush=True)
-    print(train.demo_train(ws, profile, cfg.train), flush=True)
+    print(demo_train(ws, profile, cfg.train), flush=True)
     run_id = query(
         ws, "SELECT run_id FROM runs WHERE kind = 'train' ORDER BY submitted_at DESC LIMIT 1"
     ).run_id[0]

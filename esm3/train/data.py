@@ -32,6 +32,7 @@ from esm3.tasks.batching import collate, pack_rows
 from esm3.tasks.corrupt import corrupt, inverse_folding_corrupt
 from esm3.tasks.sample import Protein
 from esm3.train.config import DatasetSpec, StageConfig, TrainConfig
+from esm3.train.faults import inject_faults
 
 RECORD_COLUMNS = (
     "id",
@@ -217,7 +218,7 @@ class TrainBatch:
     n_tokens: int  # real positions (all samples)
     tokens_by_dataset: dict[str, int]
     padding_fraction: float
-    fault: str = ""  # "nan" | "spike": a planted fault (stability drills)
+    fault: str = ""  # "nan" | "spike": a planted fault (stability drills, see faults.py)
     bad_records: list[str] = field(default_factory=list)
     build_s: float = 0.0
 
@@ -296,11 +297,6 @@ class BatchBuilder:
             rows = pack_rows([s[0]["sequence"].shape[0] for s in samples], st.context_length)
         b = collate(samples, rows)
         inputs, targets, masks = b.to_torch()
-        fault = ""
-        if data_step in self.cfg.stability.inject_nan:
-            fault = "nan"
-        elif data_step in self.cfg.stability.inject_spike:
-            fault = "spike"
         return TrainBatch(
             step,
             data_step,
@@ -311,7 +307,7 @@ class BatchBuilder:
             b.n_tokens,
             by_ds,
             b.padding_fraction,
-            fault,
+            "",
             bad,
             time.perf_counter() - t0,
         )
@@ -368,6 +364,33 @@ def batches(
         multiprocessing_context="fork",
     )
     return iter(loader)
+
+
+class BatchSource:
+    """The batches of a run from any (step, data offset): the loader, with planted faults
+    tagged (`faults.inject_faults`). A rollback simply asks for a new iterator."""
+
+    def __init__(self, builder: BatchBuilder) -> None:
+        self.builder = builder
+        self.cfg = builder.cfg
+
+    def iterate(self, start_step: int, end_step: int, data_offset: int) -> Iterator[TrainBatch]:
+        it = batches(
+            self.builder,
+            start_step,
+            end_step,
+            data_offset,
+            workers=self.cfg.data.workers,
+            prefetch=self.cfg.data.prefetch,
+        )
+        return inject_faults(it, self.cfg.stability)
+
+    def loader_state(self, stage: int) -> dict[str, Any]:
+        """This rank's sampler state in a stage (recorded in checkpoints)."""
+        return self.builder.sampler(stage).state_dict()
+
+    def stage_weights(self, stage: int) -> list[float]:
+        return self.builder.sampler(stage).weights.tolist()
 
 
 def estimate_tokens(datasets: dict[str, Dataset]) -> dict[str, float]:

@@ -9,7 +9,12 @@ temperature. The output rows (id, dataset, sample, sequence) are what the ESM3 l
 
 from __future__ import annotations
 
+import zlib
+from dataclasses import replace
+from typing import Any
+
 import numpy as np
+import pyarrow as pa
 import torch
 
 from esm3.model.esm3 import ESM3
@@ -18,9 +23,20 @@ from esm3.tasks.corrupt import inverse_folding_corrupt
 from esm3.tasks.sample import Protein
 from esm3.tokenize.sequence import AMINO_ACIDS
 from esm3.tokenize.specials import N_SPECIAL
+from esm3.train import checkpoint as ckpt
 
 #: Sequences per structure by dataset (the paper: 5 for AFDB and ESMAtlas, 64 for PDB).
 DEFAULT_PER_STRUCTURE = {"afdb": 5, "esmatlas": 5, "pdb": 64}
+
+#: The rows of generated sequences, what `DatasetSpec.inverse_folded` files hold.
+GENERATED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("dataset", pa.string()),
+        ("sample", pa.int32()),
+        ("sequence", pa.string()),
+    ]
+)
 
 _AA_TOKENS = np.array([N_SPECIAL + i for i in range(len(AMINO_ACIDS))])
 
@@ -60,3 +76,40 @@ def generate_sequences(
         seq[index[res]] = letters[pick]
         out.append("".join(seq))
     return out
+
+
+def load_model(model_cfg: Any, checkpoint: str, seed: int = 0) -> ESM3:
+    """The inverse folding model of a checkpoint on CPU, in eval mode; CheckpointMismatch
+    when the checkpoint is of another model."""
+    ckpt.check_compatible(ckpt.read_state(checkpoint), ckpt.fingerprint(model_cfg), checkpoint)
+    torch.manual_seed(seed)
+    model = ESM3(model_cfg, device="cpu")
+    ckpt.load(checkpoint, model, None)
+    model.eval()
+    return model
+
+
+def generate_table(
+    model: ESM3,
+    records: list[dict[str, Any]],
+    dataset: str,
+    n: int,
+    task: TaskConfig,
+    *,
+    seed: int = 0,
+    temperature: float = 1.0,
+) -> tuple[pa.Table, int]:
+    """`n` sequences per record with coordinates (GENERATED_SCHEMA rows), and the number
+    of records skipped for having none. Each protein draws from (seed, its id), so a
+    record generates the same sequences in any shard or task."""
+    task = replace(task, max_length=model.cfg.context_length)  # longer chains: a window
+    rows, no_coords = [], 0
+    for rec in records:
+        if rec.get("coords") is None:
+            no_coords += 1
+            continue
+        p = Protein.from_record(rec)
+        rng = np.random.default_rng([seed, zlib.crc32(p.id.encode())])
+        for i, seq in enumerate(generate_sequences(model, p, n, rng, task, temperature)):
+            rows.append({"id": p.id, "dataset": dataset, "sample": i, "sequence": seq})
+    return pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA), no_coords

@@ -9,6 +9,7 @@ parameter count").
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -92,3 +93,22 @@ def init_state(opt: torch.optim.AdamW) -> None:
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for g in opt.param_groups:
         g["lr"] = lr
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """The LR of every optimizer step of a run: `lr_at` with the run's peak and length."""
+
+    peak: float
+    warmup: int
+    total: int
+    min_ratio: float
+
+    @classmethod
+    def from_config(cls, cfg: OptimConfig, peak: float, total: int) -> LRSchedule:
+        return cls(peak, cfg.warmup_steps, total, cfg.min_lr_ratio)
+
+    def __call__(self, step: int) -> float:
+        return lr_at(
+            step, peak=self.peak, warmup=self.warmup, total=self.total, min_ratio=self.min_ratio
+        )

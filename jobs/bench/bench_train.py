@@ -132,7 +132,7 @@ def bench_scaling(
     """1 node vs 2 nodes on the local SLURM cluster: tokens/s and scaling efficiency."""
     from esm3.metrics.catalog import query
     from jobs.clusters import load_profile
-    from jobs.train import run_training
+    from jobs.train.submit import run_training
     from jobs.workspace import prepare
 
     profile = load_profile("slurm-local")

@@ -10,7 +10,7 @@ import pytest
 
 from esm3.metrics.catalog import query
 from jobs.clusters import load_profile
-from jobs.train import check_memory, load_config
+from jobs.train.config import check_memory, load_config
 
 STAGE_0 = "stages=[{{name='a', steps=2, context_length={}}}]"
 

@@ -21,7 +21,7 @@ from esm3.metrics.catalog import query
 from esm3.train import checkpoint as ckpt
 from esm3.train.data import load_datasets
 from esm3.train.trainer import Sinks, build_model, train
-from jobs.train import load_config
+from jobs.train.config import load_config
 from tests.train.conftest import write_config
 from tests.waiting import wait_for
 

@@ -9,7 +9,8 @@ import pytest
 
 from esm3.metrics.catalog import query
 from jobs.clusters import load_profile
-from jobs.train import load_config, run_training, submit
+from jobs.train.config import load_config
+from jobs.train.submit import run_training, submit
 from tests.train.conftest import write_config
 from tests.waiting import wait_for
 

@@ -14,7 +14,7 @@ from esm3.train import checkpoint as ckpt
 from esm3.train.data import load_datasets
 from esm3.train.trainer import Sinks, train
 from jobs.config import ConfigError
-from jobs.train import check_inputs, load_config
+from jobs.train.config import check_inputs, load_config
 from tests.train.conftest import write_config
 
 
@@ -143,7 +143,7 @@ def test_inverse_folding_trains_and_generates_for_the_loader(tmp_path, train_dat
     local executor writes 3 sequences per structure, and the ESM3 loader reads them."""
     from esm3.train.data import load_dataset
     from jobs.clusters import load_profile
-    from jobs.train import submit_generation
+    from jobs.train.generate import submit_generation
 
     extra = """
 [checkpoint]

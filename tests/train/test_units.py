@@ -16,7 +16,7 @@ from esm3.train.data import BatchBuilder, batches, load_datasets, mixing_weights
 from esm3.train.optim import lr_at, scaled_peak_lr
 from esm3.train.stability import StabilityMonitor
 from jobs.config import ConfigError
-from jobs.train import check_inputs, load_config
+from jobs.train.config import check_inputs, load_config
 from tests.train.conftest import write_config
 
 
