@@ -227,7 +227,7 @@ class Trainer:
                 stage.name,
                 stats,
                 tokens_seen=p.tokens_seen,
-                tokens_by_dataset=p.tokens_by_dataset,
+                tokens_by_dataset=dict(p.tokens_by_dataset),  # a snapshot: async saves finish later
                 timing=self._timing(data_wait),
                 seq_len=batch.inputs["sequence"].shape[1],
             )
@@ -433,7 +433,7 @@ class Trainer:
             step=p.step,
             data_offset=p.data_offset,
             tokens_seen=p.tokens_seen,
-            tokens_by_dataset=p.tokens_by_dataset,
+            tokens_by_dataset=dict(p.tokens_by_dataset),  # a snapshot: async saves finish later
             stability=self.monitor.state_dict(),
             stage=stage.name,
             model=self.spec.fingerprint,

@@ -212,6 +212,10 @@ def test_metrics_and_saved_event_flushed_before_checkpoint_declared(
     assert all(last >= s and not declared for s, last, declared in seen), seen
     if not async_save:
         assert [last for _, last, _ in seen] == [2, 4, 6]
+    # each checkpoint's counts are those of its own step, even when written steps later
+    for step, path in ckpt.list_checkpoints(ck):
+        st = ckpt.read_state(path)
+        assert sum(st["tokens_by_dataset"].values()) == st["tokens_seen"], (step, st)
 
 
 def _alive(pid: int) -> bool:
