@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from esm3.metrics.catalog import query
+from tests.slurm_requeue import restore_cluster, running_again
 from tests.train.conftest import write_config
 from tests.waiting import wait_for
 
@@ -60,16 +61,6 @@ def _attempts(ws: Path, run_id: str) -> list[tuple[int, int, str]]:
     return [tuple(r) for r in df.itertuples(index=False)]
 
 
-def _running_again(job: str, env: dict[str, str]) -> bool:
-    """True once the requeued job runs again. SLURM holds a requeued job ~2 minutes
-    (BeginTime): each time it shows held, let it start now."""
-    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True,
-                         text=True, env=env).stdout  # fmt: skip
-    if "BeginTime" in out:
-        subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env)
-    return out.startswith("RUNNING")
-
-
 @pytest.mark.slurm
 def test_scancel_of_training_is_cancelled_without_a_dataloader_traceback(
     slurm_cluster, train_data, workspace
@@ -98,22 +89,23 @@ def test_downed_node_requeues_and_the_submitter_waits_to_completion(
 ):
     env = {**os.environ, **slurm_cluster.env()}
     proc = _train(workspace, train_data, env)
+    job = None
     try:
         run_id, job = _run_and_job(workspace)
         _training(workspace, run_id, 6)
-        try:
-            subprocess.run(["scontrol", "update", "nodename=node1", "state=down", "reason=test"],
-                           check=True, env=env)  # fmt: skip
-            wait_for(lambda: ("REQUEUED" in {s for a, _, s in _attempts(workspace, run_id)
-                                             if a == 0}), 60, "attempt 0 REQUEUED")  # fmt: skip
-        finally:
-            subprocess.run(["scontrol", "update", "nodename=node1", "state=resume"], env=env)
+        subprocess.run(["scontrol", "update", "nodename=node1", "state=down", "reason=test"],
+                       check=True, env=env)  # fmt: skip
+        wait_for(lambda: [s for a, _, s in _attempts(workspace, run_id) if a == 0]
+                 == ["REQUEUED", "REQUEUED"], 60, "both ranks of attempt 0 REQUEUED")  # fmt: skip
+        restore_cluster(slurm_cluster, env, None)  # node1 back: slurmd never stopped
         assert proc.poll() is None, "the submitter gave up on a requeued job"
-        wait_for(lambda: _running_again(job, env), 90, f"job {job} running again", interval=1)
+        wait_for(lambda: running_again(job, env), 180, f"job {job} running again", interval=1)
         out, err = proc.communicate(timeout=240)
+        job = None  # finished: nothing to cancel
     finally:
         if proc.poll() is None:
             proc.kill()
+        restore_cluster(slurm_cluster, env, job)
     assert proc.returncode == 0, err
     assert "COMPLETED" in _one(workspace, "SELECT status FROM runs WHERE run_id = ?", [run_id])
     states = _attempts(workspace, run_id)
@@ -161,18 +153,22 @@ def test_killed_attempt_then_requeued_is_not_completed(slurm_cluster, train_data
         r = subprocess.run(["scontrol", "requeue", job], capture_output=True, env=env)
         return r.returncode == 0
 
-    wait_for(requeued, 60, f"scontrol requeue {job} accepted", interval=1)
-    wait_for(lambda: _running_again(job, env), 90, f"job {job} running again", interval=1)
-    status = [sys.executable, "-m", "jobs.cli", "status", run_id, "-w", str(workspace)]
-    wait_for(
-        lambda: (
-            subprocess.run(status, env=env, capture_output=True).returncode == 0
-            and _one(workspace, "SELECT status FROM runs WHERE run_id = ?", [run_id]) == "COMPLETED"
-        ),
-        240,
-        f"run {run_id} COMPLETED by its requeued attempt",
-        interval=2,
-    )
+    try:
+        wait_for(requeued, 60, f"scontrol requeue {job} accepted", interval=1)
+        wait_for(lambda: running_again(job, env), 180, f"job {job} running again", interval=1)
+        status = [sys.executable, "-m", "jobs.cli", "status", run_id, "-w", str(workspace)]
+        wait_for(
+            lambda: (
+                subprocess.run(status, env=env, capture_output=True).returncode == 0
+                and _one(workspace, "SELECT status FROM runs WHERE run_id = ?", [run_id])
+                == "COMPLETED"
+            ),
+            240,
+            f"run {run_id} COMPLETED by its requeued attempt",
+            interval=2,
+        )
+    finally:
+        restore_cluster(slurm_cluster, env, job)
     states = _attempts(workspace, run_id)
     assert [s for a, _, s in states if a == 1] == ["COMPLETED", "COMPLETED"], states
     killed = [s for a, _, s in states if a == 0]

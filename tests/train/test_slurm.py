@@ -11,6 +11,7 @@ from esm3.metrics.catalog import query
 from jobs.clusters import load_profile
 from jobs.train.config import load_config
 from jobs.train.submit import run_training, submit
+from tests.slurm_requeue import restore_cluster, running_again
 from tests.train.conftest import write_config
 from tests.waiting import wait_for
 
@@ -88,19 +89,17 @@ def test_preempted_run_requeues_resumes_and_matches(reference, slurm_cluster, tm
     # the scheduler's preemption / time-limit signal, to every rank
     subprocess.run(["scancel", "--signal=USR2", job], check=True, env=env)
 
-    # SLURM holds a requeued job ~2 minutes (credential expiry); let it start at once
-    def held_or_restarted() -> str:
-        held = subprocess.run(
-            ["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True, text=True, env=env
-        ).stdout
-        if "BeginTime" in held:
-            return "held"
-        restarted = query(ws, "SELECT 1 FROM jobs WHERE run_id = ? AND attempt > 0", [run_id])
-        return "restarted" if len(restarted) else ""
+    # SLURM holds a requeued job ~2 minutes (credential expiry); let it start as soon as
+    # its old attempt is gone, unless it restarted already
+    def restarted() -> bool:  # the new attempt has recorded itself
+        running_again(job, env)  # releases the hold once the old attempt is gone
+        return bool(len(query(ws, "SELECT 1 FROM jobs WHERE run_id = ? AND attempt > 0", [run_id])))
 
-    seen = wait_for(held_or_restarted, 300, f"job {job} requeued", interval=1)
-    if seen == "held":
-        subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env)
+    try:
+        wait_for(restarted, 300, f"job {job} requeued and running again", interval=1)
+    except BaseException:
+        restore_cluster(slurm_cluster, env, job)
+        raise
     (per_rank,) = sub.wait(timeout_s=400)
     assert per_rank[0]["resumed_from"] is not None and per_rank[0]["resumed_from"] >= 1
     jobs = query(
