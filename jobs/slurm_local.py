@@ -246,7 +246,8 @@ def _down_marker(root: Path) -> Path:
 
 
 def _resume_ours(c: LocalCluster, info: dict[str, tuple[str, str]]) -> list[str]:
-    """Resume the nodes that our own earlier `down` left out of service; returns them."""
+    """Ask slurmctld to resume the nodes that our own earlier `down` left out of service;
+    returns the nodes asked."""
     if not _down_marker(c.root).exists():
         return []  # no down of ours before: a drained node is someone's decision
     done = []
@@ -260,9 +261,12 @@ def _resume_ours(c: LocalCluster, info: dict[str, tuple[str, str]]) -> list[str]
                 text=True,
                 timeout=15,
             )
-            if proc.returncode == 0:
-                log.info("resumed %s (%s: %s, left by the last `slurm down`)", n, state, reason)
-                done.append(n)
+            # before the node's slurmd has registered again slurmctld may answer "Invalid
+            # node state specified" and still clear the drain: `up` asks again while the
+            # node stays out of service, and counts it resumed once it is back
+            log.info("resuming %s (%s: %s, left by the last `slurm down`)%s", n, state, reason,
+                     "" if proc.returncode == 0 else f"; slurmctld said: {proc.stderr.strip()}")  # fmt: skip
+            done.append(n)
     return done
 
 
@@ -295,7 +299,7 @@ def up(
     resumed: list[str] = []
     while time.monotonic() < deadline:
         info = node_info(c)
-        resumed += _resume_ours(c, {n: v for n, v in info.items() if n not in resumed})
+        resumed += [n for n in _resume_ours(c, info) if n not in resumed]
         if info and all(
             info.get(n, ("",))[0] in ("idle", "mixed", "allocated") for n in c.node_names
         ):
