@@ -192,6 +192,7 @@ def _require_datasets(cfg: PreprocessConfig, kinds: set[str]) -> None:
 
 def _plan(ws, run_id, cfg, inputs, lay, kinds):  # type: ignore[no-untyped-def]
     from jobs.stages.sequences import plan_sequences
+    from jobs.stages.stores import plan_stores
     from jobs.stages.structures import plan_interpro, plan_structures
 
     stages = []
@@ -202,21 +203,36 @@ def _plan(ws, run_id, cfg, inputs, lay, kinds):  # type: ignore[no-untyped-def]
                                   tokens="tokens" in kinds)  # fmt: skip
     elif "interpro" in kinds:
         stages += plan_interpro(ws, run_id, cfg, inputs, lay)[0]
+    outputs = _outputs(cfg, inputs, lay, kinds, tokens="tokens" in kinds or lay.codebook.exists())
+    if outputs:  # the last stage: each dataset's training store
+        stages += plan_stores(ws, run_id, cfg, outputs, lay, [s.name for s in stages])
     return stages
 
 
-def _write_manifest(cfg, inputs, lay, kinds, run_id) -> None:  # type: ignore[no-untyped-def]
-    """What the training loader reads: shards and clusters per dataset, codebook, labels."""
-    from jobs.stages.runner import write_text_atomic
+def _outputs(cfg, inputs, lay, kinds, *, tokens: bool) -> dict:  # type: ignore[no-untyped-def]
+    """The final shards and clusters of each dataset the pipeline writes (manifest entries)."""
     from jobs.stages.sequences import sequence_outputs
     from jobs.stages.structures import structure_outputs
 
+    out = {}
+    if "sequences" in kinds:
+        out.update(sequence_outputs(cfg, inputs.datasets, lay))
+    if kinds & {"structures", "tokens"}:
+        out.update(structure_outputs(cfg, inputs, lay, tokens=tokens))
+    return out
+
+
+def _write_manifest(cfg, inputs, lay, kinds, run_id) -> None:  # type: ignore[no-untyped-def]
+    """What training reads: each dataset's store (and the shards and clusters it was written
+    from), the validation set, codebook, labels."""
+    from jobs.stages.runner import write_text_atomic
+
     old = json.loads(lay.manifest.read_text()) if lay.manifest.exists() else {}
     datasets = dict(old.get("datasets", {}))
-    if "sequences" in kinds:
-        datasets.update(sequence_outputs(cfg, inputs.datasets, lay))
-    if kinds & {"structures", "tokens"}:
-        datasets.update(structure_outputs(cfg, inputs, lay, tokens=lay.codebook.exists()))
+    datasets.update(_outputs(cfg, inputs, lay, kinds, tokens=lay.codebook.exists()))
+    for name, entry in datasets.items():  # the training store each dataset's last stage wrote
+        store = lay.store(name)
+        entry["store"] = str(store) if (store / "store.json").exists() else None
     manifest = {
         "config": cfg.name,
         "run_id": run_id,
@@ -259,6 +275,14 @@ def summarize(ws: Path, run_id: str, results: dict[str, list[Any]], lay: Any) ->
                      f"kept, {_sum(r, 'rejected')} rejected")  # fmt: skip
     if "tokenize" in results:
         lines.append(f"  tokens: {_sum(results['tokenize'], 'tokens')} structure tokens")
+    for r in results.get("store", []):
+        if isinstance(r, dict):
+            done = (
+                "unchanged"
+                if r.get("skipped")
+                else f"{r['records']} records, {r['centers']} centers"
+            )
+            lines.append(f"  store {r['dataset']}: {done} ({r['store']})")
     rej = query(ws, "SELECT stage, reason, count(*) AS n FROM rejects WHERE run_id = ? "
                 "GROUP BY ALL ORDER BY stage, n DESC", [run_id])  # fmt: skip
     if len(rej):

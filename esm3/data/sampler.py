@@ -24,12 +24,13 @@ STATE_VERSION = 1
 class ClusterIndex:
     """Members grouped by center, in CSR form.
 
-    members: member ids, shape (M,); centers: center ids, shape (C,);
-    offsets: int64, shape (C + 1,): the members of center c are members[offsets[c]:offsets[c+1]].
+    offsets: int64, shape (C + 1,): the members of center c are members[offsets[c]:offsets[c+1]];
+    members: member ids, shape (M,); centers: center ids, shape (C,). A training store's index
+    has offsets only (memory-mapped; its members are record rows, see esm3.data.store).
     """
 
-    members: pa.Array
-    centers: pa.Array
+    members: pa.Array | None
+    centers: pa.Array | None
     offsets: np.ndarray
 
     @classmethod
@@ -61,7 +62,7 @@ class ClusterIndex:
         return np.diff(self.offsets)
 
     def __len__(self) -> int:
-        return len(self.centers)
+        return len(self.offsets) - 1
 
 
 @dataclass(frozen=True)
@@ -104,16 +105,9 @@ class TwoLevelSampler:
         self._cum = np.cumsum(self.weights)
         self._cum[-1] = 1.0
         self.indexes = [datasets[n] for n in self.names]
-        sizes = np.array([len(ix) for ix in self.indexes], dtype=np.int64)
-        # global CSR over all datasets: center k of dataset d is global center base[d] + k
-        self._ncent = sizes
-        self._base = np.concatenate(([0], np.cumsum(sizes)[:-1]))
-        member_base = np.concatenate(([0], np.cumsum([ix.offsets[-1] for ix in self.indexes])[:-1]))
-        self._offsets = np.concatenate(
-            [ix.offsets[:-1] + mb for ix, mb in zip(self.indexes, member_base, strict=True)]
-            + [[member_base[-1] + self.indexes[-1].offsets[-1]]]
-        ).astype(np.int64)
-        self._member_base = member_base.astype(np.int64)
+        # each dataset's offsets are used where they are (memory-mapped in a training store):
+        # nothing here grows with the number of centers
+        self._ncent = np.array([len(ix) for ix in self.indexes], dtype=np.int64)
         self.seed, self.rank, self.step = int(seed), int(rank), int(step)
 
     def _rng(self, step: int) -> np.random.Generator:
@@ -127,11 +121,14 @@ class TwoLevelSampler:
         np.minimum(ds, len(self.names) - 1, out=ds)
         ncent = self._ncent[ds]
         center = np.minimum((u[1] * ncent).astype(np.int64), ncent - 1)
-        g = self._base[ds] + center
-        start = self._offsets[g]
-        size = self._offsets[g + 1] - start
-        member = start + np.minimum((u[2] * size).astype(np.int64), size - 1)
-        return Samples(ds, center, member - self._member_base[ds], self.names)
+        member = np.zeros(n, dtype=np.int64)
+        for d, ix in enumerate(self.indexes):
+            sel = np.flatnonzero(ds == d)
+            if len(sel):
+                start = np.asarray(ix.offsets[center[sel]], dtype=np.int64)
+                size = np.asarray(ix.offsets[center[sel] + 1], dtype=np.int64) - start
+                member[sel] = start + np.minimum((u[2][sel] * size).astype(np.int64), size - 1)
+        return Samples(ds, center, member, self.names)
 
     def sample(self, n: int) -> Samples:
         """The draws of the current step; then advance the step."""

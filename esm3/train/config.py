@@ -87,16 +87,18 @@ class ModelSection:
 
 @dataclass
 class DatasetSpec:
-    """One training dataset: Parquet shards of records, optional cluster files.
+    """One training dataset: a preprocessing store, or Parquet shards of records.
 
-    shards / clusters / inverse_folded are paths or globs; relative ones are under the
-    workspace's `data/` folder. clusters: Parquet (center, member) from the sequence
-    pipeline's expansion; empty: every record is its own cluster. inverse_folded: Parquet
-    (id, sequence) of sequences generated for this dataset's structures.
+    source: "<preprocess config>:<dataset>", the training store that preprocessing wrote
+    (found through its manifest). Otherwise shards / clusters (paths or globs; relative ones
+    under the workspace's `data/` folder), converted into a store on first use. clusters:
+    Parquet (center, member); empty: every record is its own cluster. inverse_folded:
+    Parquet (id, sequence) of sequences generated for this dataset's structures.
     """
 
     name: str = ""
     type: Literal["sequence", "structure"] = "sequence"
+    source: str = ""
     shards: list[str] = field(default_factory=list)
     clusters: list[str] = field(default_factory=list)
     weight: float = 1.0
@@ -248,9 +250,15 @@ class TrainConfig:
         if len(set(names)) != len(names) or not all(names):
             raise _bad("data.datasets", f"dataset names must be unique and non-empty: {names}")
         for i, ds in enumerate(d.datasets):
-            if not ds.shards:
-                raise _bad(f"data.datasets[{i}].shards", f"dataset {ds.name!r} lists no shards")
-            _at_least(f"data.datasets[{i}].weight", ds.weight, 0)
+            key = f"data.datasets[{i}]"
+            if bool(ds.source) == bool(ds.shards):
+                raise _bad(f"{key}.source", f"dataset {ds.name!r}: set exactly one of source "
+                           "('<preprocess config>:<dataset>') and shards (globs)")  # fmt: skip
+            if ds.source and (ds.source.count(":") != 1 or not all(ds.source.split(":"))):
+                raise _bad(f"{key}.source", f"{ds.source!r} is not '<preprocess config>:<dataset>'")
+            if ds.source and ds.clusters:
+                raise _bad(f"{key}.clusters", "a source's store has its clusters; drop the key")
+            _at_least(f"{key}.weight", ds.weight, 0)
         _at_least("data.batch_size", d.batch_size, 1)
         _at_least("data.workers", d.workers, 0)
         _at_least("data.prefetch", d.prefetch, 1)  # 0 would be an unbounded queue

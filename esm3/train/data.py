@@ -7,13 +7,12 @@ sample). So any rank can build any step's batch in any worker process, a resumed
 exactly what the uninterrupted one would, and skipping batches (rollback) is just a larger
 data index. The loader's state is (step, data offset).
 
-Records are held per dataset as Arrow tables in memory (columns needed for training only);
-worker processes share them copy-on-write after fork.
+Records come from each dataset's training store (esm3.data.store), memory-mapped in the
+rank and shared by its forked workers: resident memory follows the records touched.
 """
 
 from __future__ import annotations
 
-import glob
 import math
 import signal
 from collections.abc import Iterator
@@ -22,140 +21,103 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from esm3.data.sampler import ClusterIndex, TwoLevelSampler
+from esm3.data.store import Store, StoreError, open_store
 from esm3.tasks.batching import collate, pack_rows
 from esm3.tasks.corrupt import corrupt, inverse_folding_corrupt
 from esm3.tasks.sample import Protein
 from esm3.train.config import DatasetSpec, StageConfig, TrainConfig
 from esm3.train.faults import inject_faults
+from esm3.train.stores import DataError, resolve_paths, store_path
 
-RECORD_COLUMNS = (
-    "id",
-    "dataset",
-    "sequence",
-    "length",
-    "coords",
-    "plddt",
-    "sasa",
-    "ss8",
-    "structure_tokens",
-    "annotations",
-    "residue_annotations",
-)
-
-
-class DataError(ValueError):
-    """Training data that cannot be used; the message names the dataset and file."""
-
-
-def resolve_paths(patterns: list[str], root: str | Path, what: str) -> list[Path]:
-    """Files matching `patterns` (globs; relative ones under `root`), sorted; DataError when
-    a pattern matches nothing."""
-    out: list[Path] = []
-    for pat in patterns:
-        full = pat if Path(pat).is_absolute() else str(Path(root) / pat)
-        hits = sorted(glob.glob(full, recursive=True))
-        if not hits:
-            raise DataError(f"{what}: no file matches {full!r}")
-        out += [Path(h) for h in hits]
-    return list(dict.fromkeys(out))
+__all__ = ["DataError", "Dataset", "load_dataset", "load_datasets", "resolve_paths"]
 
 
 @dataclass
 class Dataset:
-    """One dataset's records and clusters.
+    """One dataset: its training store (memory-mapped) and the sampling index over it.
 
-    member_rows: int64 (M,), the record row of each member of `clusters` (same order).
-    generated: record id -> sequences generated for its structure (inverse folding).
+    clusters: the index's centers (offsets only); member_rows: int64 (M,), the record row of
+    each member. Both are the store's mapped arrays unless the run keeps a subset
+    (data.max_records, or inverse folding's structures with coordinates).
     """
 
     name: str
     type: str
-    records: pa.Table
+    store: Store
     clusters: ClusterIndex
     member_rows: np.ndarray
-    generated: dict[str, list[str]] = field(default_factory=dict)
     dropped_members: int = 0  # cluster members without a record (e.g. purged)
 
     def protein(self, row: int) -> Protein:
-        rec = {k: v[0] for k, v in self.records.slice(row, 1).to_pydict().items()}
+        rec = self.store.record(row)
         rec["dataset"] = self.name
         return Protein.from_record(rec)
 
+    def generated(self, row: int) -> list[str]:
+        """Sequences generated for the structure of record `row` (inverse folding)."""
+        return self.store.generated(row)
+
     def __len__(self) -> int:
-        return self.records.num_rows
+        return len(self.store)
 
 
-def _read_records(files: list[Path], name: str, max_records: int) -> pa.Table:
-    tables = []
-    n = 0
-    for f in files:
-        try:
-            schema = pq.read_schema(f)
-            cols = [c for c in RECORD_COLUMNS if c in schema.names]
-            if "id" not in cols or "sequence" not in cols:
-                raise DataError(f"dataset {name!r}: {f} has no 'id' and 'sequence' columns")
-            t = pq.read_table(f, columns=cols)
-        except DataError:
-            raise
-        except Exception as e:  # noqa: BLE001 - pyarrow's many error types
-            raise DataError(f"dataset {name!r}: {f} is not a readable Parquet shard ({e})") from e
-        tables.append(t)
-        n += t.num_rows
-        if max_records and n >= max_records:
-            break
-    table = pa.concat_tables(tables, promote_options="permissive")
-    if max_records:
-        table = table.slice(0, max_records)
-    if table.num_rows == 0:
-        raise DataError(f"dataset {name!r}: the shards hold no records ({files[0]} ...)")
-    return table
+def subset_index(
+    offsets: np.ndarray, member_rows: np.ndarray, keep_row: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The index without members whose row fails `keep_row` (bool per record row); centers
+    left empty go too. In memory: for small runs and the structure subset of inverse folding."""
+    keep = keep_row[member_rows]
+    counts = np.add.reduceat(keep.astype(np.int64), np.asarray(offsets[:-1]))
+    counts[np.diff(offsets) == 0] = 0
+    counts = counts[counts > 0]
+    return np.concatenate(([0], np.cumsum(counts))).astype(np.int64), np.asarray(member_rows)[keep]
+
+
+def _rows_with_coords(store: Store) -> np.ndarray:
+    return np.concatenate(
+        [c.is_valid().to_numpy(zero_copy_only=False) for c in store.column("coords")]
+    )
 
 
 def load_dataset(
     spec: DatasetSpec, root: str | Path, *, max_records: int = 0, need_coords: bool = False
 ) -> Dataset:
-    """Read one dataset's shards, clusters and generated sequences.
+    """Open one dataset's store (writing an ad-hoc one first; see esm3.train.stores).
 
-    Cluster members without a record are dropped (counted); a center left without
-    members goes with them. need_coords keeps only records with coordinates (inverse folding).
+    max_records keeps the first N records; need_coords keeps only records with coordinates
+    (inverse folding); centers left without members go with them.
     """
-    files = resolve_paths(spec.shards, root, f"dataset {spec.name!r} shards")
-    records = _read_records(files, spec.name, max_records)
-    if need_coords:
-        if "coords" not in records.column_names:
-            raise DataError(f"dataset {spec.name!r}: no 'coords' column ({files[0]})")
-        records = records.filter(pc.is_valid(records.column("coords")))
-        if records.num_rows == 0:
-            raise DataError(f"dataset {spec.name!r}: no record has coordinates")
-    ids = records.column("id").combine_chunks()
-    if spec.clusters:
-        cfiles = resolve_paths(spec.clusters, root, f"dataset {spec.name!r} clusters")
-        ctab = pa.concat_tables(pq.read_table(f, columns=["center", "member"]) for f in cfiles)
-    else:
-        ctab = pa.table({"center": ids, "member": ids})
-    rows = pc.index_in(ctab.column("member"), value_set=ids)
-    keep = pc.is_valid(rows)
-    dropped = int(ctab.num_rows - pc.sum(keep).as_py()) if ctab.num_rows else 0
-    ctab = ctab.filter(keep)
-    if ctab.num_rows == 0:
-        raise DataError(f"dataset {spec.name!r}: no cluster member has a record in the shards")
-    index = ClusterIndex.from_table(ctab)
-    member_rows = pc.index_in(index.members, value_set=ids).to_numpy().astype(np.int64)
-    generated: dict[str, list[str]] = {}
-    if spec.inverse_folded:
-        gfiles = resolve_paths(spec.inverse_folded, root, f"dataset {spec.name!r} inverse_folded")
-        g = pa.concat_tables(pq.read_table(f, columns=["id", "sequence"]) for f in gfiles)
-        for rid, seq in zip(
-            g.column("id").to_pylist(), g.column("sequence").to_pylist(), strict=True
-        ):
-            generated.setdefault(rid, []).append(seq)
-    return Dataset(spec.name, spec.type, records, index, member_rows, generated, dropped)
+    path = store_path(spec, root)
+    try:
+        store = open_store(path)
+    except StoreError as e:
+        raise DataError(f"dataset {spec.name!r}: {e}") from e
+    offsets, rows = store.center_offsets, store.member_rows
+    keep = None
+    if max_records and max_records < len(store):
+        keep = np.arange(len(store)) < max_records
+    if need_coords and store.meta["rows_without_coords"]:
+        if "coords" not in store.meta["columns"]:
+            raise DataError(f"dataset {spec.name!r}: no 'coords' column ({path})")
+        has = _rows_with_coords(store)
+        keep = has if keep is None else keep & has
+    if keep is not None:
+        offsets, rows = subset_index(offsets, rows, keep)
+        if len(rows) == 0:
+            what = "record has coordinates" if need_coords else "cluster member is kept"
+            raise DataError(f"dataset {spec.name!r}: no {what} ({path})")
+    return Dataset(
+        spec.name,
+        store.type,
+        store,
+        ClusterIndex(None, None, offsets),
+        rows,
+        int(store.meta["dropped_members"]),
+    )
 
 
 def load_datasets(cfg: TrainConfig, root: str | Path) -> dict[str, Dataset]:
@@ -266,7 +228,7 @@ class BatchBuilder:
             row = int(ds.member_rows[int(draws.member[i])])
             rng = np.random.default_rng([self.cfg.seed, data_step, self.rank, i])
             p = ds.protein(row)
-            gen = ds.generated.get(p.id)
+            gen = ds.generated(row)
             if gen and rng.random() < self.cfg.data.inverse_folding_prob:
                 seq = gen[int(rng.integers(len(gen)))]
                 if len(seq) == len(p):
@@ -394,9 +356,9 @@ class BatchSource:
 
 
 def estimate_tokens(datasets: dict[str, Dataset]) -> dict[str, float]:
-    """Mean sample length (residues + 2) per dataset, for planning."""
+    """Mean sample length (residues + 2) per dataset, for planning (reads every sequence)."""
     out = {}
     for n, d in datasets.items():
-        lens = pc.utf8_length(d.records.column("sequence")).to_numpy()
-        out[n] = float(np.mean(lens) + 2) if len(lens) else math.nan
+        total = sum(pc.sum(pc.utf8_length(c)).as_py() or 0 for c in d.store.column("sequence"))
+        out[n] = total / len(d) + 2 if len(d) else math.nan
     return out

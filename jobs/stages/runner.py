@@ -145,6 +145,10 @@ class Layout:
     def final_clusters(self, dataset: str) -> Path:
         return self.clusters(dataset) / "final.parquet"
 
+    def store(self, dataset: str) -> Path:
+        """The dataset's training store (esm3.data.store), the pipeline's last output."""
+        return self.root / "stores" / dataset
+
     @property
     def validation(self) -> Path:
         return self.root / "sequences" / "validation.parquet"

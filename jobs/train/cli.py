@@ -55,7 +55,7 @@ def entry(args: argparse.Namespace) -> int:
     ws = wsp.prepare(args.workspace)
     if args.dry_run:
         world = (res.nodes or 1) * (res.tasks_per_node or 1)
-        facts = check_inputs(cfg, ws, world, profile, res.tasks_per_node or 1)
+        facts = check_inputs(cfg, ws, world, profile, res.tasks_per_node or 1, build_stores=False)
         print(json.dumps(config_dict(cfg), indent=1, default=str))
         print(
             f"# {facts['param_count']:,} parameters; world size {world}; records {facts['records']}"

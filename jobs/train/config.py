@@ -58,16 +58,22 @@ def check_inputs(
     world_size: int,
     profile: ClusterProfile | None = None,
     tasks_per_node: int = 1,
+    *,
+    build_stores: bool = True,
 ) -> dict[str, Any]:
     """Everything checkable before submission; one-line ConfigError naming the problem.
 
+    Data: each dataset's store is found through manifests and checked from its store.json
+    (present, every file at its written size, this format version): no record is read. An
+    ad-hoc dataset (globs) is converted into its store here unless `build_stores` is false
+    (--dry-run: it then reports the store as still to be built).
     With a profile, a step must also fit the memory one rank gets there.
     Returns facts for the run record: param_count, per-dataset record counts.
     """
     from esm3.model.config import param_count
     from esm3.train import checkpoint as ckpt
     from esm3.train.config import TrainConfigError
-    from esm3.train.data import DataError, load_datasets
+    from esm3.train.stores import DataError, store_meta
 
     try:
         cfg.validate()
@@ -76,8 +82,11 @@ def check_inputs(
         raise ConfigError(str(e)) from e
     if profile is not None:
         check_memory(cfg, profile, world_size, tasks_per_node)
+    records: dict[str, int | None] = {}
     try:
-        datasets = load_datasets(cfg, data_root(ws))
+        for spec in cfg.data.datasets:
+            meta = store_meta(spec, data_root(ws), build=build_stores)
+            records[spec.name] = None if meta is None else int(meta["rows"])
     except DataError as e:
         raise ConfigError(f"config key 'data.datasets': {e}") from e
     mcfg = cfg.model_config()
@@ -89,7 +98,7 @@ def check_inputs(
             raise ConfigError(f"config key 'checkpoint.init_from': {e}") from e
     return {
         "param_count": param_count(mcfg),
-        "records": {n: len(d) for n, d in datasets.items()},
+        "records": records,
     }
 
 

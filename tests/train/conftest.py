@@ -18,6 +18,12 @@ def train_data(tmp_path_factory) -> Path:
     return root
 
 
+def data_root(cfg) -> Path:
+    """The data folder of a config written by `write_config` (shards at <root>/real/<kind>/):
+    where the loader writes the ad-hoc stores of its globbed datasets."""
+    return Path(cfg.data.datasets[0].shards[0]).parents[2]
+
+
 def write_config(path: Path, data_root: Path, extra: str = "", **sections: str) -> Path:
     """A tiny-model TOML over the session's real shards; `extra` is appended verbatim."""
     text = f"""

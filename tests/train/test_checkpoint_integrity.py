@@ -22,7 +22,7 @@ from esm3.train import checkpoint as ckpt
 from esm3.train.data import load_datasets
 from esm3.train.trainer import Sinks, build_model, train
 from jobs.train.config import load_config
-from tests.train.conftest import write_config
+from tests.train.conftest import data_root, write_config
 from tests.waiting import wait_for
 
 ONE_STAGE = """
@@ -53,7 +53,7 @@ def _run(cfg, ckdir, *, stop_after=None, max_steps=None, flush=None):
     sinks = Sinks(rows.append, events.append, flush or (lambda: None))
     res = train(
         cfg,
-        load_datasets(cfg, "/"),
+        load_datasets(cfg, data_root(cfg)),
         run_id="t",
         ckpt_dir=ckdir,
         sinks=sinks,
@@ -201,7 +201,7 @@ def test_metrics_and_saved_event_flushed_before_checkpoint_declared(
     rows, events = [], []
     res = train(
         cfg,
-        load_datasets(cfg, "/"),
+        load_datasets(cfg, data_root(cfg)),
         run_id="t",
         ckpt_dir=ck,
         sinks=Sinks(rows.append, events.append, flush),

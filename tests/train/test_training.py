@@ -36,7 +36,7 @@ def _run(cfg, data_root, ckdir, stop_after=None):
 
     res = train(
         cfg,
-        load_datasets(cfg, "/"),
+        load_datasets(cfg, data_root),
         run_id="t",
         ckpt_dir=ckdir,
         sinks=Sinks(rows.append, events.append),
@@ -188,5 +188,5 @@ tracks = ["sequence", "coords"]
     assert all(set(g["sequence"]) <= set("ACDEFGHIKLMNPQRSTVWY") for g in gen)
     spec = data_cfg.data.datasets[0]
     spec.inverse_folded = [summary["out"]]
-    ds = load_dataset(spec, "/")
-    assert sum(len(v) for v in ds.generated.values()) == 3 * 17
+    ds = load_dataset(spec, train_data)
+    assert sum(len(ds.generated(r)) for r in range(len(ds))) == 3 * 17

@@ -17,7 +17,7 @@ from esm3.train.optim import lr_at, scaled_peak_lr
 from esm3.train.stability import StabilityMonitor
 from jobs.config import ConfigError
 from jobs.train.config import check_inputs, load_config
-from tests.train.conftest import write_config
+from tests.train.conftest import data_root, write_config
 
 
 def test_lr_schedule_closed_form():
@@ -97,7 +97,7 @@ def test_bad_inputs_are_one_line_errors_before_training(tmp_path, train_data, wo
 
 def test_each_rank_draws_its_own_deterministic_stream(tmp_path, train_data):
     cfg = load_config(write_config(tmp_path / "c.toml", train_data))
-    ds = load_datasets(cfg, "/")
+    ds = load_datasets(cfg, data_root(cfg))
     b0 = BatchBuilder(cfg, ds, rank=0, per_rank=2)
     b1 = BatchBuilder(cfg, ds, rank=1, per_rank=2)
     x, y = b0.build(4, 4), BatchBuilder(cfg, ds, rank=0, per_rank=2).build(4, 4)
@@ -135,7 +135,7 @@ def test_inverse_folding_50_50_rule(tmp_path, train_data):
         ["data.structure_weight=1.0", "data.sequence_weight=0.0"],
     )
     cfg.data.datasets[1].inverse_folded = [str(tmp_path / "gen.parquet")]
-    ds = load_datasets(cfg, "/")
+    ds = load_datasets(cfg, data_root(cfg))
     b = BatchBuilder(cfg, ds, rank=0, per_rank=50)
     original = dict(zip(t["id"].to_pylist(), t["sequence"].to_pylist(), strict=True))
     swapped = n = 0
