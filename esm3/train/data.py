@@ -91,27 +91,34 @@ def load_dataset(
     max_records keeps the first N records; need_coords keeps only records with coordinates
     (inverse folding); centers left without members go with them.
     """
-    path = store_path(spec, root)
+    return open_dataset(spec.name, store_path(spec, root), max_records=max_records,
+                        need_coords=need_coords)  # fmt: skip
+
+
+def open_dataset(
+    name: str, path: str | Path, *, max_records: int = 0, need_coords: bool = False
+) -> Dataset:
+    """The Dataset of the store at `path` (see load_dataset)."""
     try:
         store = open_store(path)
     except StoreError as e:
-        raise DataError(f"dataset {spec.name!r}: {e}") from e
+        raise DataError(f"dataset {name!r}: {e}") from e
     offsets, rows = store.center_offsets, store.member_rows
     keep = None
     if max_records and max_records < len(store):
         keep = np.arange(len(store)) < max_records
     if need_coords and store.meta["rows_without_coords"]:
         if "coords" not in store.meta["columns"]:
-            raise DataError(f"dataset {spec.name!r}: no 'coords' column ({path})")
+            raise DataError(f"dataset {name!r}: no 'coords' column ({path})")
         has = _rows_with_coords(store)
         keep = has if keep is None else keep & has
     if keep is not None:
         offsets, rows = subset_index(offsets, rows, keep)
         if len(rows) == 0:
             what = "record has coordinates" if need_coords else "cluster member is kept"
-            raise DataError(f"dataset {spec.name!r}: no {what} ({path})")
+            raise DataError(f"dataset {name!r}: no {what} ({path})")
     return Dataset(
-        spec.name,
+        name,
         store.type,
         store,
         ClusterIndex(None, None, offsets),
