@@ -44,7 +44,9 @@ def manifest_path(root: str | Path, config: str) -> Path:
     return Path(root) / "preprocess" / config / "manifest.json"
 
 
-def manifest_entry(spec: DatasetSpec, root: str | Path) -> dict[str, Any]:
+def manifest_entry(
+    spec: DatasetSpec, root: str | Path, *, need_store: bool = True
+) -> dict[str, Any]:
     """The manifest's entry for a dataset named by `source`."""
     config, _, name = spec.source.partition(":")
     where = f"dataset {spec.name!r} (source {spec.source!r})"
@@ -62,7 +64,7 @@ def manifest_entry(spec: DatasetSpec, root: str | Path) -> dict[str, Any]:
     if entry is None:
         have = ", ".join(sorted(manifest.get("datasets", {}))) or "none"
         raise DataError(f"{where}: manifest {path} has no dataset {name!r} (it has: {have})")
-    if not entry.get("store"):
+    if need_store and not entry.get("store"):
         raise DataError(
             f"{where}: manifest {path} names no store for {name!r}; re-run the preprocessing "
             "(its last stage writes the stores)"
@@ -70,16 +72,22 @@ def manifest_entry(spec: DatasetSpec, root: str | Path) -> dict[str, Any]:
     return entry
 
 
+def record_files(spec: DatasetSpec, root: str | Path) -> tuple[list[Path], list[Path]]:
+    """A dataset's record shards and cluster files (its manifest's, or its globs')."""
+    if spec.source:
+        entry = manifest_entry(spec, root, need_store=False)
+        clusters = [Path(entry["clusters"])] if entry.get("clusters") else []
+        return [Path(p) for p in entry["shards"]], clusters
+    what = f"dataset {spec.name!r}"
+    records = resolve_paths(spec.shards, root, f"{what} shards")
+    clusters = resolve_paths(spec.clusters, root, f"{what} clusters") if spec.clusters else []
+    return records, clusters
+
+
 def adhoc_sources(spec: DatasetSpec, root: str | Path) -> StoreSources:
     """The files an ad-hoc store is written from."""
     what = f"dataset {spec.name!r}"
-    if spec.source:
-        entry = manifest_entry(spec, root)
-        records = [Path(p) for p in entry["shards"]]
-        clusters = [Path(entry["clusters"])] if entry.get("clusters") else []
-    else:
-        records = resolve_paths(spec.shards, root, f"{what} shards")
-        clusters = resolve_paths(spec.clusters, root, f"{what} clusters") if spec.clusters else []
+    records, clusters = record_files(spec, root)
     generated = (
         resolve_paths(spec.inverse_folded, root, f"{what} inverse_folded")
         if spec.inverse_folded

@@ -53,8 +53,8 @@ def submit_generation(
     """An array job, one task per structure shard of the config's datasets: generated
     sequences (5 per AFDB/ESMAtlas structure, 64 per PDB structure by default) under
     `<workspace>/data/<out_dir>/<dataset>/`, where the ESM3 configs' `inverse_folded` read."""
-    from esm3.train.data import DataError, resolve_paths
     from esm3.train.inverse_folding import DEFAULT_PER_STRUCTURE
+    from esm3.train.stores import DataError, record_files
 
     counts = {**DEFAULT_PER_STRUCTURE, **(per_structure or {})}
     check_ready(profile)
@@ -63,7 +63,7 @@ def submit_generation(
         if d.type != "structure":
             continue
         try:
-            shards = resolve_paths(d.shards, data_root(ws), f"dataset {d.name!r} shards")
+            shards, _ = record_files(d, data_root(ws))
         except DataError as e:
             raise ConfigError(str(e)) from e
         n = counts.get(d.name, counts.get("pdb", 64))
