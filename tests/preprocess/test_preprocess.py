@@ -152,6 +152,29 @@ def test_local_run_completes_every_stage_and_records_its_jobs(reference):
     assert tasks["tokenize"] == 4 and tasks["codebook"] == 1 and tasks["derive"] == 1
 
 
+def test_every_dataset_gets_a_training_store_named_by_the_manifest(reference):
+    """The last stage writes each dataset's store from the shards and clusters the manifest
+    lists; training opens it by `config:dataset`."""
+    import json
+
+    from esm3.data.store import open_store
+    from esm3.train.config import DatasetSpec
+    from esm3.train.data import load_dataset
+
+    ws, cfg, res = reference
+    name = load_config(cfg).name
+    manifest = json.loads((ws / "data" / "preprocess" / name / "manifest.json").read_text())
+    assert res.results["store"] and len(res.results["store"]) == len(manifest["datasets"])
+    for ds, entry in manifest["datasets"].items():
+        store = open_store(entry["store"])
+        rows = sum(pq.read_metadata(p).num_rows for p in entry["shards"])
+        assert (store.type, len(store)) == (entry["type"], rows), ds
+        assert (Path(entry["store"]) / "codebook.npz").exists() == (entry["type"] == "structure")
+        spec = DatasetSpec(name=ds, type=entry["type"], source=f"{name}:{ds}")
+        loaded = load_dataset(spec, ws / "data")
+        assert loaded.protein(int(loaded.member_rows[0])).sequence
+
+
 def test_rejects_land_with_the_run_id(reference):
     ws, _, res = reference
     rej = query(ws, "SELECT stage, record, reason, detail, source FROM rejects "
