@@ -36,6 +36,11 @@ class Batch:
         return conv(self.inputs), conv(self.targets), conv(self.loss_masks)
 
 
+def sample_length(sample: Sample) -> int:
+    """Positions of a corrupted sample."""
+    return int(sample[0]["sequence"].shape[0])
+
+
 def bucket_rows(lengths: list[int], max_tokens: int) -> list[list[list[int]]]:
     """Length-bucketed batches: samples sorted by length, cut so that rows * longest row
     <= max_tokens. Returns batches of rows of sample indices (one sample per row)."""

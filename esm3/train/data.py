@@ -2,10 +2,11 @@
 
 Every batch is a pure function of (seed, rank, training step, data index): the sampler's
 stream is keyed by (seed, rank) and counted by the data index (`TwoLevelSampler.sample_at`;
-for token-counted batches its prefix-stable chunks, token_batches.py), and each sample's corruption draws from a generator seeded by (seed, data index, rank,
-sample). So any rank can build any step's batch in any worker process, a resumed run draws
-exactly what the uninterrupted one would, and skipping batches (rollback) is just a larger
-data index. The loader's state is (step, data offset).
+for token-counted batches its prefix-stable chunks, token_batches.py), and each sample's
+corruption draws from a generator seeded by (seed, data index, rank, sample). So any rank
+can build any step's batch in any worker process, a resumed run draws exactly what the
+uninterrupted one would, and skipping batches (rollback) is just a larger data index. The
+loader's state is (step, data offset).
 
 Records are held per dataset as Arrow tables in memory (columns needed for training only);
 worker processes share them copy-on-write after fork.
@@ -29,7 +30,7 @@ import pyarrow.parquet as pq
 import torch
 
 from esm3.data.sampler import ClusterIndex, TwoLevelSampler
-from esm3.tasks.batching import Sample, collate, pack_rows
+from esm3.tasks.batching import Sample, collate, pack_rows, sample_length
 from esm3.tasks.corrupt import corrupt, inverse_folding_corrupt
 from esm3.tasks.sample import Protein
 from esm3.train.config import DatasetSpec, StageConfig, TrainConfig
@@ -308,7 +309,7 @@ class BatchBuilder:
         rows = None
         if self.cfg.data.pack and samples:
             ctx = self.cfg.stages[stage].context_length
-            rows = pack_rows([len_of(s) for _, s in samples], ctx)
+            rows = pack_rows([sample_length(s) for _, s in samples], ctx)
         return samples, rows, None
 
     def _token_rows(
@@ -325,7 +326,7 @@ class BatchBuilder:
         def lengths() -> Iterator[int]:
             for named in self._corrupted(stage, drawn, bad):
                 samples.append(named)
-                yield len_of(named[1])
+                yield sample_length(named[1])
 
         return samples, fill_rows(lengths(), rows, ctx), ctx
 
@@ -343,7 +344,7 @@ class BatchBuilder:
             raise DataError(f"step {step}: every sample of the batch was refused: {bad[:3]}")
         by_ds = dict.fromkeys(self.names, 0)
         for i in used:
-            by_ds[named[i][0]] += len_of(named[i][1])
+            by_ds[named[i][0]] += sample_length(named[i][1])
         b = collate([s for _, s in named], rows, width)
         inputs, targets, masks = b.to_torch()
         return TrainBatch(
@@ -360,11 +361,6 @@ class BatchBuilder:
             bad,
             time.perf_counter() - t0,
         )
-
-
-def len_of(sample: Sample) -> int:
-    """Positions of a corrupted sample."""
-    return int(sample[0]["sequence"].shape[0])
 
 
 class _StepDataset(torch.utils.data.Dataset):
