@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from esm3.model.backends import _seqlens
 from esm3.model.esm3 import ESM3
 from esm3.tokenize.specials import BOS, EOS, PAD
 from esm3.train.config import TrainConfigError
@@ -176,7 +177,8 @@ def test_sample_counted_batches_are_unchanged(
 
 def test_packed_samples_do_not_see_each_other(token_setup):
     """Changing one packed sample (tokens and coordinates) leaves the logits of the other
-    samples of its row as they were; its own change."""
+    samples of its row as they were; its own change. (SDPA's mask on CPU; the xformers
+    path's block lengths are checked against the samples.)"""
     cfg, ds = token_setup
     torch.manual_seed(0)
     model = ESM3(cfg.model_config()).eval()
@@ -197,6 +199,14 @@ def test_packed_samples_do_not_see_each_other(token_setup):
             assert same == (i != 1), (t, i)
         # other rows are other sequences too
         assert torch.equal(a[t][row + 1 :], b[t][row + 1 :]) and torch.equal(a[t][:row], b[t][:row])
+    # xformers (GPU) takes the blocks from runs of equal ids: one per sample, one per padding
+    blocks = []
+    for r in range(batch.inputs["sequence_id"].shape[0]):
+        samples = _runs(batch.inputs["sequence_id"][r])
+        blocks += [e - s for s, e in samples]
+        pad = 128 - sum(e - s for s, e in samples)
+        blocks += [pad] if pad else []
+    assert _seqlens(batch.inputs["sequence_id"]) == blocks
 
 
 def test_exactly_one_of_batch_size_and_batch_tokens(tmp_path, train_data):
