@@ -110,13 +110,25 @@ class TwoLevelSampler:
         self._ncent = np.array([len(ix) for ix in self.indexes], dtype=np.int64)
         self.seed, self.rank, self.step = int(seed), int(rank), int(step)
 
-    def _rng(self, step: int) -> np.random.Generator:
+    def _rng(self, step: int, chunk: int = 0) -> np.random.Generator:
         key = (self.seed & (2**64 - 1)) | ((self.rank & (2**64 - 1)) << 64)
-        return np.random.Generator(np.random.Philox(key=key, counter=int(step) << 128))
+        counter = (int(step) << 128) | ((int(chunk) & (2**64 - 1)) << 64)
+        return np.random.Generator(np.random.Philox(key=key, counter=counter))
 
     def sample_at(self, step: int, n: int) -> Samples:
-        """The n draws of `step` for this (seed, rank); vectorized, O(n)."""
-        u = self._rng(step).random((3, n))
+        """The n draws of `step` for this (seed, rank); vectorized, O(n). The draws depend
+        on n (the stream is split in three), so a prefix of them is not stable in n."""
+        return self._draw(self._rng(step).random((3, n)))
+
+    def sample_chunk(self, step: int, chunk: int, n: int) -> Samples:
+        """Chunk `chunk` of n draws of `step`: a stream of fixed-size chunks whose prefix does
+        not depend on how many chunks are read (token-counted batches). Chunk c starts the
+        Philox counter at (step << 128) | (c << 64), so chunks never overlap (a chunk would
+        need 2**64 blocks to reach the next); chunk 0 is `sample_at(step, n)`."""
+        return self._draw(self._rng(step, chunk).random((3, n)))
+
+    def _draw(self, u: np.ndarray) -> Samples:
+        """Samples from uniforms u (3, n): dataset, center, member."""
         ds = np.searchsorted(self._cum, u[0], side="right")
         np.minimum(ds, len(self.names) - 1, out=ds)
         ncent = self._ncent[ds]

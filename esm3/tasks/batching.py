@@ -36,6 +36,11 @@ class Batch:
         return conv(self.inputs), conv(self.targets), conv(self.loss_masks)
 
 
+def sample_length(sample: Sample) -> int:
+    """Positions of a corrupted sample."""
+    return int(sample[0]["sequence"].shape[0])
+
+
 def bucket_rows(lengths: list[int], max_tokens: int) -> list[list[list[int]]]:
     """Length-bucketed batches: samples sorted by length, cut so that rows * longest row
     <= max_tokens. Returns batches of rows of sample indices (one sample per row)."""
@@ -80,13 +85,19 @@ def pack_rows(lengths: list[int], row_length: int) -> list[list[int]]:
     return rows
 
 
-def collate(samples: list[Sample], rows: list[list[int]] | None = None) -> Batch:
+def collate(
+    samples: list[Sample], rows: list[list[int]] | None = None, width: int | None = None
+) -> Batch:
     """Stack samples into a padded batch; `rows` lists the samples of each row (default:
-    one per row). Adds `sequence_id` (B, T) and `positions` (B, T) to the inputs."""
+    one per row; a row may be empty: all padding). `width`: pad every row to this many
+    positions (a fixed shape; default the longest row). Adds `sequence_id` (B, T) and
+    `positions` (B, T) to the inputs."""
     rows = rows if rows is not None else [[i] for i in range(len(samples))]
     row_len = [sum(samples[i][0]["sequence"].shape[0] for i in r) for r in rows]
-    B, T = len(rows), max(row_len)
-    ref_in, ref_tg, ref_lm = samples[rows[0][0]]
+    B, T = len(rows), max(row_len) if width is None else width
+    if T < max(row_len):
+        raise ValueError(f"a row has {max(row_len)} positions, more than the width {T}")
+    ref_in, ref_tg, ref_lm = samples[next(i for r in rows for i in r)]
 
     def empty(ref: np.ndarray, fill: object) -> np.ndarray:
         return np.full((B, T) + ref.shape[1:], fill, dtype=ref.dtype)

@@ -123,8 +123,10 @@ class DataConfig:
     datasets: list[DatasetSpec] = field(default_factory=list)
     sequence_weight: float = 1.0  # share of sequence datasets in a batch (before normalizing)
     structure_weight: float = 1.0  # share of structure datasets
-    batch_size: int = 8  # samples per step, all ranks together
-    pack: bool = False  # pack samples into rows of the context length (block-diagonal)
+    # a step's batch, all ranks together: set exactly one of the two (the other 0)
+    batch_size: int = 0  # samples per step (small runs)
+    batch_tokens: int = 0  # positions per step: rows of the stage's context length, packed
+    pack: bool = False  # batch_size: pack samples into rows of the context length
     workers: int = 1  # loader worker processes per rank (0: in the training process)
     prefetch: int = 4  # batches each worker prepares ahead
     inverse_folding_prob: float = 0.5  # the 50/50 rule (structure with generated sequence)
@@ -259,7 +261,15 @@ class TrainConfig:
             if ds.source and ds.clusters:
                 raise _bad(f"{key}.clusters", "a source's store has its clusters; drop the key")
             _at_least(f"{key}.weight", ds.weight, 0)
-        _at_least("data.batch_size", d.batch_size, 1)
+        _at_least("data.batch_size", d.batch_size, 0)
+        _at_least("data.batch_tokens", d.batch_tokens, 0)
+        if (d.batch_size > 0) == (d.batch_tokens > 0):
+            raise _bad(
+                "data.batch_tokens",
+                "set exactly one of data.batch_size (samples per step) and data.batch_tokens "
+                f"(tokens per step), the other 0; got batch_size={d.batch_size}, "
+                f"batch_tokens={d.batch_tokens}",
+            )
         _at_least("data.workers", d.workers, 0)
         _at_least("data.prefetch", d.prefetch, 1)  # 0 would be an unbounded queue
         _at_least("data.max_records", d.max_records, 0)
@@ -288,6 +298,12 @@ class TrainConfig:
                 raise _bad(
                     f"{key}.weights",
                     f"names dataset(s) {sorted(unknown)} not in data.datasets ({names})",
+                )
+            if self.data.batch_tokens % s.context_length:
+                raise _bad(
+                    "data.batch_tokens",
+                    f"{self.data.batch_tokens} tokens per step is not a whole number of rows of "
+                    f"{key}.context_length {s.context_length}",
                 )
             for ds, w in s.weights.items():
                 _at_least(f"{key}.weights.{ds}", w, 0)
@@ -333,13 +349,36 @@ class TrainConfig:
         _above("stability.spike_scale", st.spike_scale, 0)
 
     def check_world_size(self, world_size: int) -> int:
-        """Samples per rank per step; raises when the world size does not divide the batch."""
-        if self.data.batch_size % world_size:
-            raise TrainConfigError(
-                f"config key 'data.batch_size': {self.data.batch_size} samples per step is not "
-                f"divisible by the world size {world_size} (nodes x tasks per node)"
-            )
-        return self.data.batch_size // world_size
+        """A rank's share of a step: samples (data.batch_size) or positions
+        (data.batch_tokens); raises when the world size does not divide the batch, or a
+        rank's positions are not whole rows of every stage's context length."""
+        d = self.data
+        if not d.batch_tokens:
+            if d.batch_size % world_size:
+                raise _bad(
+                    "data.batch_size",
+                    f"{d.batch_size} samples per step is not divisible by the world size "
+                    f"{world_size} (nodes x tasks per node)",
+                )
+            return d.batch_size // world_size
+        per_rank = d.batch_tokens // world_size
+        for i, s in enumerate(self.stages):
+            if d.batch_tokens % world_size or per_rank % s.context_length:
+                raise _bad(
+                    "data.batch_tokens",
+                    f"{d.batch_tokens} tokens per step over the world size {world_size} "
+                    f"(nodes x tasks per node) is not a whole number of rows of "
+                    f"stages[{i}].context_length {s.context_length} per rank; use a multiple "
+                    f"of {world_size * s.context_length}",
+                )
+        return per_rank
+
+    def tokens_per_rank(self, world_size: int) -> int:
+        """Most positions one rank's batch can hold in a step (any stage)."""
+        if self.data.batch_tokens:
+            return -(-self.data.batch_tokens // max(1, world_size))
+        per_rank = -(-self.data.batch_size // max(1, world_size))
+        return per_rank * max(s.context_length for s in self.stages)
 
     def min_step_bytes(self, world_size: int) -> int:
         """A lower bound on one rank's memory for a training step (bytes).
@@ -354,8 +393,7 @@ class TrainConfig:
 
         mc = self.model_config()
         states = 16 * param_count(mc) // max(1, world_size)
-        per_rank = -(-self.data.batch_size // max(1, world_size))
-        tokens = per_rank * max(s.context_length for s in self.stages)
+        tokens = self.tokens_per_rank(world_size)
         ids = tokens * 8 * len(TRACKS)
         residual = tokens * mc.d_model * mc.n_layers * 2
         logits = tokens * sum(_head_outputs(mc, t) for t in mc.heads) * 2

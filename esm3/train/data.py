@@ -1,11 +1,12 @@
 """The training data loader: Parquet shards -> two-level sampling -> corruption -> batches.
 
 Every batch is a pure function of (seed, rank, training step, data index): the sampler's
-stream is keyed by (seed, rank) and counted by the data index (`TwoLevelSampler.sample_at`),
-and each sample's corruption draws from a generator seeded by (seed, data index, rank,
-sample). So any rank can build any step's batch in any worker process, a resumed run draws
-exactly what the uninterrupted one would, and skipping batches (rollback) is just a larger
-data index. The loader's state is (step, data offset).
+stream is keyed by (seed, rank) and counted by the data index (`TwoLevelSampler.sample_at`;
+for token-counted batches its prefix-stable chunks, token_batches.py), and each sample's
+corruption draws from a generator seeded by (seed, data index, rank, sample). So any rank
+can build any step's batch in any worker process, a resumed run draws exactly what the
+uninterrupted one would, and skipping batches (rollback) is just a larger data index. The
+loader's state is (step, data offset).
 
 Records come from each dataset's training store (esm3.data.store), memory-mapped in the
 rank and shared by its forked workers: resident memory follows the records touched.
@@ -13,9 +14,10 @@ rank and shared by its forked workers: resident memory follows the records touch
 
 from __future__ import annotations
 
+import itertools
 import math
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,12 +28,13 @@ import torch
 
 from esm3.data.sampler import ClusterIndex, TwoLevelSampler
 from esm3.data.store import Store, StoreError, open_store
-from esm3.tasks.batching import collate, pack_rows
+from esm3.tasks.batching import Sample, collate, pack_rows, sample_length
 from esm3.tasks.corrupt import corrupt, inverse_folding_corrupt
 from esm3.tasks.sample import Protein
 from esm3.train.config import DatasetSpec, StageConfig, TrainConfig
 from esm3.train.faults import inject_faults
 from esm3.train.stores import DataError, resolve_paths, store_path
+from esm3.train.token_batches import draw_stream, fill_rows, max_draws
 
 __all__ = ["DataError", "Dataset", "load_dataset", "load_datasets", "resolve_paths"]
 
@@ -193,7 +196,12 @@ class TrainBatch:
 
 
 class BatchBuilder:
-    """Builds the batch of (step, data index) for one rank. Picklable; used in workers."""
+    """Builds the batch of (step, data index) for one rank. Picklable; used in workers.
+
+    per_rank: this rank's share of a step (`TrainConfig.check_world_size`): samples with
+    data.batch_size, positions with data.batch_tokens (rows of the stage's context length,
+    packed; see token_batches.py).
+    """
 
     def __init__(
         self, cfg: TrainConfig, datasets: dict[str, Dataset], *, rank: int, per_rank: int
@@ -223,48 +231,90 @@ class BatchBuilder:
             self._tasks[stage] = replace(self.cfg.tasks, max_length=ctx)
         return self._tasks[stage]
 
+    def _drawn(
+        self, stage: int, data_step: int, i: int, dataset: int, member: int
+    ) -> tuple[str, Protein, np.random.Generator]:
+        """Draw i of a data index as (dataset, protein, rng), after the 50/50 rule; the rng
+        (seeded by seed, data index, rank, draw) goes on to corrupt the sample."""
+        ds = self.datasets[self.names[dataset]]
+        row = int(ds.member_rows[member])
+        rng = np.random.default_rng([self.cfg.seed, data_step, self.rank, i])
+        p = ds.protein(row)
+        gen = ds.generated(row)
+        if gen and rng.random() < self.cfg.data.inverse_folding_prob:
+            seq = gen[int(rng.integers(len(gen)))]
+            if len(seq) == len(p):
+                p = replace(p, sequence=seq)
+        return ds.name, drop_tracks(p, self.cfg.stages[stage].tracks), rng
+
     def proteins(
         self, stage: int, data_step: int
     ) -> list[tuple[str, Protein, np.random.Generator]]:
-        """The (dataset, protein, rng) triples of a data index, after the 50/50 rule."""
-        st = self.cfg.stages[stage]
+        """The per_rank (dataset, protein, rng) triples of a data index (data.batch_size)."""
         draws = self.sampler(stage).sample_at(data_step, self.per_rank)
-        out = []
-        for i in range(self.per_rank):
-            ds = self.datasets[draws.names[int(draws.dataset[i])]]
-            row = int(ds.member_rows[int(draws.member[i])])
-            rng = np.random.default_rng([self.cfg.seed, data_step, self.rank, i])
-            p = ds.protein(row)
-            gen = ds.generated(row)
-            if gen and rng.random() < self.cfg.data.inverse_folding_prob:
-                seq = gen[int(rng.integers(len(gen)))]
-                if len(seq) == len(p):
-                    p = replace(p, sequence=seq)
-            out.append((ds.name, drop_tracks(p, st.tracks), rng))
-        return out
+        return [
+            self._drawn(stage, data_step, i, int(draws.dataset[i]), int(draws.member[i]))
+            for i in range(self.per_rank)
+        ]
+
+    def _corrupted(
+        self, stage: int, drawn: Iterable[tuple[str, Protein, np.random.Generator]], bad: list[str]
+    ) -> Iterator[tuple[str, Sample]]:
+        """(dataset, sample) of each drawn protein; a record the tokenizers refuse is
+        counted in `bad` and skipped, not fatal."""
+        tcfg = self.task_config(stage)
+        fn = inverse_folding_corrupt if self.cfg.data.task == "inverse_folding" else corrupt
+        for name, p, rng in drawn:
+            try:
+                yield name, fn(p, rng, tcfg)
+            except ValueError as e:
+                bad.append(f"{name}:{p.id}: {e}")
+
+    def _sample_rows(
+        self, stage: int, data_step: int, bad: list[str]
+    ) -> tuple[list[tuple[str, Sample]], list[list[int]] | None, int | None]:
+        """data.batch_size: per_rank samples, one per row or packed (data.pack)."""
+        samples = list(self._corrupted(stage, self.proteins(stage, data_step), bad))
+        rows = None
+        if self.cfg.data.pack and samples:
+            ctx = self.cfg.stages[stage].context_length
+            rows = pack_rows([sample_length(s) for _, s in samples], ctx)
+        return samples, rows, None
+
+    def _token_rows(
+        self, stage: int, data_step: int, bad: list[str]
+    ) -> tuple[list[tuple[str, Sample]], list[list[int]], int]:
+        """data.batch_tokens: per_rank positions as rows of the context length, packed from
+        the prefix-stable stream of draws (token_batches.py)."""
+        ctx = self.cfg.stages[stage].context_length
+        rows = self.per_rank // ctx
+        stream = itertools.islice(draw_stream(self.sampler(stage), data_step), max_draws(rows, ctx))
+        drawn = (self._drawn(stage, data_step, i, d, m) for i, (d, m) in enumerate(stream))
+        samples: list[tuple[str, Sample]] = []
+
+        def lengths() -> Iterator[int]:
+            for named in self._corrupted(stage, drawn, bad):
+                samples.append(named)
+                yield sample_length(named[1])
+
+        return samples, fill_rows(lengths(), rows, ctx), ctx
 
     def build(self, step: int, data_step: int) -> TrainBatch:
         import time
 
         t0 = time.perf_counter()
-        stage, st = self.cfg.stage_at(step)
-        tcfg = self.task_config(stage)
-        fn = inverse_folding_corrupt if self.cfg.data.task == "inverse_folding" else corrupt
-        samples, by_ds, bad = [], dict.fromkeys(self.names, 0), []
-        for name, p, rng in self.proteins(stage, data_step):
-            try:
-                s = fn(p, rng, tcfg)
-            except ValueError as e:  # a record the tokenizers refuse: counted, not fatal
-                bad.append(f"{name}:{p.id}: {e}")
-                continue
-            samples.append(s)
-            by_ds[name] += int(s[0]["sequence"].shape[0])
-        if not samples:
+        stage, _ = self.cfg.stage_at(step)
+        bad: list[str] = []
+        by_tokens = self.cfg.data.batch_tokens > 0
+        make = self._token_rows if by_tokens else self._sample_rows
+        named, rows, width = make(stage, data_step, bad)
+        used = sorted(i for r in rows for i in r) if rows is not None else range(len(named))
+        if not used:
             raise DataError(f"step {step}: every sample of the batch was refused: {bad[:3]}")
-        rows = None
-        if self.cfg.data.pack:
-            rows = pack_rows([s[0]["sequence"].shape[0] for s in samples], st.context_length)
-        b = collate(samples, rows)
+        by_ds = dict.fromkeys(self.names, 0)
+        for i in used:
+            by_ds[named[i][0]] += sample_length(named[i][1])
+        b = collate([s for _, s in named], rows, width)
         inputs, targets, masks = b.to_torch()
         return TrainBatch(
             step,

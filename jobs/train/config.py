@@ -120,10 +120,21 @@ def check_memory(cfg: Any, profile: ClusterProfile, world_size: int, tasks_per_n
     avail, what = budget
     need = cfg.min_step_bytes(world_size)
     if need > avail:
-        ctx = max(s.context_length for s in cfg.stages)
         raise ConfigError(
-            f"config key 'data.batch_size': {cfg.data.batch_size} samples of up to {ctx} tokens "
-            f"over {world_size} rank(s) need at least {_size(need)} per rank, more than the "
-            f"{_size(avail)} a rank has on profile '{profile.name}' ({what}); lower data.batch_size or "
-            "the context length, or use more ranks"
+            f"config key '{_batch_key(cfg)}': {_batch_words(cfg)} over {world_size} rank(s) need "
+            f"at least {_size(need)} per rank, more than the {_size(avail)} a rank has on profile "
+            f"'{profile.name}' ({what}); lower {_batch_key(cfg)} or the context length, or use "
+            "more ranks"
         )
+
+
+def _batch_key(cfg: Any) -> str:
+    return "data.batch_tokens" if cfg.data.batch_tokens else "data.batch_size"
+
+
+def _batch_words(cfg: Any) -> str:
+    """The step's batch in words: what the config counts."""
+    if cfg.data.batch_tokens:
+        return f"{cfg.data.batch_tokens} tokens per step"
+    ctx = max(s.context_length for s in cfg.stages)
+    return f"{cfg.data.batch_size} samples of up to {ctx} tokens"

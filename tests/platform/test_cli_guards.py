@@ -49,8 +49,14 @@ def esm3(*args, timeout=120):
             "rank(s) need at least ",
         ),
         (
-            ["-c", "site-example", "--config", "esm3_1.4b", "data.batch_size=1e9"],
+            ["-c", "site-example", "--config", "esm3_1.4b", f"data.batch_tokens={2**40}"],
             "more than the 80.0 GiB a rank has on profile 'site-example' (gpu_mem_gb",
+        ),
+        (
+            ["data.batch_tokens=4096"],
+            "config key 'data.batch_tokens': set exactly one of data.batch_size (samples per "
+            "step) and data.batch_tokens (tokens per step), the other 0; got batch_size=8, "
+            "batch_tokens=4096",
         ),
     ],
 )
@@ -73,7 +79,8 @@ def test_slurm_node_count_is_checked_before_any_action():
 
 
 def test_the_memory_check_passes_the_papers_config_on_its_cluster():
-    """A lower bound, not a guess: ESM3 1.4B's batch of 768 x 2048 over 4 x 8 GPUs fits."""
+    """A lower bound, not a guess: ESM3 1.4B's 1,572,864 tokens (768 rows of 2048) per step
+    over 4 x 8 GPUs fits."""
     cfg = load_config("esm3_1.4b")
     check_memory(cfg, load_profile("site-example"), world_size=32, tasks_per_node=8)
     assert cfg.min_step_bytes(32) < 16 * 2**30

@@ -1,6 +1,7 @@
 """The training loop in one process (gloo, world size 1, FP32 on CPU) on real shards:
-exact resume after an interruption with a corrupt latest checkpoint, planted NaN and
-spikes, rollback, checkpoints of another model refused."""
+exact resume after an interruption with a corrupt latest checkpoint (sample- and
+token-counted batches), planted NaN and spikes, rollback, checkpoints of another model
+refused."""
 
 from __future__ import annotations
 
@@ -45,8 +46,14 @@ def _run(cfg, data_root, ckdir, stop_after=None):
     return res, rows, events
 
 
-def test_interrupted_and_resumed_equals_uninterrupted_with_corrupt_latest(tmp_path, train_data):
-    cfg = load_config(write_config(tmp_path / "c.toml", train_data, "[checkpoint]\nevery = 2"))
+@pytest.mark.parametrize(
+    "batch", [[], ["data.batch_size=0", "data.batch_tokens=256"]], ids=["samples", "tokens"]
+)
+def test_interrupted_and_resumed_equals_uninterrupted_with_corrupt_latest(
+    tmp_path, train_data, batch
+):
+    path = write_config(tmp_path / "c.toml", train_data, "[checkpoint]\nevery = 2")
+    cfg = load_config(path, batch)
     ref, ref_rows, ref_events = _run(cfg, train_data, tmp_path / "ref")
     assert ref.status == "completed" and sorted(ref.losses) == list(range(1, 9))
     assert [r["step"] for r in ref_rows] == list(range(1, 9))
@@ -59,6 +66,11 @@ def test_interrupted_and_resumed_equals_uninterrupted_with_corrupt_latest(tmp_pa
     assert row["update_ratio"] > 0 and row["max_attn_logit"] is not None
     assert set(json.loads(row["tokens_by_dataset"])) == {"uniprot", "pdb"}
     assert sum(json.loads(row["tokens_by_dataset"]).values()) == row["tokens_seen"]
+    assert row["tokens_seen"] == sum(r["tokens"] for r in ref_rows)
+    if cfg.data.batch_tokens:  # each step's real tokens: 90-100% of the budget
+        assert all(0.9 * 256 <= r["tokens"] <= 256 for r in ref_rows), [
+            r["tokens"] for r in ref_rows
+        ]
 
     # interrupted after step 5 (the stop flag): checkpoints 2, 4 and 5 (preemption)
     ck = tmp_path / "run"
