@@ -133,7 +133,7 @@ class TwoLevelSampler:
         np.minimum(ds, len(self.names) - 1, out=ds)
         ncent = self._ncent[ds]
         center = np.minimum((u[1] * ncent).astype(np.int64), ncent - 1)
-        member = np.zeros(n, dtype=np.int64)
+        member = np.zeros(u.shape[1], dtype=np.int64)
         for d, ix in enumerate(self.indexes):
             sel = np.flatnonzero(ds == d)
             if len(sel):
