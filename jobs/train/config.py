@@ -68,6 +68,7 @@ def check_inputs(
     from esm3.train import checkpoint as ckpt
     from esm3.train.config import TrainConfigError
     from esm3.train.data import DataError, load_datasets
+    from esm3.train.validation import validation_files
 
     try:
         cfg.validate()
@@ -80,6 +81,11 @@ def check_inputs(
         datasets = load_datasets(cfg, data_root(ws))
     except DataError as e:
         raise ConfigError(f"config key 'data.datasets': {e}") from e
+    if cfg.validation.every:
+        try:
+            validation_files(cfg.validation, data_root(ws))
+        except DataError as e:
+            raise ConfigError(f"config key 'validation.files': {e}") from e
     mcfg = cfg.model_config()
     if cfg.checkpoint.init_from:
         try:
