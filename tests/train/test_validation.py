@@ -30,7 +30,8 @@ from esm3.train.validation import (
     shard,
     validation_files,
 )
-from jobs.train.config import load_config
+from jobs.config import ConfigError
+from jobs.train.config import check_inputs, load_config
 from tests.train.conftest import write_config
 
 DATASETS = ["jgi", "mgnify", "pdb", "uniref"]
@@ -98,7 +99,7 @@ def test_load_reads_the_chosen_rows_and_only_record_columns(train_data):
     assert "description" in full[0].column_names and "description" not in got["uniref"].column_names
 
 
-def test_bad_validation_configs_and_files_are_one_line_errors(tmp_path, train_data):
+def test_bad_validation_configs_and_files_are_one_line_errors(tmp_path, train_data, workspace):
     cfg = _config(tmp_path, train_data)
     for key, value, msg in [
         ("every", -1, "validation.every"),
@@ -113,6 +114,8 @@ def test_bad_validation_configs_and_files_are_one_line_errors(tmp_path, train_da
     cfg.validation.files = [str(tmp_path / "none-*.parquet")]
     with pytest.raises(DataError, match="no file matches"):
         validation_files(cfg.validation, "/")
+    with pytest.raises(ConfigError, match=r"^config key 'validation.files': .*none-\*.parquet"):
+        check_inputs(cfg, workspace, 1)  # before submission
     ingested = train_data / "real" / "ingest" / "uniprot_full.parquet"
     pq.write_table(pq.read_table(ingested, columns=["id", "sequence"]), tmp_path / "v.parquet")
     cfg.validation.files = [str(tmp_path / "v.parquet")]
@@ -120,51 +123,46 @@ def test_bad_validation_configs_and_files_are_one_line_errors(tmp_path, train_da
         validation_files(cfg.validation, "/")
 
 
-def _evaluate_on_rank(rank: int, world: int, store: str, cfg, records, out: str) -> None:
-    """Rank `rank` of `world`: the FSDP model of the config's seed, evaluated after step 2
-    (stage 'seq') and twice after step 8 (stage 'all'); the ids it evaluated; whether the
-    model's mode and torch's generator came back unchanged."""
+def _evaluations(cfg, records, rank: int, world: int) -> dict:
+    """The config's model (FSDP when world > 1) evaluated after step 2 (stage 'seq') and
+    twice after step 8 (stage 'all'); the ids this rank evaluated; whether the model's mode
+    and torch's generator came back unchanged."""
+    model = esm3_train_model(cfg, torch.device("cpu"), distributed=world > 1)
+    loss = ESM3Loss(cfg.loss_weights)
+    ev = Evaluator(
+        cfg, records, loss, torch.device("cpu"), tracks=model.tracks, rank=rank, world=world
+    )
+    rng = torch.get_rng_state()
+    return dict(
+        ids={n: ev.rank_ids(n) for n in records},
+        results=[ev.evaluate(model.module, s) for s in (2, 8, 8)],
+        untouched=model.module.training and torch.equal(rng, torch.get_rng_state()),
+    )
+
+
+def _evaluate_on_rank(rank: int, store: str, cfg, records, out: str) -> None:
     dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=120),
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(minutes=2)
     )
     try:
         torch.set_num_threads(1)
-        model = esm3_train_model(cfg, torch.device("cpu"), distributed=True)
-        ev = Evaluator(
-            cfg,
-            records,
-            ESM3Loss(cfg.loss_weights),
-            torch.device("cpu"),
-            tracks=model.tracks,
-            rank=rank,
-            world=world,
-        )
-        rng = torch.get_rng_state()
-        got = dict(
-            ids={n: ev.rank_ids(n) for n in records},
-            results=[ev.evaluate(model.module, s) for s in (2, 8, 8)],
-            untouched=model.module.training and torch.equal(rng, torch.get_rng_state()),
-        )
+        got = _evaluations(cfg, records, rank, 2)
         with open(f"{out}.{rank}", "wb") as f:
             pickle.dump(got, f)
     finally:
         dist.destroy_process_group()
 
 
-def _evaluate(tmp_path, cfg, records, world):
-    out = str(tmp_path / f"eval{world}")
+def _evaluate_on_two_ranks(tmp_path, cfg, records) -> list[dict]:
+    out = str(tmp_path / "eval")
     mp.start_processes(
         _evaluate_on_rank,
-        args=(world, str(tmp_path / f"store{world}"), cfg, records, out),
-        nprocs=world,
+        args=(str(tmp_path / "store"), cfg, records, out),
+        nprocs=2,
         start_method="spawn",
         join=True,
     )
-    return [pickle.loads(open(f"{out}.{r}", "rb").read()) for r in range(world)]
+    return [pickle.loads(open(f"{out}.{r}", "rb").read()) for r in range(2)]
 
 
 def test_two_ranks_share_the_subset_and_agree_with_one(tmp_path, train_data):
@@ -172,8 +170,8 @@ def test_two_ranks_share_the_subset_and_agree_with_one(tmp_path, train_data):
     # keeps the FSDP collectives in step)
     cfg = _config(tmp_path, train_data, rows=5, batch_size=2)
     records = load_validation(cfg.validation, "/")
-    two = _evaluate(tmp_path, cfg, records, 2)
-    one = _evaluate(tmp_path, cfg, records, 1)[0]
+    two = _evaluate_on_two_ranks(tmp_path, cfg, records)
+    one = _evaluations(cfg, records, 0, 1)  # no process group: a world of one
     for name, t in records.items():
         a, b = (set(r["ids"][name]) for r in two)
         assert not a & b and a | b == set(t.column("id").to_pylist())
