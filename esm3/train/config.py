@@ -204,6 +204,7 @@ class ValidationConfig:
     def check(self) -> None:
         _at_least("validation.every", self.every, 0)
         _at_least("validation.rows", self.rows, 1)
+        _at_least("validation.seed", self.seed, 0)  # numpy seeds are non-negative
         _at_least("validation.batch_size", self.batch_size, 1)
         if self.every and not self.files:
             raise _bad("validation.files", "lists no file while validation.every > 0")

@@ -311,7 +311,7 @@ class Evaluator:
         out = [
             s
             for i, rec in zip(positions, recs, strict=True)
-            if (s := self._sample(name, i, rec, stage))
+            if (s := self._sample(name, i, rec, stage)) is not None
         ]
         return out, len(recs) - len(out)
 

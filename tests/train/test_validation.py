@@ -104,6 +104,7 @@ def test_bad_validation_configs_and_files_are_one_line_errors(tmp_path, train_da
     for key, value, msg in [
         ("every", -1, "validation.every"),
         ("rows", 0, "validation.rows"),
+        ("seed", -1, "validation.seed"),
         ("batch_size", 0, "validation.batch_size"),
         ("files", [], "validation.files"),
     ]:
