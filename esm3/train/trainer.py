@@ -9,7 +9,7 @@ so ranks never diverge.
 The parts are small objects of their own, each given only its config section:
 `Checkpointer` (checkpoint), `StabilityMonitor` (stability), `LRSchedule` and the optimizer
 (optim), `StepRows` and `EventLog` (what is reported), `RollbackPlan` (where a rollback
-goes). `train()` builds the ESM3 model and loss and runs a `Trainer` with them.
+goes), `Evaluator` (validation loss, given from outside like the model). `train()` builds the ESM3 model and loss and runs a `Trainer` with them.
 """
 
 from __future__ import annotations
