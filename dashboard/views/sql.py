@@ -18,6 +18,7 @@ st.caption(
     "Read-only SQL over the catalog (DuckDB). Views: "
     + ", ".join(f"`{t}`" for t in TABLES)
     + ", plus `jobs_history`, `runs_history`, `train_steps_all`, `rejects_all`, "
+    "`validation` (per dataset and loss column, from the validation events), "
     "`dataset_stats_all`, `token_stats_all`. Writes, ATTACH, COPY, SET "
     "and reads outside the workspace's lake are refused."
 )

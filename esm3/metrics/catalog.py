@@ -158,6 +158,20 @@ _DERIVED_VIEWS = (
                                                    OR list_has_all(j.stages_seen, string_split(r.stages, ',')))
                                          THEN j.last_update END) AS finished_at)
         FROM runs_latest r LEFT JOIN j USING (run_id)""",
+    # validation: the trainer's `validation` events, one row per (run, step, dataset, loss
+    # column) from detail.per_dataset (esm3.train.validation); a step evaluated again
+    # (after a resume or rollback) keeps its latest evaluation; malformed details are skipped
+    """CREATE OR REPLACE VIEW validation AS
+        SELECT run_id, step, dataset, track, loss, tokens, time FROM (
+          SELECT e.run_id, e.step, e.time,
+                 x.value->>'dataset' AS dataset,
+                 x.value->>'track' AS track,
+                 TRY_CAST(x.value->>'loss' AS DOUBLE) AS loss,
+                 TRY_CAST(x.value->>'tokens' AS BIGINT) AS tokens
+          FROM events e, json_each(e.detail, '$.per_dataset') x
+          WHERE e.kind = 'validation' AND json_valid(e.detail) AND json_type(x.value) = 'OBJECT')
+        WHERE dataset IS NOT NULL AND track IS NOT NULL
+        QUALIFY row_number() OVER (PARTITION BY run_id, step, dataset, track ORDER BY time DESC) = 1""",
 )
 
 

@@ -625,6 +625,10 @@ EXAMPLE_QUERIES: dict[str, str] = {
         "SELECT run_id, step, kind, severity, value, message FROM events\n"
         "WHERE kind IN ('spike', 'nonfinite', 'skip', 'rollback') ORDER BY time DESC"
     ),
+    "Validation loss per dataset": (
+        "SELECT run_id, step, dataset, loss, tokens FROM validation\n"
+        "WHERE track = 'loss' ORDER BY run_id, step, dataset"
+    ),
     "Job states per stage": (
         "SELECT run_id, stage, state, count(*) AS tasks FROM jobs GROUP BY ALL ORDER BY ALL"
     ),

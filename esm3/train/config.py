@@ -190,6 +190,31 @@ class ParallelConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """Validation loss during training (esm3.train.validation): every `every` steps (and at
+    the last), the first `rows` proteins per dataset of the validation sets, chosen by a
+    hash seeded with `seed`, corrupted as in training under that seed.
+
+    files: Parquet paths or globs (relative ones under the workspace's `data/` folder) of
+    validation sets with `id`, `dataset` and `sequence` columns, as the purge writes them.
+    """
+
+    every: int = 0  # steps between evaluations (0: off)
+    rows: int = 25_000  # proteins per dataset (the paper's validation size)
+    seed: int = 0
+    files: list[str] = field(default_factory=list)
+    batch_size: int = 8  # proteins per rank per forward pass
+
+    def check(self) -> None:
+        _at_least("validation.every", self.every, 0)
+        _at_least("validation.rows", self.rows, 1)
+        _at_least("validation.seed", self.seed, 0)  # numpy seeds are non-negative
+        _at_least("validation.batch_size", self.batch_size, 1)
+        if self.every and not self.files:
+            raise _bad("validation.files", "lists no file while validation.every > 0")
+
+
+@dataclass
 class TrainConfig:
     name: str = "train"
     seed: int = 0
@@ -204,6 +229,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     log_every: int = 1  # write a train_steps row every N steps
     update_ratio_every: int = 1  # compute the update-to-weight ratio every N steps (0: never)
 
@@ -234,6 +260,7 @@ class TrainConfig:
         self._validate_stages(mc.context_length)
         self._validate_optim()
         self._validate_intervals()
+        self.validation.check()
         if self.parallel.fp8 and self.model.linear != "te":
             raise _bad("parallel.fp8", "FP8 needs model.linear = 'te' (TransformerEngine)")
         _at_least("parallel.peak_tflops", self.parallel.peak_tflops, 0)

@@ -9,7 +9,7 @@ so ranks never diverge.
 The parts are small objects of their own, each given only its config section:
 `Checkpointer` (checkpoint), `StabilityMonitor` (stability), `LRSchedule` and the optimizer
 (optim), `StepRows` and `EventLog` (what is reported), `RollbackPlan` (where a rollback
-goes). `train()` builds the ESM3 model and loss and runs a `Trainer` with them.
+goes), `Evaluator` (validation loss, given from outside like the model). `train()` builds the ESM3 model and loss and runs a `Trainer` with them.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from esm3.train.reporting import EventLog, Sinks, StepRows, StepTiming, now
 from esm3.train.rollback import plan_rollback
 from esm3.train.stability import StabilityMonitor, Verdict
 from esm3.train.stats import StepStats, all_reduce
+from esm3.train.validation import Evaluator, ValidationSet
 
 __all__ = ["Sinks", "TrainModel", "TrainResult", "Trainer", "build_model", "train"]
 
@@ -127,8 +128,10 @@ class Trainer:
         should_stop: Callable[[], bool] = lambda: False,
         attempt: int = 0,
         max_steps: int | None = None,
+        evaluator: Evaluator | None = None,
     ) -> None:
         self.cfg = cfg
+        self.evaluator = evaluator
         self.spec = model
         self.model = model.module
         self.loss_fn = loss_fn
@@ -236,10 +239,11 @@ class Trainer:
                 continue
             self.checkpointer.poll(prune_old=not self.monitor.in_streak)
             if stats.stop:
-                self.preempt()
+                self.preempt()  # no validation: the grace time is the checkpoint's
                 return "preempted"
             if self.checkpointer.periodic_due(p.step, self.cfg.total_steps):
                 self.save_checkpoint("periodic")
+            self.validate(p.step)
         if p.step >= self.cfg.total_steps:
             self.save_checkpoint("final")
         return "completed"
@@ -380,6 +384,19 @@ class Trainer:
             norm = local_sq_norm(self.params)
         dn = all_reduce(torch.stack([delta, norm]).double())
         return math.sqrt(float(dn[0]) / max(float(dn[1]), 1e-30))
+
+    def validate(self, step: int) -> None:
+        """The validation event of step `step` where one is due (collective); its time is
+        left out of the next step's."""
+        if self.evaluator is None or not self.evaluator.due(step, self.end):
+            return
+        t0 = time.perf_counter()
+        res = self.evaluator.evaluate(self.model, step)
+        seconds = time.perf_counter() - t0
+        self.events(
+            step, "validation", res.message(), value=res.loss, **res.detail(), seconds=seconds
+        )
+        self._t_last += seconds
 
     # --- checkpoints, resume, rollback, preemption -------------------------------------
 
@@ -551,9 +568,12 @@ def train(
     should_stop: Callable[[], bool] = lambda: False,
     attempt: int = 0,
     max_steps: int | None = None,
+    validation: ValidationSet | None = None,
 ) -> TrainResult:
     """Train the config's ESM3 from the latest checkpoint (or from scratch) to the end of
-    the last stage. `max_steps` stops early (benchmarks) without the final checkpoint."""
+    the last stage. `max_steps` stops early (benchmarks) without the final checkpoint.
+    `validation`: the records `validation.load_validation` chose (evaluated every
+    `validation.every` steps when given)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world = _rank_world()
     per_rank = cfg.check_world_size(world)
@@ -562,6 +582,17 @@ def train(
     model = esm3_train_model(cfg, device, distributed=dist.is_available() and dist.is_initialized())
     data = BatchSource(BatchBuilder(cfg, datasets, rank=rank, per_rank=per_rank))
     loss_fn = faulty_loss(ESM3Loss(cfg.loss_weights), cfg.stability)
+    evaluator = None
+    if validation is not None and cfg.validation.every:
+        evaluator = Evaluator(
+            cfg,
+            validation,
+            ESM3Loss(cfg.loss_weights),
+            device,
+            tracks=model.tracks,
+            rank=rank,
+            world=world,
+        )
     trainer = Trainer(
         cfg,
         model,
@@ -574,5 +605,6 @@ def train(
         should_stop=should_stop,
         attempt=attempt,
         max_steps=max_steps,
+        evaluator=evaluator,
     )
     return trainer.run()

@@ -74,6 +74,7 @@ def check_inputs(
     from esm3.train import checkpoint as ckpt
     from esm3.train.config import TrainConfigError
     from esm3.train.stores import DataError, store_meta
+    from esm3.train.validation import validation_files
 
     try:
         cfg.validate()
@@ -89,6 +90,11 @@ def check_inputs(
             records[spec.name] = None if meta is None else int(meta["rows"])
     except DataError as e:
         raise ConfigError(f"config key 'data.datasets': {e}") from e
+    if cfg.validation.every:
+        try:
+            validation_files(cfg.validation, data_root(ws))
+        except DataError as e:
+            raise ConfigError(f"config key 'validation.files': {e}") from e
     mcfg = cfg.model_config()
     if cfg.checkpoint.init_from:
         try:

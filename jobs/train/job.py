@@ -88,6 +88,7 @@ def train_job(ws: Path, run_id: str, cfg: Any, *, attempt: int = 0) -> dict[str,
 
     from esm3.train.data import load_datasets
     from esm3.train.trainer import Sinks, train
+    from esm3.train.validation import load_validation
     from jobs.distributed import init_from_submitit
 
     logging.basicConfig(
@@ -131,6 +132,8 @@ def train_job(ws: Path, run_id: str, cfg: Any, *, attempt: int = 0) -> dict[str,
             )
     try:
         datasets = load_datasets(cfg, data_root(ws))
+        on = cfg.validation.every > 0
+        validation = load_validation(cfg.validation, data_root(ws)) if on else None
         res = train(
             cfg,
             datasets,
@@ -140,6 +143,7 @@ def train_job(ws: Path, run_id: str, cfg: Any, *, attempt: int = 0) -> dict[str,
             sinks=sinks,
             should_stop=stop_requested,
             attempt=attempt,
+            validation=validation,
         )
     finally:
         for w in (steps_w, events_w):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.fixtures import sequence_shard, structure_shard
+from tests.train.fixtures import sequence_shard, structure_shard, validation_set
 
 
 @pytest.fixture(scope="session")
@@ -15,6 +15,7 @@ def train_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train-data")
     sequence_shard(root / "real", n=300, max_len=120)
     structure_shard(root / "real")
+    validation_set(root / "real")
     return root
 
 

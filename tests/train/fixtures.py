@@ -61,3 +61,33 @@ def structure_shard(data_dir: Path) -> Path:
     fit_structure_codebook([raw], book, codebook_size=32, iterations=5)
     tokenize_structure_shard(raw, out, book)
     return out
+
+
+def validation_set(data_dir: Path, per_dataset: int = 12) -> list[Path]:
+    """Validation sets as the purge writes them (id, dataset, sequence, ...): real UniProt
+    records not in `sequence_shard`'s, dealt round-robin to uniref, mgnify and jgi, over two
+    files (each dataset in both)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from esm3.data.fasta import ingest_fasta
+
+    full = data_dir / "ingest" / "uniprot_full.parquet"
+    outs = [data_dir / "validation" / f"validation-{i}.parquet" for i in (0, 1)]
+    if all(o.exists() for o in outs):
+        return outs
+    if not full.exists():
+        ingest_fasta(uniprot_fasta(), full, dataset="uniprot")
+    t = pq.read_table(full)
+    t = t.filter(pc.less_equal(t.column("length"), 120)).slice(1000, 3 * per_dataset)
+    names = ["uniref", "mgnify", "jgi"]
+    t = t.set_column(
+        t.column_names.index("dataset"),
+        "dataset",
+        pa.array([names[i % 3] for i in range(t.num_rows)]),
+    )
+    outs[0].parent.mkdir(parents=True, exist_ok=True)
+    half = t.num_rows // 2
+    pq.write_table(t.slice(0, half), outs[0])
+    pq.write_table(t.slice(half), outs[1])
+    return outs
