@@ -15,12 +15,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from esm3.data.store import COLUMNS
 from esm3.metrics.catalog import query
 from esm3.metrics.lake import write_rows
 from esm3.metrics.queries import validation_loss
 from esm3.metrics.reader import LakeReader
 from esm3.train.config import TrainConfigError, ValidationConfig
-from esm3.train.data import RECORD_COLUMNS, DataError, load_datasets
+from esm3.train.data import DataError, load_datasets
 from esm3.train.loss import ESM3Loss
 from esm3.train.trainer import Sinks, esm3_train_model, train
 from esm3.train.validation import (
@@ -32,7 +33,7 @@ from esm3.train.validation import (
 )
 from jobs.config import ConfigError
 from jobs.train.config import check_inputs, load_config
-from tests.train.conftest import write_config
+from tests.train.conftest import data_root, write_config
 
 DATASETS = ["jgi", "mgnify", "pdb", "uniref"]
 
@@ -95,7 +96,7 @@ def test_load_reads_the_chosen_rows_and_only_record_columns(train_data):
     for name, t in got.items():
         assert t.column("id").to_pylist() == [ids[i] for i in want[name]]
         assert set(t.column("dataset").to_pylist()) == {name}
-        assert set(t.column_names) <= set(RECORD_COLUMNS)
+        assert set(t.column_names) <= {"dataset", *COLUMNS}
     assert "description" in full[0].column_names and "description" not in got["uniref"].column_names
 
 
@@ -216,7 +217,7 @@ def _train(cfg, ckdir, validation=None, stop_after=None):
 
     res = train(
         cfg,
-        load_datasets(cfg, "/"),
+        load_datasets(cfg, data_root(cfg)),
         run_id="val",
         ckpt_dir=ckdir,
         sinks=Sinks(rows.append, events.append),
