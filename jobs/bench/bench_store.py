@@ -17,6 +17,13 @@ Ratios: store / in-memory at each size; largest size / smallest size for the sto
 and the build's peak RSS (flat is ~1: memory follows the rank's slice, not the dataset).
 The figures are taken with the store's files in the page cache (just written).
 
+Reading the figures: the store loader's private memory (RssAnon) is what stays flat. Its
+RssFile (mapped store pages, shared by the node's ranks and reclaimable) grows with the
+pages the batches touch: every record read maps its page and the kernel's fault-around
+neighbours (~64 KB each of the id, sequence and length buffers of its batch), so after
+BATCHES x PER_RANK random draws it is bounded by the draws, not by the dataset, until the
+draws cover the whole store. The build's peak follows DuckDB's memory limit.
+
 Options (environment, as `make bench` passes none): ESM3_BENCH_STORE_SIZES=100000,1000000
 (the sizes), ESM3_BENCH_SCRATCH=DIR (where the data is written; each size's files are
 deleted after it). `python -m jobs.bench.bench_store --help` runs the suite alone.
