@@ -35,6 +35,7 @@ import math
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import resource
 import shutil
 import tempfile
 import time
@@ -371,10 +372,12 @@ def loader_child(kind: str, data: Synthetic, root: str, batches: int) -> dict[st
     builder.build(0, 0)  # sampler set-up, first touches
     first = time.perf_counter() - t0
     tokens = 0
+    faults0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     for step in range(1, batches + 1):
         tokens += builder.build(step, step).n_tokens
     seconds = time.perf_counter() - t0
+    faults = resource.getrusage(resource.RUSAGE_SELF)
     after = proc_status_mb()
     return {
         "startup_s": startup,
@@ -386,6 +389,8 @@ def loader_child(kind: str, data: Synthetic, root: str, batches: int) -> dict[st
         "rss_file_mb": after["RssFile"],
         "imports_mb": imports["VmRSS"],
         "opened_mb": opened["VmRSS"],
+        "minor_faults_per_sample": (faults.ru_minflt - faults0.ru_minflt) / (batches * PER_RANK),
+        "major_faults_per_sample": (faults.ru_majflt - faults0.ru_majflt) / (batches * PER_RANK),
     }
 
 
@@ -447,7 +452,9 @@ def size_rows(n: int, data: Synthetic, build: dict, loaders: dict[str, dict]) ->
     for kind, r in loaders.items():
         q = dict(p, loader=kind, first_batch_s=round(r["first_batch_s"], 3),
                  imports_mb=round(r["imports_mb"], 1),
-                 opened_mb=round(r["opened_mb"], 1))  # fmt: skip
+                 opened_mb=round(r["opened_mb"], 1),
+                 minor_faults_per_sample=round(r["minor_faults_per_sample"], 2),
+                 major_faults_per_sample=round(r["major_faults_per_sample"], 3))  # fmt: skip
         for metric, key, unit in (
             ("startup_s", "startup_s", "s"),
             ("peak_rss", "peak_mb", "MB"),
