@@ -38,7 +38,7 @@ from tests.train.conftest import data_root, write_config
 DATASETS = ["jgi", "mgnify", "pdb", "uniref"]
 
 
-def _config(tmp_path, data_root, every=3, rows=5, batch_size=2, more=""):
+def _config(tmp_path, data_root, every=3, rows=5, batch_size=2, more="", overrides=()):
     """The 8-step tiny config (stages 'seq' 0-2, 'all' 3-7) with validation over the three
     sequence validation sets and the structure shard (dataset 'pdb', every track)."""
     files = [f"{data_root}/real/validation/*.parquet", f"{data_root}/real/structures/*.parquet"]
@@ -46,7 +46,7 @@ def _config(tmp_path, data_root, every=3, rows=5, batch_size=2, more=""):
         f"[validation]\nevery = {every}\nrows = {rows}\nbatch_size = {batch_size}\n"
         f"files = {json.dumps(files)}\n{more}"
     )
-    return load_config(write_config(tmp_path / "c.toml", data_root, extra))
+    return load_config(write_config(tmp_path / "c.toml", data_root, extra), list(overrides))
 
 
 # --- the subset and the shards ---------------------------------------------------------
@@ -227,10 +227,13 @@ def _train(cfg, ckdir, validation=None, stop_after=None):
     return res, rows, [e for e in events if e["kind"] == "validation"]
 
 
+@pytest.mark.parametrize(
+    "batch", [[], ["data.batch_size=0", "data.batch_tokens=256"]], ids=["samples", "tokens"]
+)
 def test_events_at_the_configured_steps_and_training_untouched(
-    tmp_path, train_data, process_group, workspace
+    tmp_path, train_data, process_group, workspace, batch
 ):
-    cfg = _config(tmp_path, train_data, every=3, more="[checkpoint]\nevery = 2\n")
+    cfg = _config(tmp_path, train_data, every=3, more="[checkpoint]\nevery = 2\n", overrides=batch)
     records = load_validation(cfg.validation, "/")
     on, on_rows, events = _train(cfg, tmp_path / "on", records)
     off, off_rows, none = _train(cfg, tmp_path / "off")
