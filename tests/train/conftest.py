@@ -9,6 +9,28 @@ import pytest
 from tests.train.fixtures import sequence_shard, structure_shard, validation_set
 
 
+@pytest.fixture(scope="module")
+def process_group(tmp_path_factory):
+    """A one-rank gloo process group for the module's in-process training runs."""
+    import torch.distributed as dist
+
+    store = tmp_path_factory.mktemp("pg") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def stop_after_calls(calls: int | None):
+    """A `should_stop` that asks to stop (as a preemption would) at its calls-th call."""
+    seen = {"n": 0}
+
+    def stop() -> bool:
+        seen["n"] += 1
+        return calls is not None and seen["n"] >= calls
+
+    return stop
+
+
 @pytest.fixture(scope="session")
 def train_data(tmp_path_factory) -> Path:
     """A data folder with real sequence and structure shards (see fixtures.py)."""

@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from esm3.metrics.catalog import query
 from esm3.train import checkpoint as ckpt
 from esm3.train.data import load_datasets
 from esm3.train.trainer import Sinks, build_model, train
 from jobs.train.config import load_config
-from tests.train.conftest import data_root, write_config
+from tests.train.conftest import data_root, stop_after_calls, write_config
 from tests.waiting import wait_for
 
 ONE_STAGE = """
@@ -34,22 +33,11 @@ tracks = ["sequence"]
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def process_group(tmp_path_factory):
-    store = tmp_path_factory.mktemp("pg") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("process_group")
 
 
 def _run(cfg, ckdir, *, stop_after=None, max_steps=None, flush=None):
     rows, events = [], []
-    calls = {"n": 0}
-
-    def stop():
-        calls["n"] += 1
-        return stop_after is not None and calls["n"] >= stop_after
-
     sinks = Sinks(rows.append, events.append, flush or (lambda: None))
     res = train(
         cfg,
@@ -57,7 +45,7 @@ def _run(cfg, ckdir, *, stop_after=None, max_steps=None, flush=None):
         run_id="t",
         ckpt_dir=ckdir,
         sinks=sinks,
-        should_stop=stop,
+        should_stop=stop_after_calls(stop_after),
         max_steps=max_steps,
     )
     return res, rows, events

@@ -9,39 +9,26 @@ import json
 import math
 
 import pytest
-import torch.distributed as dist
 
 from esm3.train import checkpoint as ckpt
 from esm3.train.data import load_datasets
 from esm3.train.trainer import Sinks, train
 from jobs.config import ConfigError
 from jobs.train.config import check_inputs, load_config
-from tests.train.conftest import write_config
+from tests.train.conftest import stop_after_calls, write_config
 
-
-@pytest.fixture(scope="module", autouse=True)
-def process_group(tmp_path_factory):
-    store = tmp_path_factory.mktemp("pg") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("process_group")
 
 
 def _run(cfg, data_root, ckdir, stop_after=None):
     rows, events = [], []
-    calls = {"n": 0}
-
-    def stop():
-        calls["n"] += 1
-        return stop_after is not None and calls["n"] >= stop_after
-
     res = train(
         cfg,
         load_datasets(cfg, data_root),
         run_id="t",
         ckpt_dir=ckdir,
         sinks=Sinks(rows.append, events.append),
-        should_stop=stop,
+        should_stop=stop_after_calls(stop_after),
     )
     return res, rows, events
 

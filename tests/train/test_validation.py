@@ -33,7 +33,7 @@ from esm3.train.validation import (
 )
 from jobs.config import ConfigError
 from jobs.train.config import check_inputs, load_config
-from tests.train.conftest import data_root, write_config
+from tests.train.conftest import data_root, stop_after_calls, write_config
 
 DATASETS = ["jgi", "mgnify", "pdb", "uniref"]
 
@@ -199,29 +199,15 @@ def test_two_ranks_share_the_subset_and_agree_with_one(tmp_path, train_data):
 # --- in the training loop --------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def process_group(tmp_path_factory):
-    store = tmp_path_factory.mktemp("pg") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def _train(cfg, ckdir, validation=None, stop_after=None):
     rows, events = [], []
-    calls = {"n": 0}
-
-    def stop():
-        calls["n"] += 1
-        return stop_after is not None and calls["n"] >= stop_after
-
     res = train(
         cfg,
         load_datasets(cfg, data_root(cfg)),
         run_id="val",
         ckpt_dir=ckdir,
         sinks=Sinks(rows.append, events.append),
-        should_stop=stop,
+        should_stop=stop_after_calls(stop_after),
         validation=validation,
     )
     return res, rows, [e for e in events if e["kind"] == "validation"]
