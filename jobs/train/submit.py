@@ -13,8 +13,9 @@ from jobs import launch, records
 from jobs import workspace as wsp
 from jobs.clusters import ClusterProfile, Resources, check_ready, load_profile, make_executor
 from jobs.config import ConfigError
-from jobs.train.config import CONFIG_DIR, check_inputs, config_dict, load_config
+from jobs.train.config import CONFIG_DIR, check_inputs, config_dict, data_root, load_config
 from jobs.train.job import TrainJob, train_job
+from jobs.train.vocabulary import with_vocabulary
 
 STAGE = "train"
 
@@ -44,6 +45,7 @@ def submit(
     res = job_resources(profile, nodes, tasks_per_node)
     world = (res.nodes or 1) * (res.tasks_per_node or 1)
     check_ready(profile)
+    cfg = with_vocabulary(cfg, data_root(ws))  # the labels travel with the job's config
     facts = check_inputs(cfg, ws, world, profile, res.tasks_per_node or 1)
     cfg_json = config_dict(cfg)
     run_id = launch.start_run(
