@@ -2,9 +2,11 @@
 there is no network): how jobs/configs/preprocess/demo-labels/*.tsv.gz were made.
 
 - protein2ipr-standin.tsv.gz (protein2ipr format): one "family" per 70%-identity mmseqs2
-  cluster of the mmseqs2-examples UniProt sequences with at least 2 members (the demo
-  preprocessing's clusters/uniref/level-0.7.parquet), spanning each member's whole
-  sequence. Ids IPR900000 and up are NOT InterPro entries (real ones are far below).
+  cluster of the mmseqs2-examples UniProt sequences (the demo preprocessing's
+  clusters/uniref/level-0.7.parquet), spanning each member's whole sequence, so every
+  sequence has a label; the vocabulary keeps the families of enough proteins
+  (`interpro.min_function_proteins`), as a real one drops rare InterPro entries. Ids
+  IPR900000 and up are NOT InterPro entries (real ones are far below).
 - sites-standin.tsv.gz (the site-features format of `esm3.data.interpro`): matches of
   three real PROSITE patterns (P-loop PS00017, cAMP/cGMP kinase site PS00004, RGD PS00016)
   found here by regular expression, not InterPro's site annotations.
@@ -47,7 +49,7 @@ def read_fasta(path: Path) -> dict[str, str]:
     return {k: "".join(v) for k, v in seqs.items()}
 
 
-def families(clusters: Path, min_members: int = 2) -> list[tuple[str, list[str]]]:
+def families(clusters: Path, min_members: int = 1) -> list[tuple[str, list[str]]]:
     """(representative, members) of clusters with at least `min_members`, largest first,
     then by representative: the order gives the stand-in ids."""
     t = pq.read_table(clusters, columns=["representative", "member"])
@@ -62,7 +64,7 @@ def family_lines(seqs: dict[str, str], fams: list[tuple[str, list[str]]]) -> lis
     lines = []
     for k, (rep, members) in enumerate(fams):
         ipr = f"IPR{FIRST_STANDIN_ID + k:06d}"
-        name = f"Stand-in family {k} (70% cluster of {rep})"
+        name = f"Stand-in family {k} (70% cluster of {rep}, {len(members)} members)"
         lines += [f"{m}\t{ipr}\t{name}\tSTANDIN:{rep}\t1\t{len(seqs[m])}"
                   for m in members if m in seqs]  # fmt: skip
     return sorted(lines)
