@@ -15,10 +15,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from esm3.data.clusters import _connect
-from esm3.data.shards import atomic_path, sql_path
+from esm3.data.interpro import ANNOTATION_TYPE, RESIDUE_ANNOTATION_TYPE
+from esm3.data.shards import atomic_path
+
+_BATCH_ROWS = 65_536  # rows per streamed batch: memory follows this, not the shard
 
 _ACCESSION = "regexp_replace(id, '^UniRef[0-9]+_', '')"
 
@@ -62,11 +66,8 @@ def annotate_sequence_shard(
         function = _spans("ipr", "ipr", "annotations", "interpro", bool(interpro))
         residue = _spans("label", "label", "residue_annotations", "sites", bool(sites))
         try:
-            with atomic_path(out) as tmp:
-                # COPY's target cannot be bound: it goes in quoted by sql_path
-                con.execute(
-                    f"""COPY (
-                    WITH s AS (SELECT *, {_ACCESSION} AS _acc, length(sequence) AS _len
+            batches = con.sql(
+                f"""WITH s AS (SELECT *, {_ACCESSION} AS _acc, length(sequence) AS _len
                                FROM read_parquet($src, file_row_number = true)),
                     accs AS (SELECT DISTINCT _acc, _len FROM s),
                     f AS ({function}), r AS ({residue})
@@ -75,13 +76,29 @@ def annotate_sequence_shard(
                            list_sort(r.residue_annotations) AS residue_annotations
                     FROM s LEFT JOIN f ON f._acc = s._acc AND f._len = s._len
                     LEFT JOIN r ON r._acc = s._acc AND r._len = s._len
-                    ORDER BY s.file_row_number)
-                    TO {sql_path(tmp)} (FORMAT parquet, COMPRESSION zstd)""",  # noqa: S608
-                    params,
-                )
+                    ORDER BY s.file_row_number""",  # noqa: S608 - fragments of this module only
+                params=params,
+            ).to_arrow_reader(_BATCH_ROWS)
+            _write_batches(batches, out, output_schema(src))
         finally:
             con.close()
     return {**annotation_counts(out), "skipped": skipped}
+
+
+def output_schema(src: str | Path) -> pa.Schema:
+    """The input shard's columns (all nullable), then the two label columns: one schema for
+    every shard of a dataset, whichever of its columns happen to hold no null."""
+    base = pa.schema([f.with_nullable(True) for f in pq.read_schema(src).remove_metadata()])
+    return base.append(pa.field("annotations", ANNOTATION_TYPE)).append(
+        pa.field("residue_annotations", RESIDUE_ANNOTATION_TYPE)
+    )
+
+
+def _write_batches(batches: pa.RecordBatchReader, out: Path, schema: pa.Schema) -> None:
+    """Stream the join's batches into `out` (whole or not at all) with `schema`."""
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as w:
+        for b in batches:
+            w.write_table(pa.Table.from_batches([b]).cast(schema))
 
 
 def annotation_counts(path: str | Path) -> dict:

@@ -11,8 +11,8 @@ from jobs import workspace as wsp
 from jobs.clusters import load_profile
 from jobs.errors import UserError
 from jobs.train.config import CONFIG_DIR, check_inputs, config_dict, data_root, load_config
-from jobs.train.vocabulary import with_vocabulary
 from jobs.train.submit import job_resources, run_training, sbatch_script
+from jobs.train.vocabulary import with_vocabulary
 
 EXAMPLES = """examples:
   esm3 train --config jobs/configs/train/tiny.toml --cluster local

@@ -58,7 +58,9 @@ def test_site_ingest_refuses_malformed_lines(tmp_path):
     summary, rejects = ingest_sites(src, tmp_path / "s.parquet")
     assert summary["rows"] == 2 and summary["malformed"] == 2
     assert [r["record"] for r in rejects] == ["line 4", "line 5"]
-    assert "4 columns, expected 5" in rejects[0]["detail"] and "start <= end" in rejects[1]["detail"]
+    assert (
+        "4 columns, expected 5" in rejects[0]["detail"] and "start <= end" in rejects[1]["detail"]
+    )
     t = pq.read_table(tmp_path / "s.parquet")
     assert t.schema.equals(SITE_SCHEMA)
     assert t.slice(0, 1).to_pylist()[0] == {"accession": "M4KW32", "label": "cd00267:ATP binding site",

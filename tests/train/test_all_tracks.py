@@ -33,7 +33,7 @@ from esm3.tokenize.annotations import FIRST_LABEL, read_vocabulary, vocabulary_d
 from esm3.tokenize.tracks import CATEGORICAL_TRACKS, VocabularyMismatch
 from esm3.train import checkpoint as ckpt
 from esm3.train.data import load_datasets
-from esm3.train.trainer import Sinks, TrainModel, Trainer, train
+from esm3.train.trainer import Sinks, Trainer, TrainModel, train
 from jobs.config import ConfigError
 from jobs.stages.structures import vocabulary_task
 from jobs.train.config import load_config
