@@ -157,8 +157,7 @@ def demo_train(ws: Path, profile: ClusterProfile | str = "local", config: Any = 
     run_id, results = run_training(Path(ws), prof, cfg, progress=False)
     df = query(
         ws,
-        "SELECT step, loss, loss_sequence, tokens_per_s, data_wait_s FROM train_steps "
-        "WHERE run_id = ? ORDER BY step",
+        "SELECT * FROM train_steps WHERE run_id = ? ORDER BY step",
         [run_id],
     )
     ev = query(
@@ -173,4 +172,23 @@ def demo_train(ws: Path, profile: ClusterProfile | str = "local", config: Any = 
         f"sequence loss {first:.3f} -> {last:.3f}; {df.tokens_per_s.median():.0f} tokens/s; "
         f"data wait {df.data_wait_s.sum():.2f}s; events: "
         + ", ".join(f"{k} {n}" for k, n in zip(ev.kind, ev.n, strict=True))
+        + "\n"
+        + last_stage_losses(df)
+    )
+
+
+def last_stage_losses(df: Any, window: int = 5) -> str:
+    """Each track's mean loss over the first and the last `window` steps of the last stage."""
+    from esm3.tokenize.tracks import CATEGORICAL_TRACKS
+
+    last = df[df.stage == df.stage.iloc[-1]]
+    parts = [
+        f"{t} {last[f'loss_{t}'].iloc[:window].mean():.3f} -> "
+        f"{last[f'loss_{t}'].iloc[-window:].mean():.3f}"
+        for t in CATEGORICAL_TRACKS
+        if f"loss_{t}" in last
+    ]
+    return (
+        f"stage {last.stage.iloc[-1]!r} loss by track (first -> last {window} steps): "
+        + ", ".join(parts)
     )
