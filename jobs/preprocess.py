@@ -179,7 +179,7 @@ def run_preprocess(
 
 def _require_datasets(cfg: PreprocessConfig, kinds: set[str]) -> None:
     has_seq, has_struct = bool(cfg.of_type("sequence")), bool(cfg.of_type("structure"))
-    has_ipr = bool(cfg.interpro.protein2ipr or cfg.interpro.interproscan)
+    has_ipr = cfg.interpro.any
     if kinds == {"sequences"} and not has_seq:
         raise UserError("the config has no sequence dataset (datasets with type = 'sequence')")
     if kinds & {"structures", "tokens"} and len(kinds) == 1 and not has_struct:
@@ -195,14 +195,15 @@ def _plan(ws, run_id, cfg, inputs, lay, kinds):  # type: ignore[no-untyped-def]
     from jobs.stages.stores import plan_stores
     from jobs.stages.structures import plan_interpro, plan_structures
 
-    stages = []
+    # the InterPro stages once, for the sequence and structure records that need them
+    stages, ipr, sites = [], [], []
+    if kinds & {"sequences", "structures", "interpro"}:
+        stages, ipr, sites = plan_interpro(ws, run_id, cfg, inputs, lay)
     if "sequences" in kinds:
-        stages += plan_sequences(ws, run_id, cfg, inputs.datasets, lay)
+        stages += plan_sequences(ws, run_id, cfg, inputs.datasets, lay, (ipr, sites))
     if kinds & {"structures", "tokens"}:
         stages += plan_structures(ws, run_id, cfg, inputs, lay, process="structures" in kinds,
-                                  tokens="tokens" in kinds)  # fmt: skip
-    elif "interpro" in kinds:
-        stages += plan_interpro(ws, run_id, cfg, inputs, lay)[0]
+                                  tokens="tokens" in kinds, annotations=ipr)  # fmt: skip
     outputs = _outputs(cfg, inputs, lay, kinds, tokens="tokens" in kinds or lay.codebook.exists())
     if outputs:  # the last stage: each dataset's training store
         stages += plan_stores(ws, run_id, cfg, outputs, lay, [s.name for s in stages])
@@ -240,6 +241,8 @@ def _write_manifest(cfg, inputs, lay, kinds, run_id) -> None:  # type: ignore[no
         "validation": str(lay.validation) if lay.validation.exists() else None,
         "structure_codebook": str(lay.codebook) if lay.codebook.exists() else None,
         "interpro": sorted(str(p) for p in lay.interpro.glob("*.parquet")),
+        # the function / residue-annotation labels (training's `data.vocabulary`)
+        "vocabulary": str(lay.vocabulary) if lay.vocabulary.exists() else None,
     }
     lay.root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(lay.manifest, json.dumps(manifest, indent=1))

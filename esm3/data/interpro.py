@@ -12,6 +12,11 @@ length, analysis, signature accession, signature description, start, stop, score
 date, then with --iprlookup the IPR accession and description ('-' when the match has no
 InterPro entry), GO terms, pathways. Matches without an IPR entry carry no InterPro label
 and are counted, not rejected.
+
+Site features (residue annotations): tab-separated protein accession, site label, site
+description, start, end (1-based, inclusive), one line per site location, as extracted
+from InterProScan's JSON/XML `sites` of a match (label: the signature's site type, e.g.
+`cd00009:ATP binding site`). They become rows (accession, label, description, start, end).
 """
 
 from __future__ import annotations
@@ -44,6 +49,18 @@ IPR_SCHEMA = pa.schema(
 )
 ANNOTATION_TYPE = pa.list_(
     pa.struct([("ipr", pa.string()), ("start", pa.int32()), ("end", pa.int32())])
+)
+SITE_SCHEMA = pa.schema(
+    [
+        ("accession", pa.string()),
+        ("label", pa.string()),
+        ("description", pa.string()),
+        ("start", pa.int32()),
+        ("end", pa.int32()),
+    ]
+)
+RESIDUE_ANNOTATION_TYPE = pa.list_(
+    pa.struct([("label", pa.string()), ("start", pa.int32()), ("end", pa.int32())])
 )
 _IPR_ID = re.compile(r"^IPR\d{6}$")
 
@@ -106,6 +123,20 @@ def parse_interproscan_line(line: str) -> tuple[str, str, str, str, int, int] | 
     return acc, ipr, name, sig, pos[0], pos[1]
 
 
+def parse_site_line(line: str) -> tuple[str, str, str, int, int] | str:
+    """A parsed site row (accession, label, description, start, end), or why it is malformed."""
+    parts = line.rstrip("\n").split("\t")
+    if len(parts) != 5:
+        return f"{len(parts)} columns, expected 5"
+    acc, label, desc, start, end = parts
+    if not acc or not label:
+        return "empty accession or label"
+    pos = _positions(start, end)
+    if isinstance(pos, str):
+        return pos
+    return acc, label, desc, pos[0], pos[1]
+
+
 def _ingest(
     src: Path,
     out_path: Path,
@@ -114,20 +145,21 @@ def _ingest(
     accessions: set[str] | None,
     batch_rows: int,
     max_rejects: int,
+    schema: pa.Schema = IPR_SCHEMA,
 ) -> ShardResult:
     out_path = Path(out_path)
     if out_path.exists():
         return stored_result(out_path)
-    cols: list[list] = [[] for _ in IPR_SCHEMA]
+    cols: list[list] = [[] for _ in schema]
     rejects: list[dict] = []
     counts = {"lines": 0, "rows": 0, "malformed": 0, "no_ipr": 0, "filtered": 0}
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with pq.ParquetWriter(tmp, IPR_SCHEMA, compression="zstd") as writer:
+    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
 
         def flush() -> None:
             if cols[0]:
-                writer.write_table(pa.table(cols, schema=IPR_SCHEMA))
+                writer.write_table(pa.table(cols, schema=schema))
                 for c in cols:
                     c.clear()
 
@@ -196,6 +228,36 @@ def ingest_interproscan(
         batch_rows,
         max_rejects,
     )
+
+
+def ingest_sites(
+    src: str | Path,
+    out_path: str | Path,
+    accessions: Iterable[str] | None = None,
+    batch_rows: int = 1_000_000,
+    max_rejects: int = 100_000,
+) -> ShardResult:
+    """Site features (accession, label, description, start, end TSV) into SITE_SCHEMA rows."""
+    acc = set(accessions) if accessions is not None else None
+    return _ingest(
+        Path(src), Path(out_path), parse_site_line, "sites", acc, batch_rows, max_rejects,
+        SITE_SCHEMA,
+    )  # fmt: skip
+
+
+def frequent_labels(
+    paths: Iterable[str | Path], column: str, schema: pa.Schema, min_proteins: int
+) -> list[str]:
+    """The values of `column` found in at least `min_proteins` distinct accessions, sorted:
+    a vocabulary keeps the labels seen often enough to learn."""
+    files = [str(p) for p in paths]
+    if not files:
+        return []
+    t = ds.dataset(files, schema=schema).to_table(columns=["accession", column])
+    per_protein = t.group_by([column, "accession"]).aggregate([])
+    counts = per_protein.group_by(column).aggregate([("accession", "count")])
+    keep = counts.filter(pc.greater_equal(counts["accession_count"], min_proteins))
+    return sorted(keep[column].to_pylist())
 
 
 def interpro_vocabulary(paths: Iterable[str | Path]) -> pa.Table:

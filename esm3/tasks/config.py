@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from esm3.tokenize.annotations import FUNCTION_DEPTH, RESIDUE_DEPTH, AnnotationVocab
-from esm3.tokenize.structure_tokens import DEFAULT_CODEBOOK_SIZE
+from esm3.tokenize.annotations import FIRST_LABEL, FUNCTION_DEPTH, RESIDUE_DEPTH, AnnotationVocab
+from esm3.tokenize.structure_tokens import DEFAULT_CODEBOOK_SIZE, structure_vocab_size
+from esm3.tokenize.tracks import TrackSizes
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,8 @@ class TaskConfig:
     gap_dirichlet_alpha: float = 1.0
     # sample size: residues beyond max_length - 2 (bos, eos) are cropped to a random window
     max_length: int = 2048
-    # vocabularies
+    # vocabularies (training reads the labels from preprocessing's vocabulary file,
+    # `data.vocabulary`; the model's embedding and head sizes follow from them)
     codebook_size: int = DEFAULT_CODEBOOK_SIZE
     function_labels: tuple[str, ...] = ()
     residue_labels: tuple[str, ...] = ()
@@ -80,3 +82,13 @@ class TaskConfig:
             raise ValueError(f"tasks.max_length must be >= 3, got {self.max_length}")
         self.function_vocab = AnnotationVocab(self.function_labels, FUNCTION_DEPTH)
         self.residue_vocab = AnnotationVocab(self.residue_labels, RESIDUE_DEPTH)
+
+    def track_sizes(self) -> TrackSizes:
+        """Token-id counts of every track as this recipe's tokenizers write them: the one
+        place a model's embedding and head sizes come from. A track without labels keeps
+        one unused label id, so its head still has an output."""
+        return TrackSizes(
+            structure=structure_vocab_size(self.codebook_size),
+            function=max(self.function_vocab.size, FIRST_LABEL + 1),
+            residue=max(self.residue_vocab.size, FIRST_LABEL + 1),
+        )

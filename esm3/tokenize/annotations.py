@@ -13,7 +13,9 @@ and a multi-label (binary cross-entropy) loss over the vocabulary.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -25,6 +27,7 @@ FUNCTION_DEPTH = 8
 RESIDUE_DEPTH = 16
 
 Annotation = tuple[str, int, int]  # (label id, start, end), 1-based inclusive
+VOCABULARY_SCHEME = "interpro-slots-v1"  # this module's scheme (label k -> FIRST_LABEL + k)
 
 
 class AnnotationVocab:
@@ -97,3 +100,40 @@ def multi_hot(slots: np.ndarray, vocab_size: int) -> np.ndarray:
     idx = np.nonzero(slots >= FIRST_LABEL)
     out[idx[:-1] + (slots[idx] - FIRST_LABEL,)] = True
     return out
+
+
+def vocabulary_document(
+    function_labels: Sequence[str], residue_labels: Sequence[str], **about: object
+) -> dict:
+    """The vocabulary file preprocessing writes and training reads (JSON): the labels of
+    both tracks in token order, their depths, token-id counts and the scheme."""
+    return {
+        "scheme": VOCABULARY_SCHEME,
+        "function": {"depth": FUNCTION_DEPTH, "size": FIRST_LABEL + len(function_labels),
+                     "labels": list(function_labels)},
+        "residue": {"depth": RESIDUE_DEPTH, "size": FIRST_LABEL + len(residue_labels),
+                    "labels": list(residue_labels)},
+        **about,
+    }  # fmt: skip
+
+
+def read_vocabulary(path: str | Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(function labels, residue labels) of a vocabulary file; ValueError naming the file
+    and the reason when it is unreadable or of another scheme."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"vocabulary file {path}: unreadable ({e})") from e
+    if not isinstance(doc, dict) or doc.get("scheme") != VOCABULARY_SCHEME:
+        got = doc.get("scheme") if isinstance(doc, dict) else None
+        raise ValueError(f"vocabulary file {path}: scheme {got!r}, expected {VOCABULARY_SCHEME!r}")
+    out = []
+    for track, depth in (("function", FUNCTION_DEPTH), ("residue", RESIDUE_DEPTH)):
+        sec = doc.get(track)
+        if not isinstance(sec, dict) or not isinstance(sec.get("labels"), list):
+            raise ValueError(f"vocabulary file {path}: no '{track}.labels' list")
+        if sec.get("depth") != depth:
+            raise ValueError(f"vocabulary file {path}: {track} depth {sec.get('depth')}, "
+                             f"this tokenizer uses {depth}")  # fmt: skip
+        out.append(tuple(str(x) for x in sec["labels"]))
+    return out[0], out[1]

@@ -35,3 +35,24 @@ class TrackSizes:
             function=FIRST_LABEL + n_function,
             residue=FIRST_LABEL + n_residue,
         )
+
+
+class VocabularyMismatch(ValueError):
+    """A model whose track sizes are not those of the tokenizer feeding it."""
+
+
+def check_track_sizes(model: TrackSizes, tokenizer: TrackSizes, where: str = "model") -> None:
+    """Refuse a model built for other vocabularies than the tokenizer's: one line naming
+    each differing track and both sizes (token ids would index past an embedding, or a
+    head would predict labels that are not the data's)."""
+    diff = [
+        f"{t}: {getattr(model, t)} token ids in the {where}, {getattr(tokenizer, t)} in the tokenizer"
+        for t in CATEGORICAL_TRACKS
+        if getattr(model, t) != getattr(tokenizer, t)
+    ]
+    if diff:
+        raise VocabularyMismatch(
+            f"{where} was built for other vocabularies ({'; '.join(diff)}); build it from the "
+            "task config's track sizes (TaskConfig.track_sizes) or use the vocabulary it was "
+            "trained with"
+        )

@@ -103,9 +103,21 @@ def check_compatible(state: dict[str, Any], expected: dict[str, Any], where: str
     diff = [k for k in sorted(set(got) | set(expected)) if got.get(k) != expected.get(k)]
     if diff:
         shown = "; ".join(
-            f"{k}: checkpoint {got.get(k)!r} vs config {expected.get(k)!r}" for k in diff
+            _vocabulary_diff(got["tracks"], expected["tracks"])
+            if k == "tracks" and isinstance(got.get(k), dict) and isinstance(expected.get(k), dict)
+            else f"{k}: checkpoint {got.get(k)!r} vs config {expected.get(k)!r}"
+            for k in diff
         )
         raise CheckpointMismatch(f"checkpoint {where} is from another model ({shown})")
+
+
+def _vocabulary_diff(got: dict[str, Any], expected: dict[str, Any]) -> str:
+    """Track sizes that differ, said as vocabularies (a new vocabulary file changes them)."""
+    return "; ".join(
+        f"vocabulary of track '{t}': checkpoint {got.get(t)} token ids vs config {expected.get(t)}"
+        for t in sorted(set(got) | set(expected))
+        if got.get(t) != expected.get(t)
+    )
 
 
 def file_hash(path: str | Path) -> str:

@@ -14,7 +14,7 @@ from typing import Literal
 
 from esm3.model.config import PRESETS, BackendConfig, ModelConfig, preset
 from esm3.tasks.config import TaskConfig
-from esm3.tokenize.tracks import CATEGORICAL_TRACKS
+from esm3.tokenize.tracks import CATEGORICAL_TRACKS, TrackSizes
 
 #: Tracks a stage can switch on or off ("coords" is the backbone-coordinate input).
 TRACKS = ("sequence", "structure", "coords", "ss8", "sasa", "function", "residue")
@@ -72,13 +72,17 @@ class ModelSection:
         if self.context_length is not None:
             _at_least("model.context_length", self.context_length, 3)
 
-    def build(self, fp8: bool = False) -> ModelConfig:
+    def build(self, fp8: bool = False, tracks: TrackSizes | None = None) -> ModelConfig:
+        """The preset with the overrides; `tracks` (the tokenizer's sizes) replaces the
+        preset's vocabulary sizes."""
         over: dict[str, object] = {
             k: getattr(self, k)
             for k in ("d_model", "n_layers", "d_head", "context_length")
             if getattr(self, k) is not None
         }
         over["backend"] = BackendConfig(attention=self.attention, linear=self.linear, fp8=fp8)
+        if tracks is not None:
+            over["tracks"] = tracks
         try:
             return preset(self.preset, **over)
         except (ValueError, TypeError) as e:
@@ -132,6 +136,10 @@ class DataConfig:
     inverse_folding_prob: float = 0.5  # the 50/50 rule (structure with generated sequence)
     task: Literal["pretrain", "inverse_folding"] = "pretrain"
     max_records: int = 0  # 0: all; else the first N records per dataset (demos, benchmarks)
+    # the function / residue-annotation vocabulary file preprocessing wrote (JSON; relative
+    # paths are under the workspace's data/ folder); "" keeps tasks.function_labels /
+    # tasks.residue_labels as given (empty: those tracks are never trained)
+    vocabulary: str = ""
 
 
 @dataclass
@@ -238,7 +246,8 @@ class TrainConfig:
         return sum(s.steps for s in self.stages)
 
     def model_config(self) -> ModelConfig:
-        return self.model.build(fp8=self.parallel.fp8)
+        """The model, its vocabulary sizes those of the tokenizers (`TaskConfig.track_sizes`)."""
+        return self.model.build(fp8=self.parallel.fp8, tracks=self.tasks.track_sizes())
 
     def stage_at(self, step: int) -> tuple[int, StageConfig]:
         """(index, stage) that training step `step` (0-based) belongs to; the last stage

@@ -28,7 +28,7 @@ from torch import nn
 
 from esm3.model.config import flops_per_token
 from esm3.model.esm3 import ESM3
-from esm3.tokenize.tracks import CATEGORICAL_TRACKS
+from esm3.tokenize.tracks import CATEGORICAL_TRACKS, TrackSizes, check_track_sizes
 from esm3.train import checkpoint as ckpt
 from esm3.train.checkpointer import Checkpointer
 from esm3.train.config import StageConfig, TrainConfig
@@ -134,6 +134,9 @@ class Trainer:
         self.evaluator = evaluator
         self.spec = model
         self.model = model.module
+        built_for = getattr(getattr(model.module, "cfg", None), "tracks", None)
+        if isinstance(built_for, TrackSizes):  # the model must read what the tokenizers write
+            check_track_sizes(built_for, cfg.tasks.track_sizes())
         self.loss_fn = loss_fn
         self.data = data
         self.device = device

@@ -46,6 +46,7 @@ STAGES = (
     "structure-stats",
     "interpro",
     "interpro-vocab",
+    "annotate",
 )
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -177,8 +178,28 @@ class CodebookConfig:
 
 @dataclass
 class InterproConfig:
+    """InterPro labels: function annotations of UniProt accessions (protein2ipr), of other
+    proteins by their sequence ids (InterProScan TSV, e.g. MGnify), and site features for
+    the residue-annotation track (see `esm3.data.interpro` for the formats). Sequence
+    records are matched by id (a UniRef cluster by its representative's accession),
+    structure chains by their UniProt accession."""
+
     protein2ipr: list[str] = field(default_factory=list)  # protein2ipr.dat(.gz)
     interproscan: list[str] = field(default_factory=list)  # InterProScan TSV files
+    sites: list[str] = field(default_factory=list)  # site features TSV (residue annotations)
+    # a label enters the vocabulary when this many distinct proteins carry it
+    min_function_proteins: int = 1
+    min_site_proteins: int = 10
+    note: str = ""  # what the inputs are (the demo's are labelled stand-ins)
+
+    def validate(self) -> None:
+        for key in ("min_function_proteins", "min_site_proteins"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"interpro.{key} {getattr(self, key)} must be >= 1")
+
+    @property
+    def any(self) -> bool:
+        return bool(self.protein2ipr or self.interproscan or self.sites)
 
 
 @dataclass
@@ -270,6 +291,7 @@ class Inputs:
     metadata: dict[str, Path | None]
     protein2ipr: list[Path]
     interproscan: list[Path]
+    sites: list[Path] = field(default_factory=list)
 
 
 def check_inputs(cfg: PreprocessConfig, workspace: Path, kinds: set[str]) -> Inputs:
@@ -292,7 +314,9 @@ def check_inputs(cfg: PreprocessConfig, workspace: Path, kinds: set[str]) -> Inp
             (metadata[d.name],) = resolve_paths([d.metadata], workspace, f"{where} metadata")
     p2i: list[Path] = []
     ips: list[Path] = []
-    if kinds & {"interpro", "structures"}:
+    sites: list[Path] = []
+    if kinds & {"interpro", "structures", "sequences"}:
         p2i = resolve_paths(cfg.interpro.protein2ipr, workspace, "interpro.protein2ipr")
         ips = resolve_paths(cfg.interpro.interproscan, workspace, "interpro.interproscan")
-    return Inputs(datasets, metadata, p2i, ips)
+        sites = resolve_paths(cfg.interpro.sites, workspace, "interpro.sites")
+    return Inputs(datasets, metadata, p2i, ips, sites)

@@ -162,6 +162,11 @@ class Layout:
         return self.root / "interpro"
 
     @property
+    def vocabulary(self) -> Path:
+        """The function / residue-annotation vocabulary file training reads."""
+        return self.root / "vocabulary.json"
+
+    @property
     def work(self) -> Path:
         return self.root / "tmp"
 

@@ -8,6 +8,9 @@ Array tasks (module-level, run in the job process):
 - validation: one task: the validation set of every purged dataset
 - purge:      one task per training shard: easy-search against validation, blacklist
 - sequence-stats: one task: final clusters (members still in training), Table S3/S4 rows
+- annotate:   one task per final shard (when the config has InterPro inputs): the shard
+              with its InterPro `annotations` and site `residue_annotations` (a DuckDB
+              join, `esm3.data.sequence_annotations`), what training reads
 
 Structure datasets are clustered by the same `cluster_task` / `expand_task`.
 """
@@ -24,6 +27,7 @@ from esm3.data.clusters import expand_cluster_files
 from esm3.data.fasta import ingest_fasta, split_fasta
 from esm3.data.mmseqs import CLUSTER_SCHEMA, cluster_shards
 from esm3.data.purge import purge_shard, write_validation
+from esm3.data.sequence_annotations import annotate_sequence_shard
 from esm3.data.shards import atomic_path, sql_path, write_table
 from esm3.data.token_stats import cluster_table, dataset_stats_row, token_stats_row
 from jobs.stages.config import DatasetConfig, PreprocessConfig
@@ -141,6 +145,18 @@ def purge_task(
     )
     record_rejects(ws, run_id, output_key(ws, out), rejects)
     say("purge", f"{train}: kept {summary['kept']}, blacklisted {summary['blacklisted']}")
+    return summary
+
+
+def annotate_task(
+    ws: str, run_id: str, src: str, out: str, interpro: list[str], sites: list[str]
+) -> dict:
+    summary = annotate_sequence_shard(
+        src, out, interpro, sites, threads=job_cpus(), memory_limit=job_memory_limit(),
+        temp_dir=Path(out).parent / "tmp",
+    )  # fmt: skip
+    say("annotate", f"{src}: {summary['annotated']} of {summary['rows']} records with InterPro "
+        f"labels, {summary['with_sites']} with sites -> {out}")  # fmt: skip
     return summary
 
 
@@ -263,9 +279,15 @@ def ingest_units(d: DatasetConfig, files: list[Path], lay: Layout) -> tuple[list
 
 
 def plan_sequences(
-    ws: Path, run_id: str, cfg: PreprocessConfig, files: dict[str, list[Path]], lay: Layout
+    ws: Path,
+    run_id: str,
+    cfg: PreprocessConfig,
+    files: dict[str, list[Path]],
+    lay: Layout,
+    labels: tuple[list[str], list[str]] = ([], []),
 ) -> list[Stage]:
-    """The sequence pipeline's stages for the datasets in `files`."""
+    """The sequence pipeline's stages for the datasets in `files`; `labels`: the ingested
+    InterPro and site tables (the `interpro` stage's outputs) the records are joined with."""
     w = str(ws)
     datasets = [d for d in cfg.of_type("sequence") if d.name in files]
     split_items, ingest_items, cluster_items, expand_items, purge_items = [], [], [], [], []
@@ -304,6 +326,10 @@ def plan_sequences(
         for d in datasets
     ]  # fmt: skip
     stats_items = [(w, run_id, specs)] if specs else []
+    annotate_items = [
+        (w, run_id, src, str(annotated_shard(lay, d.name, src)), *labels)
+        for d in datasets if cfg.interpro.any for src in final[d.name]
+    ]  # fmt: skip
 
     def st(name, fn, items, after):
         return Stage(name, fn, items, after, stage_resources(cfg, name))
@@ -316,7 +342,12 @@ def plan_sequences(
         st("validation", validation_task, validation_items, ["ingest"]),
         st("purge", purge_task, purge_items, ["validation"]),
         st("sequence-stats", sequence_stats_task, stats_items, ["expand", "purge"]),
+        st("annotate", annotate_task, annotate_items, ["ingest", "purge", "interpro"]),
     ]
+
+
+def annotated_shard(lay: Layout, dataset: str, shard: str | Path) -> Path:
+    return lay.seq(dataset) / "annotated" / Path(shard).name
 
 
 def sequence_outputs(cfg: PreprocessConfig, files: dict[str, list[Path]], lay: Layout) -> dict:
@@ -327,6 +358,7 @@ def sequence_outputs(cfg: PreprocessConfig, files: dict[str, list[Path]], lay: L
             continue
         _, units = ingest_units(d, files[d.name], lay)
         sub = "purged" if d.purge and cfg.purge.enabled else "ingest"
+        sub = "annotated" if cfg.interpro.any else sub
         out[d.name] = {
             "type": "sequence",
             "shards": [str(lay.seq(d.name) / sub / o.name) for _, o in units],

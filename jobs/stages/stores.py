@@ -13,14 +13,17 @@ from jobs.stages.runner import Layout, Stage, job_cpus, job_memory_limit, say, s
 
 def store_task(
     ws: str, run_id: str, name: str, type: str, records: list[str], clusters: list[str],
-    codebook: str | None, out: str,
+    codebook: str | None, vocabulary: str | None, out: str,
 ) -> dict[str, Any]:  # fmt: skip
     """One array task: the store of one dataset; skipped when the store on disk was written
     from the same files (same paths, sizes and modification times)."""
     from esm3.data.store import StoreSources, sources_fingerprint, write_store
 
-    cb = Path(codebook) if codebook and Path(codebook).exists() else None
-    sources = StoreSources([Path(p) for p in records], [Path(p) for p in clusters], [], cb)
+    def present(p: str | None) -> Path | None:
+        return Path(p) if p and Path(p).exists() else None
+
+    sources = StoreSources([Path(p) for p in records], [Path(p) for p in clusters], [],
+                           present(codebook), present(vocabulary))  # fmt: skip
     digest = sources_fingerprint(sources)
     meta_path = Path(out) / "store.json"
     if meta_path.exists():
@@ -42,11 +45,12 @@ def plan_stores(
     ws: Path, run_id: str, cfg: Any, outputs: dict[str, dict], lay: Layout, after: list[str]
 ) -> list[Stage]:
     """The store stage over the datasets in `outputs` (the manifest entries of the stages
-    planned before it, which it runs after)."""
+    planned before it, which it runs after), with the codebook (structure stores) and the
+    annotation vocabulary they were built with, where the preprocessing has them."""
     items = []
     for name, o in outputs.items():
         codebook = str(lay.codebook) if o["type"] == "structure" else None
         clusters = [o["clusters"]] if o.get("clusters") else []
         items.append((str(ws), run_id, name, o["type"], list(o["shards"]), clusters, codebook,
-                      str(lay.store(name))))  # fmt: skip
+                      str(lay.vocabulary), str(lay.store(name))))  # fmt: skip
     return [Stage("store", store_task, items, after, stage_resources(cfg, "store"))]

@@ -16,6 +16,7 @@ Array tasks (module-level, run in the job process):
 from __future__ import annotations
 
 import csv
+import json
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +26,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from esm3.data.interpro import ingest_interproscan, ingest_protein2ipr, interpro_vocabulary
+from esm3.data.interpro import (
+    IPR_SCHEMA,
+    SITE_SCHEMA,
+    frequent_labels,
+    ingest_interproscan,
+    ingest_protein2ipr,
+    ingest_sites,
+    interpro_vocabulary,
+)
 from esm3.data.shards import write_table
 from esm3.data.structures.io import StructureReadError, read_structure
 from esm3.data.structures.stages import (
@@ -36,6 +45,7 @@ from esm3.data.structures.stages import (
     tokenize_structure_shard,
 )
 from esm3.data.token_stats import cluster_table, token_stats_row
+from esm3.tokenize.annotations import vocabulary_document
 from jobs.errors import UserError
 from jobs.stages.config import DatasetConfig, Inputs, PreprocessConfig
 from jobs.stages.runner import (
@@ -46,6 +56,7 @@ from jobs.stages.runner import (
     record_stats,
     say,
     stage_resources,
+    write_text_atomic,
 )
 from jobs.stages.sequences import cluster_task, expand_task, token_budgets
 
@@ -54,20 +65,44 @@ _SIGNALLED = re.compile(r"exit code -\d+")
 # --- tasks ---------------------------------------------------------------------------------
 
 
+_INGEST = {"protein2ipr": ingest_protein2ipr, "interproscan": ingest_interproscan,
+           "sites": ingest_sites}  # fmt: skip
+
+
 def interpro_task(ws: str, run_id: str, src: str, out: str, kind: str) -> dict:
-    ingest = ingest_protein2ipr if kind == "protein2ipr" else ingest_interproscan
-    summary, rejects = ingest(src, out)
+    summary, rejects = _INGEST[kind](src, out)
     record_rejects(ws, run_id, output_key(ws, out), rejects)
     say("interpro", f"{src}: {summary.get('rows')} rows, {summary.get('malformed')} malformed")
     return summary
 
 
-def vocabulary_task(ws: str, run_id: str, paths: list[str], out: str) -> dict:
-    if not Path(out).exists():
+def vocabulary_task(
+    ws: str,
+    run_id: str,
+    paths: list[str],
+    out: str,
+    sites: list[str] | None = None,
+    vocabulary: str | None = None,
+    min_function_proteins: int = 1,
+    min_site_proteins: int = 1,
+    note: str = "",
+) -> dict:
+    """The InterPro terms table (`out`) and the vocabulary file training reads
+    (`vocabulary`): function labels are the InterPro entries, residue labels the site
+    labels, each kept when at least its minimum of distinct proteins carries it."""
+    if paths and not Path(out).exists():
         write_table(interpro_vocabulary(paths), out)
-    terms = pq.read_metadata(out).num_rows
-    say("interpro-vocab", f"{terms} InterPro terms -> {out}")
-    return {"terms": terms}
+    function = frequent_labels(paths, "ipr", IPR_SCHEMA, min_function_proteins)
+    residue = frequent_labels(sites or [], "label", SITE_SCHEMA, min_site_proteins)
+    if vocabulary:
+        doc = vocabulary_document(
+            function, residue, note=note, min_function_proteins=min_function_proteins,
+            min_site_proteins=min_site_proteins, sources=sorted(paths + (sites or [])),
+        )  # fmt: skip
+        write_text_atomic(Path(vocabulary), json.dumps(doc, indent=1))
+    say("interpro-vocab", f"{len(function)} function labels, {len(residue)} residue labels "
+        f"-> {vocabulary or out}")  # fmt: skip
+    return {"terms": len(function), "residue_labels": len(residue)}
 
 
 def _proxy_plddt(bfactor: np.ndarray) -> np.ndarray:
@@ -279,19 +314,24 @@ def structure_shards(d: DatasetConfig, files: list[Path], lay: Layout) -> list[t
 
 
 def plan_interpro(ws: Path, run_id: str, cfg: PreprocessConfig, inputs: Inputs, lay: Layout):
-    """(stages, ingested Parquet paths) of the InterPro ingest."""
+    """(stages, ingested InterPro Parquet paths, ingested site Parquet paths) of the label
+    ingest and the vocabulary file."""
     w = str(ws)
-    items = [(w, run_id, str(f), str(lay.interpro / f"protein2ipr-{i:05d}.parquet"), "protein2ipr")
-             for i, f in enumerate(inputs.protein2ipr)]  # fmt: skip
-    items += [(w, run_id, str(f), str(lay.interpro / f"interproscan-{i:05d}.parquet"),
-               "interproscan") for i, f in enumerate(inputs.interproscan)]  # fmt: skip
-    paths = [it[3] for it in items]
-    vocab = [(w, run_id, paths, str(lay.interpro / "vocabulary.parquet"))] if paths else []
+    items = [(w, run_id, str(f), str(lay.interpro / f"{kind}-{i:05d}.parquet"), kind)
+             for kind, files in (("protein2ipr", inputs.protein2ipr),
+                                 ("interproscan", inputs.interproscan), ("sites", inputs.sites))
+             for i, f in enumerate(files)]  # fmt: skip
+    paths = [it[3] for it in items if it[4] != "sites"]
+    sites = [it[3] for it in items if it[4] == "sites"]
+    ic = cfg.interpro
+    vocab = [(w, run_id, paths, str(lay.interpro / "vocabulary.parquet"), sites,
+              str(lay.vocabulary), ic.min_function_proteins, ic.min_site_proteins,
+              ic.note)] if items else []  # fmt: skip
     stages = [
         Stage("interpro", interpro_task, items, [], stage_resources(cfg, "interpro")),
         Stage("interpro-vocab", vocabulary_task, vocab, ["interpro"], None),
     ]
-    return stages, paths
+    return stages, paths, sites
 
 
 def plan_structures(
@@ -303,15 +343,18 @@ def plan_structures(
     *,
     process: bool = True,
     tokens: bool = False,
+    annotations: list[str] | None = None,
 ) -> list[Stage]:
     """Stages for the structure datasets: `process` (parse ... stats), `tokens` (codebook,
-    tokenize). Tokens alone need the structure shards of an earlier run."""
+    tokenize). Tokens alone need the structure shards of an earlier run. `annotations`:
+    the ingested InterPro tables when the caller plans the InterPro stages; None: planned
+    here with the structure stages."""
     w = str(ws)
     datasets = [d for d in cfg.of_type("structure") if d.name in inputs.datasets]
     stages: list[Stage] = []
-    ann_paths: list[str] = []
-    if process:
-        stages, ann_paths = plan_interpro(ws, run_id, cfg, inputs, lay)
+    ann_paths: list[str] = list(annotations or [])
+    if process and annotations is None:
+        stages, ann_paths, _ = plan_interpro(ws, run_id, cfg, inputs, lay)
     derive, struct, clus, expand, specs, all_shards, tok = [], [], [], [], [], [], []
     budgets = token_budgets(cfg)
     for d in datasets:

@@ -10,8 +10,9 @@ from jobs import launch
 from jobs import workspace as wsp
 from jobs.clusters import load_profile
 from jobs.errors import UserError
-from jobs.train.config import CONFIG_DIR, check_inputs, config_dict, load_config
+from jobs.train.config import CONFIG_DIR, check_inputs, config_dict, data_root, load_config
 from jobs.train.submit import job_resources, run_training, sbatch_script
+from jobs.train.vocabulary import with_vocabulary
 
 EXAMPLES = """examples:
   esm3 train --config jobs/configs/train/tiny.toml --cluster local
@@ -55,6 +56,7 @@ def entry(args: argparse.Namespace) -> int:
     ws = wsp.prepare(args.workspace)
     if args.dry_run:
         world = (res.nodes or 1) * (res.tasks_per_node or 1)
+        cfg = with_vocabulary(cfg, data_root(ws))
         facts = check_inputs(cfg, ws, world, profile, res.tasks_per_node or 1, build_stores=False)
         print(json.dumps(config_dict(cfg), indent=1, default=str))
         print(

@@ -13,8 +13,9 @@ from jobs import launch, records
 from jobs import workspace as wsp
 from jobs.clusters import ClusterProfile, Resources, check_ready, load_profile, make_executor
 from jobs.config import ConfigError
-from jobs.train.config import CONFIG_DIR, check_inputs, config_dict, load_config
+from jobs.train.config import CONFIG_DIR, check_inputs, config_dict, data_root, load_config
 from jobs.train.job import TrainJob, train_job
+from jobs.train.vocabulary import with_vocabulary
 
 STAGE = "train"
 
@@ -44,6 +45,7 @@ def submit(
     res = job_resources(profile, nodes, tasks_per_node)
     world = (res.nodes or 1) * (res.tasks_per_node or 1)
     check_ready(profile)
+    cfg = with_vocabulary(cfg, data_root(ws))  # the labels travel with the job's config
     facts = check_inputs(cfg, ws, world, profile, res.tasks_per_node or 1)
     cfg_json = config_dict(cfg)
     run_id = launch.start_run(
@@ -155,8 +157,7 @@ def demo_train(ws: Path, profile: ClusterProfile | str = "local", config: Any = 
     run_id, results = run_training(Path(ws), prof, cfg, progress=False)
     df = query(
         ws,
-        "SELECT step, loss, loss_sequence, tokens_per_s, data_wait_s FROM train_steps "
-        "WHERE run_id = ? ORDER BY step",
+        "SELECT * FROM train_steps WHERE run_id = ? ORDER BY step",
         [run_id],
     )
     ev = query(
@@ -171,4 +172,23 @@ def demo_train(ws: Path, profile: ClusterProfile | str = "local", config: Any = 
         f"sequence loss {first:.3f} -> {last:.3f}; {df.tokens_per_s.median():.0f} tokens/s; "
         f"data wait {df.data_wait_s.sum():.2f}s; events: "
         + ", ".join(f"{k} {n}" for k, n in zip(ev.kind, ev.n, strict=True))
+        + "\n"
+        + last_stage_losses(df)
+    )
+
+
+def last_stage_losses(df: Any, window: int = 5) -> str:
+    """Each track's mean loss over the first and the last `window` steps of the last stage."""
+    from esm3.tokenize.tracks import CATEGORICAL_TRACKS
+
+    last = df[df.stage == df.stage.iloc[-1]]
+    parts = [
+        f"{t} {last[f'loss_{t}'].iloc[:window].mean():.3f} -> "
+        f"{last[f'loss_{t}'].iloc[-window:].mean():.3f}"
+        for t in CATEGORICAL_TRACKS
+        if f"loss_{t}" in last
+    ]
+    return (
+        f"stage {last.stage.iloc[-1]!r} loss by track (first -> last {window} steps): "
+        + ", ".join(parts)
     )

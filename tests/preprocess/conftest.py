@@ -57,7 +57,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def write_config(path: Path, inputs: dict[str, Path], *, name: str = "t") -> Path:
     """The test config: two sequence datasets (two levels with expansion; one level only),
-    a PDB dataset and an AFDB-style one derived from experimental structures."""
+    a PDB dataset and an AFDB-style one derived from experimental structures, and the
+    demo's stand-in InterPro and site files as labels."""
     i = {k: str(v) for k, v in inputs.items()}
     path.write_text(f"""
 name = "{name}"
@@ -102,6 +103,11 @@ shard_size = 2
 release = "test"
 [structures]
 sasa_points = 100
+[interpro]
+protein2ipr = ["{{package:jobs}}/configs/preprocess/demo-labels/protein2ipr-standin.tsv.gz"]
+sites = ["{{package:jobs}}/configs/preprocess/demo-labels/sites-standin.tsv.gz"]
+min_function_proteins = 5
+min_site_proteins = 1
 [resources.cluster]
 cpus_per_task = 2
 [resources.purge]

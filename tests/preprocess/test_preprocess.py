@@ -7,6 +7,7 @@ structures run whose driver and jobs are SIGKILLed."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -15,12 +16,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from esm3.data.structures.stages import structure_dataset_stats
 from esm3.data.token_stats import cluster_table, dataset_stats_row, token_stats_row
 from esm3.metrics.catalog import checked_table, query
+from esm3.tokenize.annotations import read_vocabulary
 from jobs.cli import main as cli_main
 from jobs.clusters import load_profile
 from jobs.preprocess import run_preprocess
@@ -155,8 +158,6 @@ def test_local_run_completes_every_stage_and_records_its_jobs(reference):
 def test_every_dataset_gets_a_training_store_named_by_the_manifest(reference):
     """The last stage writes each dataset's store from the shards and clusters the manifest
     lists; training opens it by `config:dataset`."""
-    import json
-
     from esm3.data.store import open_store
     from esm3.train.config import DatasetSpec
     from esm3.train.data import load_dataset
@@ -170,9 +171,39 @@ def test_every_dataset_gets_a_training_store_named_by_the_manifest(reference):
         rows = sum(pq.read_metadata(p).num_rows for p in entry["shards"])
         assert (store.type, len(store)) == (entry["type"], rows), ds
         assert (Path(entry["store"]) / "codebook.npz").exists() == (entry["type"] == "structure")
+        assert (Path(entry["store"]) / "vocab.json").read_text() == Path(
+            manifest["vocabulary"]
+        ).read_text()
+        assert "annotations" in store.meta["columns"]
         spec = DatasetSpec(name=ds, type=entry["type"], source=f"{name}:{ds}")
         loaded = load_dataset(spec, ws / "data")
         assert loaded.protein(int(loaded.member_rows[0])).sequence
+
+
+def test_sequence_records_carry_labels_and_the_manifest_names_the_vocabulary(reference):
+    ws, _, res = reference
+    root = ws / DATA
+    manifest = json.loads((root / "manifest.json").read_text())
+    function, residue = read_vocabulary(manifest["vocabulary"])
+    assert manifest["vocabulary"] == str(root / "vocabulary.json")
+    assert residue == ("PS00004", "PS00016", "PS00017")  # every site label, min 1 protein
+    assert function and all(f >= "IPR900000" for f in function)  # stand-in families of 5+
+    jobs = query(ws, "SELECT count(*) AS n FROM jobs WHERE run_id = ? AND stage = 'annotate'",
+                 [res.run_id])  # fmt: skip
+    assert jobs.n[0] == 3  # one task per final shard: uniref's 2, jgi's 1
+    for name in ("uniref", "jgi"):
+        shards = manifest["datasets"][name]["shards"]
+        assert shards and all("/annotated/" in s and Path(s).exists() for s in shards)
+        t = pa.concat_tables(pq.read_table(s) for s in shards)
+        purged = [pq.read_table(s.replace("/annotated/", "/purged/"), columns=["id"])
+                  for s in shards]  # fmt: skip
+        assert t.column("id").to_pylist() == [i for p in purged for i in p["id"].to_pylist()]
+        # the stand-in gives every mmseqs2-examples sequence a family label, whole length
+        assert t.column("annotations").null_count == 0
+        for n, anns in zip(t["length"].to_pylist(), t["annotations"].to_pylist(), strict=True):
+            assert anns == [{"ipr": anns[0]["ipr"], "start": 1, "end": n}]
+        sites = [a for x in t["residue_annotations"].to_pylist() if x for a in x]
+        assert sites and all(1 <= a["start"] <= a["end"] for a in sites)
 
 
 def test_rejects_land_with_the_run_id(reference):
