@@ -250,9 +250,13 @@ AUDIT_CHILD = textwrap.dedent(
 
 def test_dry_run_opens_only_manifests(tmp_path, train_data):
     ws = tmp_path / "ws"
-    _preprocessed(ws, train_data)
+    root = _preprocessed(ws, train_data)
+    (root / "sequences").mkdir()
+    val = next((train_data / "real" / "validation").glob("*.parquet"))
+    (root / "sequences" / "validation.parquet").write_bytes(val.read_bytes())
     cfg_path = tmp_path / "c.toml"
-    write_config(cfg_path, train_data)
+    write_config(cfg_path, train_data, "[validation]\nevery = 2\nrows = 3\n"
+                 'files = ["preprocess/pp/sequences/validation.parquet"]\n')  # fmt: skip
     datasets = ("data.datasets=[{name='uniprot', type='sequence', source='pp:uniprot'}, "
                 "{name='pdb', type='structure', source='pp:pdb'}]")  # fmt: skip
     out = subprocess.run(
