@@ -84,7 +84,8 @@ def cluster_shards(
     The shards are streamed into one mmseqs database (`createdb`, once) that every level's
     `linclust` reuses; `createtsv`'s file goes to Parquet through DuckDB (`memory_limit`),
     so no step holds the dataset in Python. The files equal `mmseqs easy-linclust` run on
-    the same sequences. Scratch (database, mmseqs' temporary files, the TSV) lives under
+    the same sequences (row for row with one thread; with more, mmseqs writes the same
+    pairs in an order that varies from run to run, easy-linclust as well). Scratch (database, mmseqs' temporary files, the TSV) lives under
     `work_dir`, meant to be node-local, and is removed. `runner`: an MPI command (mmseqs'
     RUNNER, e.g. "mpirun -np 4") for the steps that can use it. Idempotent: levels whose
     file exists are skipped; a file appears only when complete.
