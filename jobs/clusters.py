@@ -64,7 +64,8 @@ class ClusterProfile:
     # node-local scratch for mmseqs' database and temporary files; shell-expanded in the
     # job script, e.g. "$TMPDIR" or "/local/scratch/$USER"; empty: next to the outputs
     scratch: str = ""
-    # MPI command mmseqs runs its parallel steps with (its RUNNER), e.g. "mpirun -np 4"
+    # MPI command mmseqs runs its parallel steps with (its RUNNER), e.g. "mpirun -np 4";
+    # needs an MPI build of mmseqs
     mmseqs_runner: str = ""
 
     def validate(self) -> None:
