@@ -690,11 +690,17 @@ def write_fasta(tables: pa.Table | list[pa.Table], out: str | Path) -> Path:
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
         for table in tables:
             for batch in table.select(["id", "sequence"]).to_batches(1 << 16):
-                text = pc.binary_join_element_wise(
-                    ">", batch.column(0), "\n", batch.column(1), "\n", ""
-                )
-                # the joined strings lie back to back in the data buffer: write it whole
-                offs = np.frombuffer(text.buffers()[1], np.int32)
-                a, b = offs[text.offset], offs[text.offset + len(text)]
-                f.write(memoryview(text.buffers()[2])[a:b])
+                f.write(fasta_bytes(batch))
     return Path(out)
+
+
+def fasta_bytes(batch: pa.RecordBatch) -> memoryview:
+    """The FASTA text ('>id' line, one sequence line) of a batch's `id` and `sequence`
+    columns, built with Arrow string kernels (no Python loop over rows)."""
+    text = pc.binary_join_element_wise(
+        ">", batch.column("id"), "\n", batch.column("sequence"), "\n", ""
+    )
+    # the joined strings lie back to back in the data buffer: hand it over whole
+    offs = np.frombuffer(text.buffers()[1], np.int32)
+    a, b = offs[text.offset], offs[text.offset + len(text)]
+    return memoryview(text.buffers()[2])[a:b]

@@ -375,7 +375,7 @@ def plan_structures(
         tok += [(w, run_id, p, str(lay.struct(d.name) / "tokens" / Path(p).name),
                  str(lay.codebook)) for p in paths]  # fmt: skip
         levels = [str(lay.level_file(d.name, lv)) for lv in d.levels]
-        clus += [(w, run_id, paths, lf, lv) for lf, lv in zip(levels, d.levels, strict=True)]
+        clus.append((w, run_id, paths, levels, list(d.levels)))
         expand.append((w, run_id, levels[0], levels[1] if len(levels) > 1 else None,
                        str(lay.expanded_file(d.name)), d.cap, cfg.seed))  # fmt: skip
         specs.append(dict(dataset=d.name, shards=paths, levels=list(d.levels), level_files=levels,
