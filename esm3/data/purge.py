@@ -13,11 +13,11 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from esm3.data.duck import connect
 from esm3.data.fasta import write_fasta
 from esm3.data.mmseqs import HITS_SCHEMA, search
 from esm3.data.shards import Source, duckdb_source, is_done, write_table
@@ -35,9 +35,8 @@ def select_validation(
     `sequences`: an Arrow table or Parquet shard path(s). Returns the chosen rows (all
     columns), ordered by dataset and id. DuckDB's top-n keeps memory small.
     """
-    con = duckdb.connect()
+    con = connect()
     try:
-        con.sql("SET enable_progress_bar = false")
         duckdb_source(con, "seqs", sequences)
         return con.sql(
             """

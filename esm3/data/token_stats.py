@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 
+from esm3.data.duck import connect
 from esm3.data.shards import Source, duckdb_source
 
 
@@ -43,9 +43,8 @@ def expected_unique(n: np.ndarray, k: float) -> np.ndarray:
 def cluster_table(expanded: Source, sequences: Source) -> dict[str, np.ndarray]:
     """Per-center member count and summed member length, joining (center, member) rows with
     sequence (id, length) rows in DuckDB. Returns arrays n (members) and tokens, shape (C,)."""
-    con = duckdb.connect()
+    con = connect()
     try:
-        con.sql("SET enable_progress_bar = false")
         duckdb_source(con, "expanded", expanded)
         duckdb_source(con, "seqs", sequences)
         missing = con.sql(

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from esm3.data.clusters import expand_cluster_files
+from esm3.data.duck import connect
 from esm3.data.fasta import ingest_fasta, split_fasta
 from esm3.data.mmseqs import CLUSTER_SCHEMA, cluster_shards
 from esm3.data.purge import purge_shard, write_validation
@@ -84,9 +84,8 @@ def cluster_task(ws: str, run_id: str, shards: list[str], out: str, level: float
 def _check_unique_ids(shards: list[str]) -> None:
     """Ingest drops repeated ids within a shard; one id in two shards (e.g. two input files
     that overlap) would make mmseqs' clusters ambiguous: refuse it, naming the shards."""
-    con = duckdb.connect()
+    con = connect()
     try:
-        con.sql("SET enable_progress_bar = false")
         dups = con.execute(
             """SELECT id, list(DISTINCT filename) FROM read_parquet(?, filename = true)
                GROUP BY id HAVING count(*) > 1 ORDER BY id LIMIT 3""",
@@ -166,9 +165,8 @@ def final_clusters(expanded: str | Path, shards: list[str], out: str | Path) -> 
     out = Path(out)
     if out.exists():
         return out
-    con = duckdb.connect()
+    con = connect()
     try:
-        con.sql("SET enable_progress_bar = false")
         with atomic_path(out) as tmp:
             # COPY's target cannot be bound: it goes in quoted by sql_path; the inputs are bound
             con.execute(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,9 +39,9 @@ from esm3.data.structures.records import (
     write_shard,
 )
 from esm3.data.structures.sasa import residue_sasa
-from esm3.data.structures.ss8 import DsspError, chain_ss8
+from esm3.data.structures.ss8 import file_ss8
 from esm3.tokenize.structure import KMeansStructureTokenizer, StructureTokenizer
-from esm3.tool import MKDSSP, Tool, ToolError
+from esm3.tool import MKDSSP, Tool
 
 DATASETS = ("pdb", "afdb", "esmatlas")
 _AFDB_NAME = re.compile(r"AF-([A-Za-z0-9]+)-F(\d+)")
@@ -214,14 +214,51 @@ def _process_file(
         candidates = _one_per_entity(candidates, chain_reject)
     times.filter += time.perf_counter() - t0
 
+    sasa = [_chain_sasa(c[0], cfg, times) for c in candidates]
+    ss8 = _file_ss8([c[0] for c, s in zip(candidates, sasa, strict=True)
+                     if not isinstance(s, tuple)], cfg, dssp, times)  # fmt: skip
     rows = []
-    for chain, plddt, extra in candidates:
-        row = _chain_row(entry, chain, path, cfg, plddt, extra, tokenizer, dssp, times)
-        if isinstance(row, tuple):
-            chain_reject(chain, *row)
-        else:
-            rows.append(row)
+    for (chain, plddt, extra), chain_sasa in zip(candidates, sasa, strict=True):
+        # rejects in chain order, as when each chain ran its steps in turn
+        chain_ss8 = next(ss8) if not isinstance(chain_sasa, tuple) else None
+        failed = next((f for f in (chain_sasa, chain_ss8) if isinstance(f, tuple)), None)
+        if failed:
+            chain_reject(chain, *failed)
+            continue
+        rows.append(
+            _chain_row(
+                entry, chain, path, cfg, plddt, extra, chain_sasa, chain_ss8, tokenizer, times
+            )
+        )
     return rows, rejects, n_chains, False
+
+
+def _chain_sasa(
+    chain: ParsedChain, cfg: StructureStageConfig, times: StepTimes
+) -> np.ndarray | None | tuple[str, str]:
+    """Per-residue SASA (None when not computed), or a (reason, detail) reject."""
+    if not cfg.compute_sasa:
+        return None
+    t0 = time.perf_counter()
+    try:
+        return residue_sasa(chain.atoms, chain.complete_backbone, point_number=cfg.sasa_points)
+    except Exception as e:  # noqa: BLE001 - biotite raises on unknown elements etc.
+        return "sasa_failed", f"{type(e).__name__}: {e}"
+    finally:
+        times.sasa += time.perf_counter() - t0
+
+
+def _file_ss8(
+    chains: list[ParsedChain], cfg: StructureStageConfig, dssp: Tool, times: StepTimes
+) -> Iterator[str | None | tuple[str, str]]:
+    """Per chain its SS8 (None when not computed) or a (reason, detail) reject: one mkdssp
+    call for all chains of the file."""
+    if not cfg.ss8 or not chains:
+        return iter([None] * len(chains))
+    t0 = time.perf_counter()
+    found = file_ss8([c.atoms for c in chains], tool=dssp)
+    times.ss8 += time.perf_counter() - t0
+    return iter(r if isinstance(r, str) else ("ss8_failed", str(r)[:2000]) for r in found)
 
 
 def _one_per_entity(candidates, chain_reject):
@@ -251,30 +288,12 @@ def _chain_row(
     cfg: StructureStageConfig,
     plddt: np.ndarray | None,
     extra: dict,
+    sasa: np.ndarray | None,
+    ss8: str | None,
     tokenizer: StructureTokenizer | None,
-    dssp: Tool,
     times: StepTimes,
-) -> dict | tuple[str, str]:
+) -> dict:
     meta = entry.meta
-    complete = chain.complete_backbone
-    sasa = None
-    if cfg.compute_sasa:
-        t0 = time.perf_counter()
-        try:
-            sasa = residue_sasa(chain.atoms, complete, point_number=cfg.sasa_points)
-        except Exception as e:  # noqa: BLE001 - biotite raises on unknown elements etc.
-            return "sasa_failed", f"{type(e).__name__}: {e}"
-        finally:
-            times.sasa += time.perf_counter() - t0
-    ss8 = None
-    if cfg.ss8:
-        t0 = time.perf_counter()
-        try:
-            ss8 = chain_ss8(chain.atoms, tool=dssp)
-        except (ToolError, DsspError) as e:
-            return "ss8_failed", str(e)[:2000]
-        finally:
-            times.ss8 += time.perf_counter() - t0
     tokens = None
     if tokenizer is not None:
         t0 = time.perf_counter()
