@@ -30,7 +30,13 @@ from esm3.data.structures.filters import (
     normalize_plddt,
     read_esmatlas_metadata,
 )
-from esm3.data.structures.io import Entry, ParsedChain, StructureReadError, read_structure
+from esm3.data.structures.io import (
+    Entry,
+    ParsedChain,
+    StructureReadError,
+    file_stem,
+    read_structure,
+)
 from esm3.data.structures.records import (
     ShardResult,
     read_shard,
@@ -115,7 +121,10 @@ def process_structure_shard(
         if esmatlas_metadata is None:
             raise ValueError("ESMAtlas needs esmatlas_metadata (id -> pLDDT, pTM)")
         if not isinstance(esmatlas_metadata, Mapping):
-            esmatlas_metadata = read_esmatlas_metadata(esmatlas_metadata)
+            # only this shard's rows: an entry's id is its file name's stem
+            esmatlas_metadata = read_esmatlas_metadata(
+                esmatlas_metadata, [file_stem(Path(f)) for f in files]
+            )
     if tokenizer is not None and not isinstance(tokenizer, StructureTokenizer):
         tokenizer = KMeansStructureTokenizer.load(tokenizer)
     times = times if times is not None else StepTimes()
