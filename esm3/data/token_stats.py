@@ -42,11 +42,18 @@ def expected_unique(n: np.ndarray, k: float) -> np.ndarray:
 
 def cluster_table(expanded: Source, sequences: Source) -> dict[str, np.ndarray]:
     """Per-center member count and summed member length, joining (center, member) rows with
-    sequence (id, length) rows in DuckDB. Returns arrays n (members) and tokens, shape (C,)."""
+    sequence (id, length) rows in DuckDB (rows without `length` count their `sequence`).
+    Returns arrays n (members) and tokens, shape (C,)."""
     con = connect()
     try:
         duckdb_source(con, "expanded", expanded)
-        duckdb_source(con, "seqs", sequences)
+        duckdb_source(con, "seqs_in", sequences)
+        has_length = "length" in con.table("seqs_in").columns
+        con.sql(
+            "CREATE VIEW seqs AS SELECT id, length FROM seqs_in"
+            if has_length
+            else "CREATE VIEW seqs AS SELECT id, length(sequence) AS length FROM seqs_in"
+        )
         missing = con.sql(
             "SELECT count(*) FROM expanded e ANTI JOIN seqs s ON e.member = s.id"
         ).fetchall()[0][0]

@@ -17,9 +17,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from esm3.data.duck import connect
 from esm3.data.interpro import Annotation, load_annotations, map_annotations
+from esm3.data.shards import Source, duckdb_source
 from esm3.data.structures.filters import (
     AFDBFilter,
     ESMAtlasFilter,
@@ -428,38 +431,57 @@ def structure_dataset_stats(
     dataset: str,
     release: str,
     *,
-    clusters: Mapping[str, str] | None = None,
+    clusters: Source | Mapping[str, str] | None = None,
     clustering_level: float | None = None,
-    expansion: Mapping[str, str] | None = None,
+    expansion: Source | Mapping[str, str] | None = None,
     expansion_level: float | None = None,
     run_id: str | None = None,
 ) -> dict:
     """One `dataset_stats` row (Table S3) for a structure dataset from its shards.
 
     tokens = chains x average length (the paper's definition). `clusters` and `expansion`
-    map chain id -> cluster representative (from the sequence pipeline's mmseqs stage);
-    their counts are the numbers of distinct representatives among the dataset's chains.
+    are the sequence pipeline's mmseqs clusterings of the chains (Parquet path(s) or a table
+    of representative, member; or a mapping member -> representative); their counts are
+    the numbers of distinct representatives among the dataset's chains. DuckDB aggregates:
+    nothing per chain is held in memory.
     """
-    ids: list[str] = []
-    lengths: list[int] = []
-    for p in shard_paths:
-        t = pq.read_table(p, columns=["id", "sequence"])
-        ids += t["id"].to_pylist()
-        lengths += [len(s) for s in t["sequence"].to_pylist()]
-    n = len(ids)
-    avg = float(np.mean(lengths)) if n else 0.0
+    shards = [str(p) for p in shard_paths]
+    con = connect()
+    try:
+        n, total = 0, 0
+        if shards:
+            duckdb_source(con, "chains", shards)
+            n, total = con.sql(
+                "SELECT count(*), coalesce(sum(length(sequence)), 0) FROM chains"
+            ).fetchall()[0]
 
-    def count(mapping: Mapping[str, str] | None) -> int | None:
-        return None if mapping is None else len({mapping[i] for i in ids if i in mapping})
+        def count(clustering) -> int | None:
+            if clustering is None:
+                return None
+            if not shards:
+                return 0
+            if isinstance(clustering, Mapping):
+                clustering = pa.table(
+                    {"member": list(clustering), "representative": list(clustering.values())}
+                )
+            duckdb_source(con, "clustering", clustering)
+            return con.sql(
+                """SELECT count(DISTINCT c.representative) FROM clustering c
+                   SEMI JOIN chains s ON c.member = s.id"""
+            ).fetchall()[0][0]
 
+        clustering_count, expansion_count = count(clusters), count(expansion)
+    finally:
+        con.close()
+    avg = total / n if n else 0.0
     return {
         "run_id": run_id,
         "dataset": dataset,
         "type": "structure",
         "clustering_level": clustering_level,
-        "clustering_count": count(clusters),
+        "clustering_count": clustering_count,
         "expansion_level": expansion_level,
-        "expansion_count": count(expansion),
+        "expansion_count": expansion_count,
         "sequences": n,
         "avg_length": avg,
         "tokens": int(round(n * avg)),
