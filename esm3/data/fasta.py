@@ -49,12 +49,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from esm3.data.duck import connect
 from esm3.data.shards import ShardWriter, atomic_path, is_done, sql_path, tmp_path, write_table
 
 ALPHABET = "ACDEFGHIKLMNPQRSTVWYXBUZO"
@@ -583,7 +583,7 @@ def _drop_duplicate_ids(tmp: Path, source: str, rejects: list[dict]) -> tuple[Pa
         FROM read_parquet($src)
         WHERE id IN (SELECT id FROM read_parquet($src) GROUP BY id HAVING count(*) > 1)
         QUALIFY "offset" > first_offset"""
-    con = duckdb.connect()
+    con = connect()
     try:
         dups = con.execute(repeats + ' ORDER BY "offset"', src).fetchall()
         if not dups:

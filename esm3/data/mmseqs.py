@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from esm3.data.duck import connect
 from esm3.data.fasta import fasta_bytes
 from esm3.data.shards import COMPRESSION, atomic_path, is_done, sql_path, write_table
 from esm3.tool import MMSEQS
@@ -98,7 +99,7 @@ def cluster_shards(
     elif todo:
         run = dict(threads=threads, split_memory_limit=split_memory_limit, runner=runner)
         _cluster_levels(shards, todo, work_dir, batch_rows, run, limits)
-    con = _duckdb(**limits, temp_dir=Path(work_dir))
+    con = connect(**limits, temp_dir=Path(work_dir))
     try:
         return [
             cluster_summary(con, Path(out), lv, skipped=lv not in todo) for lv, out in outs.items()
@@ -120,7 +121,7 @@ def _cluster_levels(
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="linclust-") as tmp:
         db = Path(tmp) / "db"
         createdb(shards, db, batch_rows=batch_rows)
-        con = _duckdb(**limits, temp_dir=Path(tmp) / "duckdb")
+        con = connect(**limits, temp_dir=Path(tmp) / "duckdb")
         try:
             for level, out in todo.items():
                 tsv = linclust_db(db, level, Path(tmp) / f"level-{level:g}", **run)
@@ -203,16 +204,6 @@ def cluster_summary(con: duckdb.DuckDBPyConnection, out: Path, level: float, ski
         "clusters": clusters,
         "skipped": skipped,
     }
-
-
-def _duckdb(memory_limit: str | None, threads: int, temp_dir: Path) -> duckdb.DuckDBPyConnection:
-    # settings through the config, never SQL text
-    config: dict[str, object] = {"threads": max(1, int(threads)), "temp_directory": str(temp_dir)}
-    if memory_limit:
-        config["memory_limit"] = str(memory_limit)
-    con = duckdb.connect(config=config)
-    con.sql("SET enable_progress_bar = false")
-    return con
 
 
 def search(

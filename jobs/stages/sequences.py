@@ -20,11 +20,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from esm3.data.clusters import expand_cluster_files
+from esm3.data.duck import connect
 from esm3.data.fasta import ingest_fasta, split_fasta
 from esm3.data.mmseqs import cluster_shards
 from esm3.data.purge import purge_shard, write_validation
@@ -99,12 +99,10 @@ def _scratch(out: str) -> Path:
 def _check_unique_ids(shards: list[str], memory: str | None, threads: int, scratch: Path) -> None:
     """Ingest drops repeated ids within a shard; one id in two shards (e.g. two input files
     that overlap) would make mmseqs' clusters ambiguous: refuse it, naming the shards."""
-    config: dict[str, object] = {"threads": threads, "temp_directory": str(scratch / "duckdb")}
-    if memory:
-        config["memory_limit"] = memory
-    con = duckdb.connect(config=config)  # the GROUP BY spills beyond the job's memory
+    con = connect(
+        memory, threads, scratch / "duckdb"
+    )  # the GROUP BY spills beyond the job's memory
     try:
-        con.sql("SET enable_progress_bar = false")
         dups = con.execute(
             """SELECT id, list(DISTINCT filename) FROM read_parquet(?, filename = true)
                GROUP BY id HAVING count(*) > 1 ORDER BY id LIMIT 3""",
@@ -184,9 +182,8 @@ def final_clusters(expanded: str | Path, shards: list[str], out: str | Path) -> 
     out = Path(out)
     if out.exists():
         return out
-    con = duckdb.connect()
+    con = connect()
     try:
-        con.sql("SET enable_progress_bar = false")
         with atomic_path(out) as tmp:
             # COPY's target cannot be bound: it goes in quoted by sql_path; the inputs are bound
             con.execute(
