@@ -26,8 +26,9 @@ Errors (`FastaError`, naming the file and where possible the record)
     corrupt gzip. No shard is written in that case.
 
 Header conventions (`header_format`; the default "auto" recognises UniProt and UniRef per
-record and otherwise keeps the first word as id, which is also the MGnify convention; JGI and
-OAS headers cannot be told apart from plain ones, so name them explicitly)
+record and otherwise keeps the first word as id, which is also the MGnify convention; JGI
+headers cannot be told apart from plain ones, so name them explicitly. OAS is not FASTA: its
+data units are read by `esm3.data.oas`)
     uniprot  ``sp|P12345|NAME_HUMAN Desc OS=Homo sapiens OX=9606 GN=.. PE=1 SV=1``:
              id = accession, name = entry name, taxon = OS, taxid = OX
     uniref   ``UniRef90_P12345 Desc n=3 Tax=Homo sapiens TaxID=9606 RepID=NAME_HUMAN``:
@@ -36,15 +37,27 @@ OAS headers cannot be told apart from plain ones, so name them explicitly)
              description = the attributes
     jgi      ``Ga0123456_1000011 description [organism or sample]``: id = first word,
              name = the IMG assembly (``Ga0123456``), taxon = the bracketed text
-    oas      ``<id>|<chain>|<species> ...`` (how OAS data units are written as FASTA):
-             id = before the first '|', name = chain (Heavy/Light), taxon = species
     plain    anything else: id = the first word, description = the rest
+
+Archives (`esm3.data.archives`)
+    An input named `.tar`, `.tar.gz`, `.tgz` (also bzip2/xz) is a bundle, as JGI/IMG ships
+    one `<taxon_oid>.tar.gz` per genome with `<taxon_oid>.genes.faa` inside. Its members named
+    by `members` (default `*.faa`, `*.fasta`, each also `.gz`) are streamed one after the
+    other into the same shard, gzip members decompressed on the fly, nothing unpacked to
+    disk; the others (`.fna`, `.gff`, tables) are skipped and counted. `offset` then counts
+    bytes through the members' uncompressed contents one after the other, and reject rows
+    name `<archive>:<member>` as their source. A member that is empty or not FASTA is one
+    reject row (``not_fasta``) and adds no rows; an archive that is truncated or corrupt is
+    one reject row (``truncated_archive``) naming the member where it broke: the members
+    before it are kept, that member's rows are dropped, the shard is written.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -54,12 +67,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from esm3.data.archives import FASTA_MEMBERS, ArchiveError, WalkStats, is_archive, iter_members
 from esm3.data.duck import connect
-from esm3.data.shards import ShardWriter, atomic_path, is_done, sql_path, tmp_path, write_table
+from esm3.data.shards import (
+    ShardWriter,
+    atomic_path,
+    is_done,
+    parquet_writer,
+    sql_path,
+    tmp_path,
+    write_table,
+)
 
 ALPHABET = "ACDEFGHIKLMNPQRSTVWYXBUZO"
-HEADER_FORMATS = ("auto", "uniprot", "uniref", "mgnify", "jgi", "oas", "plain")
-HeaderFormat = Literal["auto", "uniprot", "uniref", "mgnify", "jgi", "oas", "plain"]
+HEADER_FORMATS = ("auto", "uniprot", "uniref", "mgnify", "jgi", "plain")
+HeaderFormat = Literal["auto", "uniprot", "uniref", "mgnify", "jgi", "plain"]
 
 SEQUENCE_SCHEMA = pa.schema(
     [
@@ -129,11 +151,30 @@ def iter_blocks(
     path = Path(path)
     stream = _open(path)
     start, end = 0, None
-    if byte_range is not None:
-        if isinstance(stream, pa.CompressedInputStream):
-            raise FastaError(f"{path}: byte ranges need an uncompressed file; use split_fasta")
-        start, end = byte_range
-        stream.seek(start)
+    try:
+        if byte_range is not None:
+            if isinstance(stream, pa.CompressedInputStream):
+                raise FastaError(f"{path}: byte ranges need an uncompressed file; use split_fasta")
+            start, end = byte_range
+            stream.seek(start)
+        yield from stream_blocks(stream, str(path), block_bytes, start, end,
+                                 whole=byte_range is None)  # fmt: skip
+    finally:
+        stream.close()
+
+
+def stream_blocks(
+    stream,  # type: ignore[no-untyped-def]
+    name: str,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    start: int = 0,
+    end: int | None = None,
+    *,
+    whole: bool = True,
+) -> Iterator[tuple[int, bytes]]:
+    """`iter_blocks` over an open binary stream (`read(n)`), named `name` in errors: a
+    file, or a member of an archive. `whole`: the stream is a whole input (empty is an
+    error), not a byte range of one. The caller closes the stream."""
     pos, carry, first = start, b"", True
     try:
         while True:
@@ -142,18 +183,18 @@ def iter_blocks(
             buf = carry + data if carry else data
             if first:
                 if not buf:
-                    if byte_range is None:
-                        raise FastaError(f"{path}: empty file (no FASTA records)")
+                    if whole:
+                        raise FastaError(f"{name}: empty file (no FASTA records)")
                     return
                 stripped = buf.lstrip()
                 if b"\x00" in buf[:4096] or not stripped.startswith(b">"):
                     what = "binary content" if b"\x00" in buf[:4096] else "no '>' header"
-                    raise FastaError(f"{path}: not a FASTA file ({what} at byte {pos})")
+                    raise FastaError(f"{name}: not a FASTA file ({what} at byte {pos})")
                 pos += len(buf) - len(stripped)
                 buf, first = stripped, False
             if not data:
                 if buf:
-                    _check_binary(path, pos, buf)
+                    _check_binary(name, pos, buf)
                     yield pos, buf
                 return
             cut = buf.rfind(b"\n>")
@@ -161,16 +202,15 @@ def iter_blocks(
                 carry = buf
                 continue
             block, carry = buf[: cut + 1], buf[cut + 1 :]
-            _check_binary(path, pos, block)
+            _check_binary(name, pos, block)
             yield pos, block
             pos += len(block)
-    except OSError as e:  # Arrow reports truncated/corrupt gzip as OSError
-        raise FastaError(f"{path}: corrupt or truncated input near byte {pos}: {e}") from e
-    finally:
-        stream.close()
+    # Arrow reports truncated/corrupt gzip as OSError; Python's gzip also as EOFError/zlib
+    except (OSError, EOFError, zlib.error) as e:
+        raise FastaError(f"{name}: corrupt or truncated input near byte {pos}: {e}") from e
 
 
-def _check_binary(path: Path, pos: int, block: bytes) -> None:
+def _check_binary(path: str | Path, pos: int, block: bytes) -> None:
     at = block.find(b"\x00")
     if at >= 0:
         rec = block.rfind(b"\n>", 0, at)
@@ -295,19 +335,12 @@ def _fields_jgi(headers: pa.Array) -> dict[str, pa.Array]:
     return fields
 
 
-def _fields_oas(headers: pa.Array) -> dict[str, pa.Array]:
-    fields = _fields_plain(headers)
-    rid, chain, species = _split(fields["id"], "|", 3)[:3]
-    return {**fields, "id": rid, "name": chain, "taxon": species}
-
-
 _PARSERS = {
     "plain": _fields_plain,
     "mgnify": _fields_plain,  # MGYP accession, then attributes kept as the description
     "uniprot": _fields_uniprot,
     "uniref": _fields_uniref,
     "jgi": _fields_jgi,
-    "oas": _fields_oas,
 }
 
 
@@ -520,12 +553,15 @@ def ingest_fasta(
     lowercase: Literal["upper", "reject"] = "upper",
     byte_range: tuple[int, int] | None = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    members: Sequence[str] = (),
 ) -> tuple[dict, list[dict]]:
     """Ingest one FASTA/FASTA.gz input (or one byte range of it) into the Parquet shard `out`.
 
     One array task's unit of work. Idempotent: when `out` exists, returns the saved summary
     and rejects without reading the input. The shard (schema `SEQUENCE_SCHEMA`, rows in input
     order) and its sidecar `<out>.rejects.parquet` appear only when complete.
+    An archive (`is_archive`: .tar, .tar.gz, ...) is read member by member: `members` are the
+    globs of the members to read (default `FASTA_MEMBERS`); see the module docstring.
     Returns (summary counts, reject rows). Raises FastaError for unreadable input.
     """
     path, out = Path(path), Path(out)
@@ -535,23 +571,41 @@ def ingest_fasta(
     source = str(path)
     counts = dict(records=0, lowercased=0, stop_removed=0)
     rejects: list[dict] = []
+    drop: list[tuple[int, int]] = []  # archives: offsets of rows of broken members
+
+    def add(base: int, block: bytes, where: str) -> None:
+        parsed = parse_block(block, base, dataset=dataset, source=where,
+                             header_format=header_format, lowercase=lowercase)  # fmt: skip
+        writer.write(parsed.batch)
+        rejects.extend(parsed.rejects)
+        counts["records"] += parsed.records
+        counts["lowercased"] += parsed.lowercased
+        counts["stop_removed"] += parsed.stop_removed
+
     with ShardWriter(out, SEQUENCE_SCHEMA) as writer:
-        for base, block in iter_blocks(path, block_bytes, byte_range):
-            parsed = parse_block(
-                block,
-                base,
-                dataset=dataset,
-                source=source,
-                header_format=header_format,
-                lowercase=lowercase,
-            )
-            writer.write(parsed.batch)
-            rejects += parsed.rejects
-            counts["records"] += parsed.records
-            counts["lowercased"] += parsed.lowercased
-            counts["stop_removed"] += parsed.stop_removed
-        # duplicate ids are found on the finished temporary file, before the rename
-        removed = writer.close(lambda tmp: _drop_duplicate_ids(tmp, source, rejects))
+        if is_archive(path):
+            if byte_range is not None:
+                raise FastaError(f"{path}: byte ranges need an uncompressed FASTA file")
+            counts |= _ingest_archive(path, members or FASTA_MEMBERS, block_bytes, add,
+                                      rejects, drop)  # fmt: skip
+        else:
+            for base, block in iter_blocks(path, block_bytes, byte_range):
+                add(base, block, source)
+
+        def finish(tmp: Path) -> tuple[Path, int] | None:
+            # rows of broken members, then repeated ids, are dropped from the finished
+            # temporary file, before the rename
+            current, removed = tmp, 0
+            if drop:
+                current, removed = _drop_from_offsets(tmp, drop)
+            dedup = _drop_duplicate_ids(current, source, rejects)
+            if dedup is not None:
+                if current != tmp:
+                    current.unlink()
+                current, removed = dedup[0], removed + dedup[1]
+            return (current, removed) if current != tmp else None
+
+        removed = writer.close(finish)
     summary = {
         "source": source,
         "dataset": dataset,
@@ -566,6 +620,78 @@ def ingest_fasta(
     )
     write_table(table, _rejects_path(out))
     return summary, rejects
+
+
+def _ingest_archive(path, patterns, block_bytes, add, rejects, drop) -> dict:  # type: ignore[no-untyped-def]
+    """Stream the FASTA members of an archive through `add(offset, block, source)`.
+
+    Offsets run on through the members' uncompressed bytes. A member that is not FASTA, or
+    the member in which the archive breaks, gets a reject row and the offsets of its rows
+    go to `drop` as [start, end). Returns the archive's counts (members read, skipped and
+    rejected)."""
+    stats = WalkStats()
+    counts = {"members": 0, "members_skipped": 0, "members_rejected": 0}
+    offset = 0
+    reading: str | None = None  # the member being read
+    try:
+        for m in iter_members(path, patterns, stats=stats):
+            counts["members"] += 1
+            reading, start, end = m.name, offset, offset
+            try:
+                with m.open() as raw:
+                    gz = raw.peek(2)[:2] == b"\x1f\x8b"
+                    stream = gzip.GzipFile(fileobj=raw) if gz else raw
+                    for base, block in stream_blocks(stream, m.source, block_bytes):
+                        add(start + base, block, m.source)
+                        end = start + base + len(block)
+            except FastaError as e:
+                counts["members_rejected"] += 1
+                drop.append((start, end + 1))
+                rejects.append(_archive_reject(path, m.name, "not_fasta", str(e)))
+            reading, offset = None, end + 1  # the next member's rows come after this one's
+    except ArchiveError as e:
+        if reading is not None:  # broke inside a member: its rows go
+            counts["members_rejected"] += 1
+            drop.append((start, np.iinfo(np.int64).max))
+        rejects.append(_archive_reject(path, e.member or "", "truncated_archive", str(e)))
+    counts["members_skipped"] = stats.skipped
+    if not stats.selected and not counts["members_rejected"]:
+        rejects.append(_archive_reject(path, "", "no_fasta_members",
+                                       f"no member matches {list(patterns)}; "
+                                       f"{stats.members} file(s) in the archive"))  # fmt: skip
+    return counts
+
+
+def _archive_reject(archive: str | Path, member: str, reason: str, detail: str) -> dict:
+    return {"stage": "ingest", "source": f"{archive}:{member}" if member else str(archive),
+            "record": member or Path(archive).name, "reason": reason, "detail": detail}  # fmt: skip
+
+
+def _drop_from_offsets(tmp: Path, ranges: list[tuple[int, int]]) -> tuple[Path, int]:
+    """The finished temporary shard without the rows whose offset lies in one of the
+    [start, end) ranges (the rows of broken archive members), row group by row group.
+    Returns (the new file, rows removed)."""
+    out, removed = tmp_path(tmp), 0
+    pf = pq.ParquetFile(tmp)
+    writer = parquet_writer(out, pf.schema_arrow)
+    try:
+        for i in range(pf.num_row_groups):
+            group = pf.read_row_group(i)
+            offsets = group.column("offset").to_numpy()
+            bad = np.zeros(len(offsets), dtype=bool)
+            for lo, hi in ranges:
+                bad |= (offsets >= lo) & (offsets < hi)
+            removed += int(bad.sum())
+            if not bad.all():
+                writer.write_table(group.filter(pa.array(~bad)))
+        writer.close()
+    except BaseException:
+        writer.close()
+        out.unlink(missing_ok=True)
+        raise
+    finally:
+        pf.close()
+    return out, removed
 
 
 def _drop_duplicate_ids(tmp: Path, source: str, rejects: list[dict]) -> tuple[Path, int] | None:

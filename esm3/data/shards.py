@@ -138,8 +138,9 @@ def duckdb_source(con, name: str, source: Source) -> str:
     paths = [source] if isinstance(source, str | Path) else list(source)
     if not paths:
         raise ValueError(f"{name}: no Parquet files given")
-    # a relation, not SQL text: the paths are never pasted into a statement
-    con.read_parquet([str(p) for p in paths]).create_view(name, replace=True)
+    # a relation, not SQL text: the paths are never pasted into a statement; by column name,
+    # so shards of datasets with their own columns (OAS units' metadata) read together
+    con.read_parquet([str(p) for p in paths], union_by_name=True).create_view(name, replace=True)
     return name
 
 

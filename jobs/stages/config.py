@@ -9,6 +9,12 @@ Input paths may be files or globs, and may start with `{workspace}` (the workspa
 or `{package:NAME}` (the folder of an installed Python package, e.g. MDAnalysisTests).
 `check_inputs` resolves them before anything is recorded or submitted; a path that
 matches nothing is one `ConfigError` line naming the dataset and the path.
+
+Formats, as the databases publish them: `fasta` (plain or .gz, or tar archives of FASTA
+members such as JGI/IMG's one `<taxon_oid>.tar.gz` per genome), `oas` (OAS data units,
+`.csv.gz`, unpaired or paired; `esm3.data.oas`), and for structures `pdb`/`afdb`/`esmatlas`
+files or tar bundles of them (AFDB's `.tar`, the ESM Atlas's `.tar.gz`), read in place
+(`esm3.data.archives`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from esm3.data.archives import is_archive
 from esm3.data.fasta import HeaderFormat
 from esm3.data.structures.filters import AFDBFilter, ESMAtlasFilter, PDBFilter
 from jobs.config import ConfigError, load
@@ -27,7 +34,7 @@ from jobs.config import ConfigError, load
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "preprocess"
 DEFAULT_CONFIG = CONFIG_DIR / "demo.toml"
 
-SEQUENCE_FORMATS = ("fasta",)
+SEQUENCE_FORMATS = ("fasta", "oas")
 STRUCTURE_FORMATS = ("pdb", "afdb", "esmatlas")
 STAGES = (
     "split",
@@ -58,14 +65,20 @@ class DatasetConfig:
     name: str
     type: Literal["sequence", "structure"]
     paths: list[str]  # files or globs; `{workspace}/...`, `{package:NAME}/...` allowed
-    # sequence: fasta (plain or .gz); structure: pdb | afdb | esmatlas (mmCIF/PDB/BinaryCIF)
-    format: Literal["fasta", "pdb", "afdb", "esmatlas"] = "fasta"
+    # sequence: fasta (plain, .gz, or tar archives of FASTA files) | oas (OAS data units,
+    # .csv.gz); structure: pdb | afdb | esmatlas (mmCIF/PDB/BinaryCIF files, or tar bundles)
+    format: Literal["fasta", "oas", "pdb", "afdb", "esmatlas"] = "fasta"
     header: HeaderFormat = "auto"  # FASTA header convention (see esm3.data.fasta)
+    # archives: globs of the member names to read (default: *.faa, *.fasta (.gz) for FASTA;
+    # every structure file for structures, where other members are rejects)
+    members: list[str] = field(default_factory=list)
     # clustering level, then the optional expansion level (fractions of identity)
     levels: list[float] = field(default_factory=lambda: [0.7, 0.9])
     release: str = ""
-    split: int = 1  # sequence: input shards (array tasks) each input file is split into
-    shard_size: int = 100  # structure: files per array task
+    # plain FASTA: input shards (array tasks) each input file is split into; structure tar
+    # bundles: array tasks that share each bundle (task k reads members k, k + split, ...)
+    split: int = 1
+    shard_size: int = 100  # structure: files per array task (plain files, not bundles)
     weight: float = 1.0  # mixing weight: this dataset's share of the token budget
     purge: bool = True  # sequence: sample validation from it and purge its training set
     cap: int = 20  # members per cluster after expansion
@@ -108,6 +121,11 @@ class DatasetConfig:
             raise ConfigError(f"{where}: ESMAtlas needs 'metadata' (id, plddt, ptm table)")
         if self.proxy_from_experimental and self.format not in ("afdb", "esmatlas"):
             raise ConfigError(f"{where}: 'proxy_from_experimental' is for afdb/esmatlas only")
+        if self.format == "oas" and self.split > 1:
+            raise ConfigError(f"{where}: 'split' is for FASTA and structure bundles; OAS data "
+                              "units are ingested one per array task")  # fmt: skip
+        if self.members and self.format == "oas":
+            raise ConfigError(f"{where}: 'members' is for archives; OAS units are .csv.gz files")
 
     @property
     def clustering_level(self) -> float:
@@ -309,6 +327,7 @@ def check_inputs(cfg: PreprocessConfig, workspace: Path, kinds: set[str]) -> Inp
             continue
         where = f"dataset '{d.name}'"
         datasets[d.name] = resolve_paths(d.paths, workspace, where)
+        _check_kinds(d, datasets[d.name], where)
         metadata[d.name] = None
         if d.metadata and not d.proxy_from_experimental:
             (metadata[d.name],) = resolve_paths([d.metadata], workspace, f"{where} metadata")
@@ -320,3 +339,24 @@ def check_inputs(cfg: PreprocessConfig, workspace: Path, kinds: set[str]) -> Inp
         ips = resolve_paths(cfg.interpro.interproscan, workspace, "interpro.interproscan")
         sites = resolve_paths(cfg.interpro.sites, workspace, "interpro.sites")
     return Inputs(datasets, metadata, p2i, ips, sites)
+
+
+OAS_SUFFIXES = (".csv.gz", ".csv")
+
+
+def _check_kinds(d: DatasetConfig, files: list[Path], where: str) -> None:
+    """Each input is of a kind the dataset's format reads: OAS data units for `oas`; for the
+    others files or tar archives (`esm3.data.archives.is_archive`), archives only where a
+    task streams them whole (no FASTA `split`, no demo `proxy_from_experimental`)."""
+    for f in files:
+        archive = is_archive(f)
+        if d.format == "oas":
+            if archive or not f.name.lower().endswith(OAS_SUFFIXES):
+                raise ConfigError(f"{where}: input {f} is not an OAS data unit (.csv.gz); "
+                                  "format 'oas' reads OAS's published units as they are")  # fmt: skip
+        elif archive and d.type == "sequence" and d.split > 1:
+            raise ConfigError(f"{where}: input {f} is an archive: 'split' cuts plain FASTA "
+                              "files; an archive is ingested by one task (set split = 1)")  # fmt: skip
+        elif archive and d.proxy_from_experimental:
+            raise ConfigError(f"{where}: input {f} is an archive; 'proxy_from_experimental' "
+                              "derives from plain structure files")  # fmt: skip

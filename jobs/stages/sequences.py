@@ -2,7 +2,9 @@
 
 Array tasks (module-level, run in the job process):
 - split:      one task per input file with `split > 1`: `split_fasta` into plain shards
-- ingest:     one task per input shard: `ingest_fasta` -> Parquet; rejects to the lake
+- ingest:     one task per input shard: `ingest_fasta` (FASTA files, shards and archives
+              such as JGI's per-genome tarballs) or `ingest_oas` (OAS data units) ->
+              Parquet; rejects to the lake
 - cluster:    one task per dataset: mmseqs linclust with the paper's flags at each level
 - expand:     one task per dataset: two-level expansion, cap 20 (single level: cap only)
 - validation: one task: the validation set of every purged dataset
@@ -27,6 +29,7 @@ from esm3.data.clusters import expand_cluster_files
 from esm3.data.duck import connect
 from esm3.data.fasta import ingest_fasta, split_fasta
 from esm3.data.mmseqs import cluster_shards
+from esm3.data.oas import ingest_oas
 from esm3.data.purge import purge_shard, write_validation
 from esm3.data.sequence_annotations import annotate_sequence_shard
 from esm3.data.shards import atomic_path, sql_path
@@ -55,11 +58,22 @@ def split_task(ws: str, run_id: str, src: str, out_dir: str, n: int) -> dict:
 
 
 def ingest_task(
-    ws: str, run_id: str, src: str, out: str, dataset: str, header: str, lowercase: str
+    ws: str,
+    run_id: str,
+    src: str,
+    out: str,
+    dataset: str,
+    header: str,
+    lowercase: str,
+    fmt: str = "fasta",
+    members: list[str] | None = None,
 ) -> dict:
-    summary, rejects = ingest_fasta(
-        src, out, dataset=dataset, header_format=header, lowercase=lowercase
-    )
+    """One input (a FASTA file or shard, a FASTA archive, an OAS data unit) -> one shard."""
+    if fmt == "oas":
+        summary, rejects = ingest_oas(src, out, dataset=dataset, lowercase=lowercase)
+    else:
+        summary, rejects = ingest_fasta(src, out, dataset=dataset, header_format=header,
+                                        lowercase=lowercase, members=members or ())  # fmt: skip
     record_rejects(ws, run_id, output_key(ws, out), rejects)
     verb = "already done" if summary.get("skipped") else "ingested"
     say("ingest", f"{src}: {verb}: {summary['written']} rows, {len(rejects)} rejected -> {out}")
@@ -278,7 +292,8 @@ def token_budgets(cfg: PreprocessConfig) -> dict[str, int]:
 
 
 def ingest_units(d: DatasetConfig, files: list[Path], lay: Layout) -> tuple[list, list]:
-    """(split items, [(input shard, ingest output)]) for one dataset, deterministic names."""
+    """(split items, [(input shard, ingest output)]) for one dataset, deterministic names.
+    An archive or an OAS unit is one unit (check_inputs refuses `split` for them)."""
     splits, units = [], []
     for fi, f in enumerate(files):
         if d.split > 1:
@@ -310,8 +325,8 @@ def plan_sequences(
     for d in datasets:
         splits, units = ingest_units(d, files[d.name], lay)
         split_items += [(w, run_id, *s) for s in splits]
-        ingest_items += [(w, run_id, str(u), str(o), d.name, d.header, d.lowercase)
-                         for u, o in units]  # fmt: skip
+        ingest_items += [(w, run_id, str(u), str(o), d.name, d.header, d.lowercase, d.format,
+                          list(d.members)) for u, o in units]  # fmt: skip
         shards[d.name] = [str(o) for _, o in units]
         cluster_items.append((w, run_id, shards[d.name],
                               [str(lay.level_file(d.name, lv)) for lv in d.levels],

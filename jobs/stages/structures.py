@@ -5,7 +5,8 @@ Array tasks (module-level, run in the job process):
 - interpro:        one task per protein2ipr / InterProScan file -> Parquet; rejects
 - interpro-vocab:  one task: the vocabulary of InterPro terms
 - derive:          demo only, one task per dataset marked `proxy_from_experimental`
-- structures:      one task per `shard_size` files: parse, filter, SASA, SS8, annotations
+- structures:      one task per `shard_size` files, or per part of a tar bundle (`split` parts
+                   each, read in place): parse, filter, SASA, SS8, annotations
 - structure-cluster / structure-expand: the sequence pipeline's mmseqs and expansion tasks
   on the chains' sequences
 - codebook:        one task: fit the structure codebook on every structure shard
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from esm3.data.archives import ArchivePart, is_archive
 from esm3.data.interpro import (
     IPR_SCHEMA,
     SITE_SCHEMA,
@@ -292,13 +294,16 @@ def _chunks(files: list, size: int) -> list[list]:
 
 
 def structure_shards(d: DatasetConfig, files: list[Path], lay: Layout) -> list[tuple[list, Path]]:
-    """[(input files, shard path)] of one structure dataset (after `derive` if any)."""
+    """[(inputs, shard path)] of one structure dataset (after `derive` if any): plain files
+    `shard_size` at a time, then each tar bundle in `split` parts (`ArchivePart`: task k
+    reads the bundle's structure members k, k + split, ... in place)."""
     if d.proxy_from_experimental:
         files = [lay.struct(d.name) / "derived" / derived_name(f) for f in files]
-    return [
-        ([str(f) for f in chunk], lay.struct(d.name) / "shards" / f"{i:05d}.parquet")
-        for i, chunk in enumerate(_chunks(files, d.shard_size))
-    ]
+    plain = [f for f in files if not is_archive(f)]
+    inputs: list[list] = [[str(f) for f in chunk] for chunk in _chunks(plain, d.shard_size)]
+    inputs += [[ArchivePart(str(f), k, d.split, tuple(d.members))]
+               for f in files if is_archive(f) for k in range(d.split)]  # fmt: skip
+    return [(fs, lay.struct(d.name) / "shards" / f"{i:05d}.parquet") for i, fs in enumerate(inputs)]
 
 
 def plan_interpro(ws: Path, run_id: str, cfg: PreprocessConfig, inputs: Inputs, lay: Layout):

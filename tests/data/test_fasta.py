@@ -130,11 +130,6 @@ def test_layout_does_not_change_the_records(tmp_path, real_records):
                 None,
             ),
         ),
-        (
-            "oas",
-            "SRR1234567_42|Heavy|human extra",
-            ("SRR1234567_42", "Heavy", "extra", "human", None),
-        ),
         ("auto", "contig_7 some free text", ("contig_7", None, "some free text", None, None)),
         ("auto", "lonely", ("lonely", None, None, None, None)),
     ],

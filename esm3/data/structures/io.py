@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,12 +92,15 @@ class Entry:
 
 
 def _open_bytes(path: Path) -> bytes:
-    raw = path.read_bytes()
+    return _gunzip(path.read_bytes(), path)
+
+
+def _gunzip(raw: bytes, where: str | Path) -> bytes:
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise StructureReadError(path, "unreadable", f"bad gzip data: {e}") from e
+        except (OSError, EOFError, zlib.error) as e:
+            raise StructureReadError(where, "unreadable", f"bad gzip data: {e}") from e
     return raw
 
 
@@ -118,19 +122,29 @@ def detect_format(path: Path, raw: bytes) -> str:
     return "pdb"
 
 
-def read_structure(path: str | Path, entry_id: str | None = None) -> Entry:
+def read_structure(
+    path: str | Path,
+    entry_id: str | None = None,
+    *,
+    data: bytes | None = None,
+    source: str | None = None,
+) -> Entry:
     """Read one structure file into entry metadata and its protein chains.
 
+    `data`: the file's bytes (plain or gzip) when they do not come from `path` (a member of
+    an archive); `path` then only names it (format from the suffix, default entry id from
+    the stem). `source` names the input in errors (default: `path`).
     Raises StructureReadError (reason: empty, unreadable, no_protein_chain) for files that
     yield nothing usable.
     """
     path = Path(path)
+    where = source or path
     try:
-        raw = _open_bytes(path)
+        raw = _open_bytes(path) if data is None else _gunzip(data, where)
     except OSError as e:
-        raise StructureReadError(path, "unreadable", str(e)) from e
+        raise StructureReadError(where, "unreadable", str(e)) from e
     if not raw.strip():
-        raise StructureReadError(path, "empty", "file has no content")
+        raise StructureReadError(where, "empty", "file has no content")
     fmt = detect_format(path, raw)
     default_id = entry_id or file_stem(path)
     try:
@@ -139,14 +153,14 @@ def read_structure(path: str | Path, entry_id: str | None = None) -> Entry:
         else:
             atoms, meta = _read_pdbx(raw, fmt, default_id)
     except StructureReadError as e:
-        raise StructureReadError(path, e.reason, e.detail) from e
+        raise StructureReadError(where, e.reason, e.detail) from e
     except Exception as e:  # biotite raises many types on malformed input
-        raise StructureReadError(path, "unreadable", f"{type(e).__name__}: {e}") from e
+        raise StructureReadError(where, "unreadable", f"{type(e).__name__}: {e}") from e
     if entry_id:
         meta.entry_id = entry_id
     chains = chains_from_atoms(atoms, meta)
     if not chains:
-        raise StructureReadError(path, "no_protein_chain", "no amino-acid residues in model 1")
+        raise StructureReadError(where, "no_protein_chain", "no amino-acid residues in model 1")
     return Entry(meta, chains)
 
 

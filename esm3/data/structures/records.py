@@ -79,6 +79,49 @@ def write_shard(
     tmp.replace(out_path)
 
 
+class ShardRowWriter:
+    """`write_shard` in batches of rows: memory follows a batch, not the shard (a shard can be
+    a whole archive of structures). The file appears at `out_path` on `close`; `abort` (or
+    leaving the `with` block on an exception) removes the temporary file."""
+
+    def __init__(self, out_path: str | Path) -> None:
+        self.path = Path(out_path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self._writer: pq.ParquetWriter | None = pq.ParquetWriter(
+            self._tmp, STRUCTURE_SCHEMA, compression="zstd"
+        )
+
+    def write(self, rows: Iterable[dict]) -> None:
+        table = pa.Table.from_pylist(list(rows), schema=STRUCTURE_SCHEMA)
+        if table.num_rows and self._writer is not None:
+            self._writer.write_table(table)
+
+    def close(self, summary: dict, rejects: list[dict]) -> None:
+        """Finish the file with the summary and rejects in its metadata (`stored_result`)."""
+        if self._writer is None:
+            return
+        self._writer.add_key_value_metadata(
+            {"esm3.summary": json.dumps(summary), "esm3.rejects": json.dumps(rejects)}
+        )
+        self._writer.close()
+        self._writer = None
+        self._tmp.replace(self.path)
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardRowWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
+        if exc_type is not None:
+            self.abort()
+
+
 def stored_result(path: str | Path) -> ShardResult:
     """The summary and rejects stored in a finished shard, with summary['skipped'] = True."""
     meta = pq.read_metadata(path).metadata or {}  # file key-value metadata

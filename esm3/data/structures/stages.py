@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from esm3.data.archives import STRUCTURE_MEMBERS, ArchiveError, ArchivePart, WalkStats, iter_members
 from esm3.data.duck import connect
 from esm3.data.interpro import Annotation, load_annotations, map_annotations
 from esm3.data.shards import Source, duckdb_source
@@ -42,6 +43,7 @@ from esm3.data.structures.io import (
 )
 from esm3.data.structures.records import (
     ShardResult,
+    ShardRowWriter,
     read_shard,
     reject,
     stored_result,
@@ -55,6 +57,10 @@ from esm3.tool import MKDSSP, Tool
 DATASETS = ("pdb", "afdb", "esmatlas")
 _AFDB_NAME = re.compile(r"AF-([A-Za-z0-9]+)-F(\d+)")
 AFDB_FRAGMENT_STEP = 200  # AFDB splits long proteins into fragments starting every 200 residues
+# residues of chains held before a structure shard writes them (and looks up their InterPro
+# labels, a scan of the label tables): memory follows this, not the shard, which can be a
+# whole archive; a shard of plain files is usually written in one go, as before
+WRITE_RESIDUES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,7 @@ class StepTimes:
 
 
 def process_structure_shard(
-    files: Sequence[str | Path],
+    files: Sequence[str | Path | ArchivePart],
     out_path: str | Path,
     config: StructureStageConfig,
     *,
@@ -107,11 +113,19 @@ def process_structure_shard(
 ) -> ShardResult:
     """Parse, filter and annotate one shard of structure files into one Parquet file.
 
+    files: structure files, or `ArchivePart`s of tar bundles (AFDB, ESMAtlas) whose members
+    are read in place one at a time; a member's rows and rejects name it
+    `<archive>:<member>`, its entry id is the member's file name without the extensions.
+    Without `members` globs every member of a bundle must be a structure file (by name):
+    others are `not_a_structure` rejects; with them, members they leave out are skipped
+    (counted). A truncated or corrupt archive is one `truncated_archive` reject naming the
+    member; what was read before stays.
     esmatlas_metadata: id -> (mean pLDDT, pTM), or a table path (required for ESMAtlas).
     annotations: accession -> InterPro annotations, or ingested InterPro Parquet paths.
     tokenizer: a fitted tokenizer or a saved codebook; None leaves structure_tokens null.
     Returns summary counts (files, files_unreadable, entries_filtered, chains, chains_kept,
-    chains_rejected, residues, annotated; skipped when the output existed) and reject rows.
+    chains_rejected, residues, annotated; for archives also members, members_skipped,
+    archive_errors; skipped when the output existed) and reject rows.
     """
     out_path = Path(out_path)
     if out_path.exists():
@@ -132,15 +146,27 @@ def process_structure_shard(
         tokenizer = KMeansStructureTokenizer.load(tokenizer)
     times = times if times is not None else StepTimes()
 
-    rows: list[dict] = []
+    rows: list[dict] = []  # the batch not yet written
+    held = [0]  # its residues
     rejects: list[dict] = []
     counts = {"files": 0, "files_unreadable": 0, "entries_filtered": 0, "chains": 0}
-    counts |= {"chains_kept": 0, "chains_rejected": 0}
-    for f in files:
+    counts |= {"chains_kept": 0, "chains_rejected": 0, "annotated": 0, "residues": 0}
+
+    def flush() -> None:
+        if annotations is not None:
+            _attach(rows, annotations)
+        counts["annotated"] += sum(1 for r in rows if r["annotations"])
+        counts["residues"] += sum(len(r["sequence"]) for r in rows)
+        writer.write(_strip_private(rows))
+        rows.clear()
+        held[0] = 0
+
+    def one(f: str | Path, name: Path, data: bytes | None = None) -> None:
+        """One structure file (`data`: its bytes when it is an archive member named `f`)."""
         counts["files"] += 1
         try:
             file_rows, file_rejects, n_chains, filtered = _process_file(
-                Path(f), cfg, esmatlas_metadata, tokenizer, dssp, times
+                name, cfg, esmatlas_metadata, tokenizer, dssp, times, data=data, source=str(f)
             )
         except StructureReadError as e:
             file_rows, file_rejects, n_chains = [], [_file_reject(f, e.reason, e.detail)], 0
@@ -154,19 +180,60 @@ def process_structure_shard(
         counts["chains"] += n_chains
         counts["chains_kept"] += len(file_rows)
         counts["chains_rejected"] = counts["chains"] - counts["chains_kept"]
-        rows += file_rows
-        rejects += file_rejects
+        rows.extend(file_rows)
+        rejects.extend(file_rejects)
+        held[0] += sum(len(r["sequence"]) for r in file_rows)
+        if held[0] >= WRITE_RESIDUES:
+            flush()
 
-    if annotations is not None:
-        _attach(rows, annotations)
-    counts["annotated"] = sum(1 for r in rows if r["annotations"])
-    counts["residues"] = sum(len(r["sequence"]) for r in rows)
-    write_shard(_strip_private(rows), out_path, counts, rejects)
+    if annotations is not None and not isinstance(annotations, Mapping):
+        annotations = list(annotations)  # paths, read again for each batch's accessions
+    with ShardRowWriter(out_path) as writer:
+        for f in files:
+            if isinstance(f, ArchivePart):
+                archive = _read_archive(f, one, rejects)
+                counts |= {k: counts.get(k, 0) + v for k, v in archive.items()}
+            else:
+                one(f, Path(f))
+        flush()
+        writer.close(counts, rejects)
     return ShardResult(counts, rejects)
 
 
 def _file_reject(path: str | Path, reason: str, detail: str) -> dict:
-    return reject("structures", path, Path(path).name, reason, detail)
+    return reject("structures", path, str(path).rsplit("/", 1)[-1], reason, detail)
+
+
+def _read_archive(part: ArchivePart, one, rejects: list[dict]) -> dict:  # type: ignore[no-untyped-def]
+    """Each structure member of an archive part through `one(source, name, bytes)`, one in
+    memory at a time. Members that are not structure files (by name), and a truncated or
+    corrupt archive, are reject rows; the members read before the damage are kept.
+    Returns counts (members read, not structures)."""
+    explicit = bool(part.members)
+    stats = WalkStats(keep_skipped=10 if explicit else None)
+    counts = {"members": 0, "members_skipped": 0, "archive_errors": 0}
+    try:
+        for m in iter_members(part.path, part.members or STRUCTURE_MEMBERS, part=part.part,
+                              parts=part.parts, stats=stats):  # fmt: skip
+            counts["members"] += 1
+            one(m.source, Path(m.name), m.read())
+    except ArchiveError as e:
+        counts["archive_errors"] += 1
+        member = f"{part.path}:{e.member}" if e.member else part.path
+        rejects.append(reject("structures", member, e.member or Path(part.path).name,
+                              "truncated_archive", str(e)))  # fmt: skip
+    counts["members_skipped"] = stats.skipped if part.part == 0 else 0
+    if not stats.selected and not counts["archive_errors"] and part.part == 0:
+        globs = ", ".join(part.members or STRUCTURE_MEMBERS)
+        rejects.append(reject("structures", part.path, Path(part.path).name, "no_structure_members",
+                              f"no member matches {globs}; {stats.members} file(s) in the archive"))  # fmt: skip
+    if not explicit and part.part == 0:  # every member of a bundle should be a structure
+        rejects.extend(
+            reject("structures", f"{part.path}:{n}", n.rsplit("/", 1)[-1], "not_a_structure",
+                   f"archive member not named as a structure file ({', '.join(STRUCTURE_MEMBERS)})")
+            for n in stats.skipped_names
+        )  # fmt: skip
+    return counts
 
 
 def _process_file(
@@ -176,10 +243,17 @@ def _process_file(
     tokenizer: StructureTokenizer | None,
     dssp: Tool,
     times: StepTimes,
+    *,
+    data: bytes | None = None,
+    source: str | None = None,
 ) -> tuple[list[dict], list[dict], int, bool]:
-    """(rows, rejects, number of protein chains, whether the entry-level filter refused it)"""
+    """(rows, rejects, number of protein chains, whether the entry-level filter refused it)
+
+    `data`: the file's bytes when they come from an archive member (`path` its name,
+    `source` how rows and rejects name it)."""
     t0 = time.perf_counter()
-    entry = read_structure(path)
+    entry = read_structure(path, data=data, source=source)
+    path = Path(source) if source else path  # rows and rejects name the input by this
     times.parse += time.perf_counter() - t0
     meta = entry.meta
     rejects: list[dict] = []
