@@ -331,6 +331,16 @@ def run_stages(
     return results
 
 
+def plan_lines(profile: ClusterProfile, stages: Iterable[Stage]) -> list[str]:
+    """What `run_stages` would submit, one line per stage: items, tasks and arrays."""
+    limit = launch.array_size_limit(profile)
+    lines = [f"  arrays of at most {limit - 1} task(s) (MaxArraySize {limit})"]
+    for st in _order(stages):
+        plan = launch.plan_stage(profile, len(st.items), st.resources, limit)
+        lines.append(f"  {st.name}: {plan.describe()}; after {', '.join(st.after) or '-'}")
+    return lines
+
+
 def plan_scripts(
     ws: Path, profile: ClusterProfile, folder: Path, stages: Iterable[Stage], max_array_size: int
 ) -> list[tuple[str, str]]:
