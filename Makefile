@@ -49,7 +49,7 @@ slurm-down:  ## stop what slurm-up started
 	@if [ -x $(ESM3) ]; then $(ESM3) slurm down; fi
 
 test: setup  ## the whole test suite, on a real local SLURM cluster and headless Chromium
-	@bash containers/install-tools.sh --slurm --browser
+	@bash containers/install-tools.sh --slurm --browser --strace
 	$(ESM3) slurm up
 	@set -o pipefail; rc=0; \
 	  $(BIN)/python -m pytest $(PYTEST_ARGS) || rc=$$?; \

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system tools the suite calls: mmseqs2 and mkdssp (always), and with
-# --slurm the local-cluster tools (slurm-wlm, munge), plus --browser for chromium.
+# --slurm the local-cluster tools (slurm-wlm, munge), plus --browser for chromium and
+# --strace for the tests that list the files a command opens.
 # Shared by `make setup` and the image recipe so host and image agree on versions.
 # On Debian as root it installs with apt; elsewhere it only checks and says what is missing.
 set -euo pipefail
@@ -12,7 +13,8 @@ for arg in "$@"; do
     --slurm) PKGS+=(slurm-wlm munge); TOOLS+=(slurmctld slurmd munged sbatch) ;;
     --browser) PKGS+=(chromium chromium-driver); TOOLS+=(chromium chromedriver) ;;
     --images) PKGS+=(podman runc debootstrap); TOOLS+=(podman debootstrap) ;;
-    *) echo "install-tools.sh: unknown option '$arg' (use --slurm, --browser, --images)" >&2; exit 2 ;;
+    --strace) PKGS+=(strace); TOOLS+=(strace) ;;
+    *) echo "install-tools.sh: unknown option '$arg' (use --slurm, --browser, --images, --strace)" >&2; exit 2 ;;
   esac
 done
 

@@ -11,6 +11,8 @@ import re
 import shlex
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -65,6 +67,40 @@ class Tool:
                 f"{self.name} failed with exit code {proc.returncode}: {shlex.join(cmd)}\n{tail}"
             )
         return proc
+
+    def feed(self, args: list[str | Path], chunks: Iterable[bytes | memoryview]) -> None:
+        """Run the program with `args`, writing `chunks` to its stdin as they come: input
+        larger than memory, never held whole. Raises ToolError as `run` does."""
+        exe = self.path()
+        self.version()
+        cmd = [exe, *map(str, args)]
+        log.info("run: %s < (stream)", shlex.join(cmd))
+        # output to a file, not a pipe: a pipe nobody drains would block the program
+        with tempfile.TemporaryFile() as out:
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=out)
+            try:
+                _write_all(proc, chunks)
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+            if proc.wait() != 0:
+                out.seek(0)
+                tail = out.read().decode(errors="replace").strip()[-4000:]
+                raise ToolError(
+                    f"{self.name} failed with exit code {proc.returncode}: "
+                    f"{shlex.join(cmd)}\n{tail}"
+                )
+
+
+def _write_all(proc: subprocess.Popen, chunks: Iterable[bytes | memoryview]) -> None:
+    assert proc.stdin is not None
+    try:
+        for chunk in chunks:
+            proc.stdin.write(chunk)
+        proc.stdin.close()
+    except BrokenPipeError:  # the program stopped reading: its exit code and output say why
+        pass
 
 
 def _parse_version(text: str) -> tuple[int, ...]:

@@ -171,8 +171,10 @@ def run_item(stage: str, fn: Callable[..., Any], index: int, args: tuple) -> Any
         raise ItemFailed(f"{stage} item {index} {_short(args)}: {type(e).__name__}: {e}") from e
 
 
-def _pool_worker_start(cpus: int) -> None:
-    os.environ["ESM3_JOB_CPUS"] = str(cpus)  # the worker's share of the task's CPUs
+def _pool_worker_start(cpus: int, workers: int) -> None:
+    # the worker's share of the task's CPUs and memory (`runner.job_memory_limit`)
+    os.environ["ESM3_JOB_CPUS"] = str(cpus)
+    os.environ["ESM3_POOL_WORKERS"] = str(workers)
 
 
 @dataclass
@@ -193,7 +195,7 @@ class RunChunk:
         ctx = multiprocessing.get_context("forkserver")
         share = max(1, cpus // workers)
         with ProcessPoolExecutor(
-            workers, mp_context=ctx, initializer=_pool_worker_start, initargs=(share,)
+            workers, mp_context=ctx, initializer=_pool_worker_start, initargs=(share, workers)
         ) as pool:
             futures = [
                 pool.submit(run_item, self.stage, self.fn, chunk.first + k, r)

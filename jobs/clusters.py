@@ -18,6 +18,9 @@ from jobs import slurm_local
 from jobs.config import ConfigError, load
 
 PROFILES_DIR = Path(__file__).resolve().parent / "configs" / "clusters"
+# what a job's tasks read: the profile's `scratch` and `mmseqs_runner`
+SCRATCH_ENV = "ESM3_SCRATCH"
+MMSEQS_RUNNER_ENV = "ESM3_MMSEQS_RUNNER"
 
 # submitit polls `sacct`, which fails without slurmdbd; the suite tracks job states itself
 logging.getLogger("submitit").setLevel(logging.ERROR)
@@ -62,6 +65,12 @@ class ClusterProfile:
     setup: list[str] = field(default_factory=list)  # shell lines run before the job
     sbatch_extra: dict[str, str | int | bool] = field(default_factory=dict)  # other sbatch flags
     container: Container = field(default_factory=Container)
+    # node-local scratch for mmseqs' database and temporary files; shell-expanded in the
+    # job script, e.g. "$TMPDIR" or "/local/scratch/$USER"; empty: next to the outputs
+    scratch: str = ""
+    # MPI command mmseqs runs its parallel steps with (its RUNNER), e.g. "mpirun -np 4";
+    # needs an MPI build of mmseqs
+    mmseqs_runner: str = ""
 
     def validate(self) -> None:
         for k in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "array_parallelism"):
@@ -109,6 +118,16 @@ class ClusterProfile:
         if self.slurm_conf == "local":
             return slurm_local.conf_path()
         return Path(self.slurm_conf) if self.slurm_conf else None
+
+
+def task_env_lines(profile: ClusterProfile) -> list[str]:
+    """Job-script lines that hand the profile's scratch and mmseqs runner to the tasks."""
+    lines = []
+    if profile.scratch:  # double quotes: "$TMPDIR" expands on the node, at run time
+        lines.append(f'export {SCRATCH_ENV}="{profile.scratch}"')
+    if profile.mmseqs_runner:
+        lines.append(f"export {MMSEQS_RUNNER_ENV}={shlex.quote(profile.mmseqs_runner)}")
+    return lines
 
 
 def host_memory() -> int:
@@ -211,6 +230,7 @@ def make_executor(
     time_min = r.time_min or profile.time_min
     python = container_python(profile.container, workspace, folder)
     setup = [f"export ESM3_WORKSPACE={shlex.quote(str(workspace))}", *profile.setup]
+    setup += task_env_lines(profile)
 
     if profile.executor == "local":
         # local array tasks run side by side: tell each how many cores are its share

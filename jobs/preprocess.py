@@ -264,7 +264,8 @@ def summarize(ws: Path, run_id: str, results: dict[str, list[Any]], lay: Any) ->
         lines.append(f"  ingest: {_sum(r, 'records')} records -> {_sum(r, 'written')} sequences, "
                      f"{_sum(r, 'rejected')} rejected, {len(r)} shard(s)")  # fmt: skip
     if "cluster" in results or "structure-cluster" in results:
-        for r in results.get("cluster", []) + results.get("structure-cluster", []):
+        tasks = results.get("cluster", []) + results.get("structure-cluster", [])
+        for r in (level for t in tasks for level in t["levels"]):  # one task per dataset
             name = Path(r["clusters_file"]).parent.name
             lines.append(f"  cluster {name} at {r['level']:g}: {r['clusters']} clusters "
                          f"of {r['sequences']}")  # fmt: skip

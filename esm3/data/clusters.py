@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import duckdb
 import pyarrow as pa
 
+from esm3.data.duck import connect
 from esm3.data.shards import Source, atomic_path, duckdb_source, is_done, sql_path
 
 EXPANDED_SCHEMA = pa.schema([("center", pa.string()), ("member", pa.string())])
@@ -31,17 +31,7 @@ DEFAULT_CAP = 20
 
 
 def _connect(memory_limit: str | None, threads: int | None, temp_dir: str | None):
-    # settings through the config, not SQL text: a path or size is never pasted into SQL
-    config: dict[str, object] = {}
-    if memory_limit:
-        config["memory_limit"] = str(memory_limit)
-    if threads:
-        config["threads"] = int(threads)
-    if temp_dir:
-        config["temp_directory"] = str(temp_dir)
-    con = duckdb.connect(config=config)
-    con.sql("SET enable_progress_bar = false")
-    return con
+    return connect(memory_limit, threads, temp_dir)
 
 
 def _expand(con, low: Source, high: Source | None, cap: int, seed: int) -> dict:

@@ -49,12 +49,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from esm3.data.duck import connect
 from esm3.data.shards import ShardWriter, atomic_path, is_done, sql_path, tmp_path, write_table
 
 ALPHABET = "ACDEFGHIKLMNPQRSTVWYXBUZO"
@@ -583,7 +583,7 @@ def _drop_duplicate_ids(tmp: Path, source: str, rejects: list[dict]) -> tuple[Pa
         FROM read_parquet($src)
         WHERE id IN (SELECT id FROM read_parquet($src) GROUP BY id HAVING count(*) > 1)
         QUALIFY "offset" > first_offset"""
-    con = duckdb.connect()
+    con = connect()
     try:
         dups = con.execute(repeats + ' ORDER BY "offset"', src).fetchall()
         if not dups:
@@ -690,11 +690,17 @@ def write_fasta(tables: pa.Table | list[pa.Table], out: str | Path) -> Path:
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
         for table in tables:
             for batch in table.select(["id", "sequence"]).to_batches(1 << 16):
-                text = pc.binary_join_element_wise(
-                    ">", batch.column(0), "\n", batch.column(1), "\n", ""
-                )
-                # the joined strings lie back to back in the data buffer: write it whole
-                offs = np.frombuffer(text.buffers()[1], np.int32)
-                a, b = offs[text.offset], offs[text.offset + len(text)]
-                f.write(memoryview(text.buffers()[2])[a:b])
+                f.write(fasta_bytes(batch))
     return Path(out)
+
+
+def fasta_bytes(batch: pa.RecordBatch) -> memoryview:
+    """The FASTA text ('>id' line, one sequence line) of a batch's `id` and `sequence`
+    columns, built with Arrow string kernels (no Python loop over rows)."""
+    text = pc.binary_join_element_wise(
+        ">", batch.column("id"), "\n", batch.column("sequence"), "\n", ""
+    )
+    # the joined strings lie back to back in the data buffer: hand it over whole
+    offs = np.frombuffer(text.buffers()[1], np.int32)
+    a, b = offs[text.offset], offs[text.offset + len(text)]
+    return memoryview(text.buffers()[2])[a:b]

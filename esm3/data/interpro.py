@@ -31,10 +31,10 @@ from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from esm3.data.duck import connect
+from esm3.data.shards import atomic_path
 from esm3.data.structures.records import ShardResult, reject, stored_result
 
 IPR_SCHEMA = pa.schema(
@@ -185,11 +185,33 @@ def _ingest(
             if len(cols[0]) >= batch_rows:
                 flush()
         flush()
-        writer.add_key_value_metadata(
-            {"esm3.summary": json.dumps(counts), "esm3.rejects": json.dumps(rejects)}
-        )
-    tmp.replace(out_path)
+    meta = {"esm3.summary": json.dumps(counts), "esm3.rejects": json.dumps(rejects)}
+    try:
+        _sort_by_accession(tmp, out_path, schema, batch_rows, meta)
+    finally:
+        tmp.unlink(missing_ok=True)
     return ShardResult(counts, rejects)
+
+
+def _sort_by_accession(
+    src: Path, out_path: Path, schema: pa.Schema, batch_rows: int, meta: dict[str, str]
+) -> None:
+    """Rewrite `src` sorted by accession (input order within one), so that each row group
+    covers a narrow accession range and a join with a shard's accessions skips the rest."""
+    con = connect()
+    try:
+        batches = con.sql(
+            """SELECT * EXCLUDE (file_row_number)
+               FROM read_parquet($src, file_row_number = true)
+               ORDER BY accession, file_row_number""",
+            params={"src": str(src)},
+        ).to_arrow_reader(batch_rows)
+        with atomic_path(out_path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as w:
+            for b in batches:
+                w.write_table(pa.Table.from_batches([b]).cast(schema))
+            w.add_key_value_metadata(meta)
+    finally:
+        con.close()
 
 
 def ingest_protein2ipr(
@@ -253,11 +275,18 @@ def frequent_labels(
     files = [str(p) for p in paths]
     if not files:
         return []
-    t = ds.dataset(files, schema=schema).to_table(columns=["accession", column])
-    per_protein = t.group_by([column, "accession"]).aggregate([])
-    counts = per_protein.group_by(column).aggregate([("accession", "count")])
-    keep = counts.filter(pc.greater_equal(counts["accession_count"], min_proteins))
-    return sorted(keep[column].to_pylist())
+    if column not in schema.names or column == "accession":
+        raise ValueError(f"{column!r} is not a label column of {schema.names}")
+    con = connect()
+    try:
+        rows = con.execute(
+            f"""SELECT "{column}" FROM read_parquet($files) GROUP BY "{column}"
+                HAVING count(DISTINCT accession) >= $min ORDER BY "{column}" """,  # noqa: S608 - a schema column, checked above
+            {"files": files, "min": int(min_proteins)},
+        ).fetchall()
+    finally:
+        con.close()
+    return [r[0] for r in rows]
 
 
 def interpro_vocabulary(paths: Iterable[str | Path]) -> pa.Table:
@@ -265,27 +294,43 @@ def interpro_vocabulary(paths: Iterable[str | Path]) -> pa.Table:
 
     A term's index in this table is its vocabulary id.
     """
-    table = ds.dataset([str(p) for p in paths], schema=IPR_SCHEMA).to_table(columns=["ipr", "name"])
-    grouped = table.group_by("ipr").aggregate([("name", "max"), ("ipr", "count")])
-    grouped = grouped.rename_columns(["ipr", "name", "count"])
-    return grouped.sort_by("ipr")
+    con = connect()
+    try:
+        table = con.sql(
+            """SELECT ipr, max(name) AS name, count(*) AS count FROM read_parquet($files)
+               GROUP BY ipr ORDER BY ipr""",
+            params={"files": [str(p) for p in paths]},
+        ).to_arrow_table()
+    finally:
+        con.close()
+    return table.cast(
+        pa.schema([("ipr", pa.string()), ("name", pa.string()), ("count", pa.int64())])
+    )
 
 
 def load_annotations(
     paths: Iterable[str | Path], accessions: Iterable[str]
 ) -> dict[str, list[Annotation]]:
-    """accession -> its annotations (sorted by start, then ipr), for the given accessions."""
+    """accession -> its annotations (sorted by start, then ipr, then as stored), for the
+    given accessions: a join of the sorted tables with them, reading only the row groups
+    whose accession range holds one."""
     wanted = sorted(set(accessions))
-    if not wanted:
+    files = [str(p) for p in paths]
+    if not wanted or not files:
         return {}
-    table = (
-        ds.dataset([str(p) for p in paths], schema=IPR_SCHEMA)
-        .to_table(
-            columns=["accession", "ipr", "start", "end"],
-            filter=pc.field("accession").isin(wanted),
-        )
-        .sort_by([("accession", "ascending"), ("start", "ascending"), ("ipr", "ascending")])
-    )
+    con = connect()
+    try:
+        con.register("wanted", pa.table({"accession": wanted}))
+        table = con.sql(
+            """SELECT t.accession, t.ipr, t.start, t."end"
+               FROM read_parquet($files, filename = true, file_row_number = true) t
+               SEMI JOIN wanted w ON t.accession = w.accession
+               ORDER BY t.accession, t.start, t.ipr, list_position($files, t.filename),
+                        t.file_row_number""",
+            params={"files": files},
+        ).to_arrow_table()
+    finally:
+        con.close()
     out: dict[str, list[Annotation]] = {}
     for acc, ipr, s, e in zip(*(table[c].to_pylist() for c in table.column_names), strict=True):
         out.setdefault(acc, []).append(Annotation(ipr, s, e))

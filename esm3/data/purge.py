@@ -13,11 +13,11 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from esm3.data.duck import connect
 from esm3.data.fasta import write_fasta
 from esm3.data.mmseqs import HITS_SCHEMA, search
 from esm3.data.shards import Source, duckdb_source, is_done, write_table
@@ -33,19 +33,22 @@ def select_validation(
     """Pick up to `n` validation sequences per dataset from (id, dataset, sequence, ...) rows.
 
     `sequences`: an Arrow table or Parquet shard path(s). Returns the chosen rows (all
-    columns), ordered by dataset and id. DuckDB's top-n keeps memory small.
+    columns), ordered by dataset and id. The choice is a top-n per dataset over ids only
+    (a heap of `n` keys per dataset); the chosen rows are then read back by id, so memory
+    follows `n`, not the rows or their sequences.
     """
-    con = duckdb.connect()
+    con = connect()
     try:
-        con.sql("SET enable_progress_bar = false")
         duckdb_source(con, "seqs", sequences)
         return con.sql(
             """
-            SELECT * EXCLUDE (k) FROM (
-                SELECT *, row_number() OVER (
-                    PARTITION BY dataset ORDER BY md5_number_lower($salt || id), id
-                ) AS k FROM seqs
-            ) WHERE k <= $n ORDER BY dataset, id
+            WITH chosen AS (
+                SELECT dataset, unnest(min_by(id, row(md5_number_lower($salt || id), id), $n))
+                       AS id
+                FROM seqs GROUP BY dataset
+            )
+            SELECT s.* FROM seqs s SEMI JOIN chosen c ON s.dataset = c.dataset AND s.id = c.id
+            ORDER BY s.dataset, s.id
             """,
             params={"salt": f"{int(seed)}:", "n": int(n)},
         ).to_arrow_table()

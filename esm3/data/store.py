@@ -176,15 +176,10 @@ def _write_pairs(files: Sequence[Path], columns: tuple[str, str], out: Path) -> 
 
 
 def _connect(tmp: Path, memory_limit: str | None, threads: int | None) -> Any:
-    import duckdb
+    from esm3.data.duck import connect
 
-    con = duckdb.connect()
-    con.execute("SET temp_directory = ?", [str(tmp)])
+    con = connect(memory_limit, threads, tmp)
     con.execute("SET preserve_insertion_order = true")
-    if memory_limit:
-        con.execute("SET memory_limit = ?", [memory_limit])
-    if threads:
-        con.execute("SET threads = ?", [int(threads)])
     return con
 
 

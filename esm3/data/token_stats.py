@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 
+from esm3.data.duck import connect
 from esm3.data.shards import Source, duckdb_source
 
 
@@ -42,12 +42,18 @@ def expected_unique(n: np.ndarray, k: float) -> np.ndarray:
 
 def cluster_table(expanded: Source, sequences: Source) -> dict[str, np.ndarray]:
     """Per-center member count and summed member length, joining (center, member) rows with
-    sequence (id, length) rows in DuckDB. Returns arrays n (members) and tokens, shape (C,)."""
-    con = duckdb.connect()
+    sequence (id, length) rows in DuckDB (rows without `length` count their `sequence`).
+    Returns arrays n (members) and tokens, shape (C,)."""
+    con = connect()
     try:
-        con.sql("SET enable_progress_bar = false")
         duckdb_source(con, "expanded", expanded)
-        duckdb_source(con, "seqs", sequences)
+        duckdb_source(con, "seqs_in", sequences)
+        has_length = "length" in con.table("seqs_in").columns
+        con.sql(
+            "CREATE VIEW seqs AS SELECT id, length FROM seqs_in"
+            if has_length
+            else "CREATE VIEW seqs AS SELECT id, length(sequence) AS length FROM seqs_in"
+        )
         missing = con.sql(
             "SELECT count(*) FROM expanded e ANTI JOIN seqs s ON e.member = s.id"
         ).fetchall()[0][0]

@@ -91,11 +91,14 @@ def shard(n: int, rank: int, world: int) -> range:
     return range(rank, n, world)
 
 
-def validation_files(cfg: ValidationConfig, root: str | Path) -> list[Path]:
+def validation_files(
+    cfg: ValidationConfig, root: str | Path, *, read_schemas: bool = True
+) -> list[Path]:
     """The validation files (globs resolved under `root`); DataError naming a file that
-    matches nothing or lacks the id, dataset or sequence column."""
+    matches nothing or (unless not `read_schemas`: a dry run opens no data file) lacks the
+    id, dataset or sequence column."""
     files = resolve_paths(cfg.files, root, "validation set")
-    for f in files:
+    for f in files if read_schemas else []:
         try:
             names = pq.read_schema(f).names
         except Exception as e:  # noqa: BLE001 - pyarrow's many error types

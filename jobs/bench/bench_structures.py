@@ -3,8 +3,8 @@
 - The structures stage (parse + filter + SASA + SS8 + structure tokens) in one process,
   structures (files) per second, against a baseline run side by side on the same files:
   biotite's reader, `biotite.structure.sasa` summed per residue, and mkdssp called directly
-  once per file. ratio = ours / baseline (1.0 = no overhead; the stage runs mkdssp once per
-  chain, so multi-chain entries cost more than the one call of the baseline). Rows
+  once per file. ratio = ours / baseline (1.0 = no overhead; like the baseline, the stage runs
+  mkdssp once per file, with every chain moved into a cell of its own). Rows
   `share_<step>` give each step's fraction of the stage's time.
 - protein2ipr ingest, lines per second, against a plain Python split loop that does no
   validation and writes nothing (ratio = ours / baseline).

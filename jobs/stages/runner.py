@@ -21,12 +21,14 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from esm3.data import duck
 from esm3.metrics.lake import now, write_rows
 from jobs import launch
 from jobs import workspace as wsp
@@ -55,7 +57,25 @@ def job_memory_limit(fraction: float = 0.8) -> str | None:
     mb = os.environ.get("SLURM_MEM_PER_NODE", "")
     per_cpu = os.environ.get("SLURM_MEM_PER_CPU", "")
     total = int(mb) if mb.isdigit() else int(per_cpu) * job_cpus() if per_cpu.isdigit() else 0
+    if mb.isdigit():  # in a task's process pool each worker has its share of the node's
+        total //= max(1, int(os.environ.get("ESM3_POOL_WORKERS", "1") or 1))
     return f"{int(total * fraction)}M" if total > 0 else None
+
+
+@dataclass(frozen=True)
+class InAllocation:
+    """A stage task `fn(ws, run_id, ...)` run with every DuckDB connection it opens under the
+    job's memory limit and CPUs, spilling to a folder of this task in the run's directory
+    (removed when the task ends)."""
+
+    fn: Callable[..., Any]
+
+    def __call__(self, ws: str, run_id: str, *args: Any) -> Any:
+        scratch = wsp.run_dir(Path(ws), run_id) / "duckdb-tmp"
+        scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+            with duck.limits(job_memory_limit(), job_cpus(), tmp):
+                return self.fn(ws, run_id, *args)
 
 
 def _marker(ws: str | Path, run_id: str, kind: str, key: str) -> Path:
@@ -305,8 +325,9 @@ def run_stages(
         ids = _after_ids(st, subs) if slurm else []
         if ids:
             res = replace(res, dependency="afterok:" + ":".join(ids))
-        sub = launch.submit_array(ws, profile, run_id=run_id, stage=st.name, fn=st.fn,
-                                  items=st.items, resources=res, max_array_size=limit)  # fmt: skip
+        sub = launch.submit_array(ws, profile, run_id=run_id, stage=st.name,
+                                  fn=InAllocation(st.fn), items=st.items, resources=res,
+                                  max_array_size=limit)  # fmt: skip
         assert sub.plan is not None
         note(f"{st.name}: {sub.plan.describe()} submitted ({', '.join(sub.array_ids[:5])}"
              f"{', ...' if len(sub.array_ids) > 5 else ''})")  # fmt: skip

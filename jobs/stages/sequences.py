@@ -3,7 +3,7 @@
 Array tasks (module-level, run in the job process):
 - split:      one task per input file with `split > 1`: `split_fasta` into plain shards
 - ingest:     one task per input shard: `ingest_fasta` -> Parquet; rejects to the lake
-- cluster:    one task per (dataset, level): mmseqs linclust with the paper's flags
+- cluster:    one task per dataset: mmseqs linclust with the paper's flags at each level
 - expand:     one task per dataset: two-level expansion, cap 20 (single level: cap only)
 - validation: one task: the validation set of every purged dataset
 - purge:      one task per training shard: easy-search against validation, blacklist
@@ -17,19 +17,21 @@ Structure datasets are clustered by the same `cluster_task` / `expand_task`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from esm3.data.clusters import expand_cluster_files
+from esm3.data.duck import connect
 from esm3.data.fasta import ingest_fasta, split_fasta
-from esm3.data.mmseqs import CLUSTER_SCHEMA, cluster_shards
+from esm3.data.mmseqs import cluster_shards
 from esm3.data.purge import purge_shard, write_validation
 from esm3.data.sequence_annotations import annotate_sequence_shard
-from esm3.data.shards import atomic_path, sql_path, write_table
+from esm3.data.shards import atomic_path, sql_path
 from esm3.data.token_stats import cluster_table, dataset_stats_row, token_stats_row
+from jobs.clusters import MMSEQS_RUNNER_ENV, SCRATCH_ENV
 from jobs.stages.config import DatasetConfig, PreprocessConfig
 from jobs.stages.runner import (
     Layout,
@@ -64,29 +66,43 @@ def ingest_task(
     return summary
 
 
-def cluster_task(ws: str, run_id: str, shards: list[str], out: str, level: float) -> dict:
-    """Cluster the sequences (id, sequence columns) of Parquet shards at `level`."""
-    work = Path(out).parent / "tmp"
-    if not Path(out).exists():
-        _check_unique_ids(shards)
-    n = sum(pq.read_metadata(s).num_rows for s in shards)
-    if n == 0 and not Path(out).exists():  # mmseqs refuses empty input
-        write_table(CLUSTER_SCHEMA.empty_table(), out)
-    threads, memory = job_cpus(), job_memory_limit()
-    summary, _ = cluster_shards(
-        shards, out, level, work, threads=threads, split_memory_limit=memory
+def cluster_task(
+    ws: str, run_id: str, shards: list[str], outs: list[str], levels: list[float]
+) -> dict:
+    """Cluster the sequences (id, sequence columns) of Parquet shards at every level (one
+    mmseqs database for all), `outs[i]` the clusters at `levels[i]`."""
+    threads, memory, scratch = job_cpus(), job_memory_limit(), _scratch(outs[0])
+    if not all(Path(o).exists() for o in outs):
+        _check_unique_ids(shards, memory, threads, scratch)
+    summaries = cluster_shards(
+        shards,
+        dict(zip(levels, outs, strict=True)),
+        scratch,
+        threads=threads,
+        split_memory_limit=memory,
+        memory_limit=memory,
+        runner=os.environ.get(MMSEQS_RUNNER_ENV) or None,
     )
-    say("cluster", f"{len(shards)} shard(s) at {level:g}: {summary['clusters']} clusters of "
-        f"{summary['sequences']} sequences ({threads} threads) -> {out}")  # fmt: skip
-    return summary
+    for s in summaries:
+        say("cluster", f"{len(shards)} shard(s) at {s['level']:g}: {s['clusters']} clusters of "
+            f"{s['sequences']} sequences ({threads} threads) -> {s['clusters_file']}")  # fmt: skip
+    return {"levels": summaries}
 
 
-def _check_unique_ids(shards: list[str]) -> None:
+def _scratch(out: str) -> Path:
+    """Where mmseqs' database and temporary files go: the profile's node-local scratch
+    (ESM3_SCRATCH), else a `tmp` folder next to the output (removed by a re-run)."""
+    local = os.environ.get(SCRATCH_ENV, "")
+    return Path(local) / "esm3-mmseqs" if local else Path(out).parent / "tmp"
+
+
+def _check_unique_ids(shards: list[str], memory: str | None, threads: int, scratch: Path) -> None:
     """Ingest drops repeated ids within a shard; one id in two shards (e.g. two input files
     that overlap) would make mmseqs' clusters ambiguous: refuse it, naming the shards."""
-    con = duckdb.connect()
+    con = connect(
+        memory, threads, scratch / "duckdb"
+    )  # the GROUP BY spills beyond the job's memory
     try:
-        con.sql("SET enable_progress_bar = false")
         dups = con.execute(
             """SELECT id, list(DISTINCT filename) FROM read_parquet(?, filename = true)
                GROUP BY id HAVING count(*) > 1 ORDER BY id LIMIT 3""",
@@ -166,9 +182,8 @@ def final_clusters(expanded: str | Path, shards: list[str], out: str | Path) -> 
     out = Path(out)
     if out.exists():
         return out
-    con = duckdb.connect()
+    con = connect()
     try:
-        con.sql("SET enable_progress_bar = false")
         with atomic_path(out) as tmp:
             # COPY's target cannot be bound: it goes in quoted by sql_path; the inputs are bound
             con.execute(
@@ -298,8 +313,9 @@ def plan_sequences(
         ingest_items += [(w, run_id, str(u), str(o), d.name, d.header, d.lowercase)
                          for u, o in units]  # fmt: skip
         shards[d.name] = [str(o) for _, o in units]
-        cluster_items += [(w, run_id, shards[d.name], str(lay.level_file(d.name, lv)), lv)
-                          for lv in d.levels]  # fmt: skip
+        cluster_items.append((w, run_id, shards[d.name],
+                              [str(lay.level_file(d.name, lv)) for lv in d.levels],
+                              list(d.levels)))  # fmt: skip
         high = str(lay.level_file(d.name, d.levels[1])) if len(d.levels) > 1 else None
         expand_items.append((w, run_id, str(lay.level_file(d.name, d.levels[0])), high,
                              str(lay.expanded_file(d.name)), d.cap, cfg.seed))  # fmt: skip

@@ -22,8 +22,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from esm3.data.interpro import (
@@ -229,16 +227,6 @@ def tokenize_task(ws: str, run_id: str, src: str, out: str, codebook: str) -> di
     return res.summary
 
 
-def _representatives(path: str) -> dict[str, str]:
-    t = pq.read_table(path, columns=["representative", "member"])
-    return dict(zip(t["member"].to_pylist(), t["representative"].to_pylist(), strict=True))
-
-
-def _lengths(shards: list[str]) -> pa.Table:
-    t = pa.concat_tables([pq.read_table(s, columns=["id", "sequence"]) for s in shards])
-    return pa.table({"id": t["id"], "length": pc.utf8_length(t["sequence"])})
-
-
 def structure_stats_task(ws: str, run_id: str, specs: list[dict]) -> dict:
     """Table S3 rows per structure dataset (and `<name>` unclustered + `<name>_clustered`
     when asked, as the paper lists PDB), and a Table S4 row from the expanded clusters;
@@ -249,8 +237,8 @@ def structure_stats_task(ws: str, run_id: str, specs: list[dict]) -> dict:
         first = len(s3_rows)
         if sp["also_unclustered"]:
             s3_rows.append(structure_dataset_stats(shards, name, sp["release"]))
-        low = _representatives(sp["level_files"][0])
-        high = _representatives(sp["level_files"][1]) if len(levels) > 1 else None
+        low = sp["level_files"][0]
+        high = sp["level_files"][1] if len(levels) > 1 else None
         s3_rows.append(
             structure_dataset_stats(
                 shards,
@@ -263,7 +251,7 @@ def structure_stats_task(ws: str, run_id: str, specs: list[dict]) -> dict:
             )
         )
         if pq.read_metadata(sp["expanded"]).num_rows:
-            ct = cluster_table(sp["expanded"], _lengths(shards))
+            ct = cluster_table(sp["expanded"], shards)
             s4 = token_stats_row(dataset=name, type="structure", n=ct["n"], tokens=ct["tokens"],
                                  token_budget=sp["token_budget"])  # fmt: skip
         else:
@@ -375,7 +363,7 @@ def plan_structures(
         tok += [(w, run_id, p, str(lay.struct(d.name) / "tokens" / Path(p).name),
                  str(lay.codebook)) for p in paths]  # fmt: skip
         levels = [str(lay.level_file(d.name, lv)) for lv in d.levels]
-        clus += [(w, run_id, paths, lf, lv) for lf, lv in zip(levels, d.levels, strict=True)]
+        clus.append((w, run_id, paths, levels, list(d.levels)))
         expand.append((w, run_id, levels[0], levels[1] if len(levels) > 1 else None,
                        str(lay.expanded_file(d.name)), d.cap, cfg.seed))  # fmt: skip
         specs.append(dict(dataset=d.name, shards=paths, levels=list(d.levels), level_files=levels,

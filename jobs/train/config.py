@@ -92,7 +92,7 @@ def check_inputs(
         raise ConfigError(f"config key 'data.datasets': {e}") from e
     if cfg.validation.every:
         try:
-            validation_files(cfg.validation, data_root(ws))
+            validation_files(cfg.validation, data_root(ws), read_schemas=build_stores)
         except DataError as e:
             raise ConfigError(f"config key 'validation.files': {e}") from e
     mcfg = cfg.model_config()

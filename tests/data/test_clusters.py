@@ -60,8 +60,8 @@ def real_levels(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("clusters")
     ingest_fasta(uniprot_fasta(), tmp / "all.parquet", dataset="uniprot")
     pq.write_table(pq.read_table(tmp / "all.parquet").slice(0, 2000), tmp / "s.parquet")
-    for level in (0.7, 0.9):
-        cluster_shards([tmp / "s.parquet"], tmp / f"c{level}.parquet", level, tmp / "w")
+    outs = {level: tmp / f"c{level}.parquet" for level in (0.7, 0.9)}
+    cluster_shards([tmp / "s.parquet"], outs, tmp / "w")
     return tmp / "c0.7.parquet", tmp / "c0.9.parquet"
 
 

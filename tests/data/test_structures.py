@@ -30,7 +30,7 @@ from esm3.data.structures.geometry import long_range_contacts
 from esm3.data.structures.io import StructureReadError, read_structure
 from esm3.data.structures.records import STRUCTURE_SCHEMA, read_shard
 from esm3.data.structures.sasa import residue_sasa
-from esm3.data.structures.ss8 import SS8_ALPHABET, DsspError, chain_ss8
+from esm3.data.structures.ss8 import SS8_ALPHABET, DsspError, chain_ss8, file_ss8
 from esm3.data.structures.stages import (
     StructureStageConfig,
     process_structure_shard,
@@ -273,6 +273,26 @@ def test_ss8_equals_mkdssp_called_directly(tmp_path, pti):
     ss8 = chain_ss8(chain.atoms)
     assert ss8 == expected
     assert set(ss8) <= set(SS8_ALPHABET) and {"H", "E", "G"} <= set(ss8)
+
+
+@needs_mkdssp
+@pytest.mark.parametrize("name", ["1BD2.pdb.gz", "3PWP.cif.gz"])
+def test_one_mkdssp_call_per_file_equals_mkdssp_per_chain(tmp_path, name):
+    # both complexes: mkdssp on the chains left in place assigns a residue differently
+    chains = [c.atoms for c in read_structure(mda_file(name)).chains]
+    assert len(chains) >= 5
+    counting = _fake_mkdssp(tmp_path, f'echo call >> {tmp_path}/calls\nexec mkdssp "$@"\n')
+    assert file_ss8(chains, tool=counting) == [chain_ss8(a) for a in chains]
+    assert (tmp_path / "calls").read_text().count("call") == 1
+
+
+def test_one_mkdssp_call_per_file_falls_back_per_chain(tmp_path, pti):
+    # the shared call fails: each chain runs alone and gets its own error
+    tool = _fake_mkdssp(tmp_path, f'echo call >> {tmp_path}/calls\necho "bad input" >&2\nexit 3\n')
+    (chain,) = read_structure(pti).chains
+    found = file_ss8([chain.atoms, chain.atoms], tool=tool)
+    assert [type(e) for e in found] == [ToolError, ToolError] and "bad input" in str(found[1])
+    assert (tmp_path / "calls").read_text().count("call") == 3
 
 
 def _fake_mkdssp(tmp_path: Path, body: str) -> Tool:

@@ -23,6 +23,7 @@
 export ESM3_WORKSPACE=/ws
 module load cuda/12.4 || true
 export NCCL_DEBUG=WARN
+export ESM3_SCRATCH="$TMPDIR"
 
 # command
 export SUBMITIT_EXECUTOR=slurm
@@ -53,6 +54,7 @@ srun --unbuffered --output FOLDER/%A_%a_%t_log.out --error FOLDER/%A_%a_%t_log.e
 export ESM3_WORKSPACE=/ws
 module load cuda/12.4 || true
 export NCCL_DEBUG=WARN
+export ESM3_SCRATCH="$TMPDIR"
 
 # command
 export SUBMITIT_EXECUTOR=slurm
@@ -83,6 +85,7 @@ srun --unbuffered --output FOLDER/%A_%a_%t_log.out --error FOLDER/%A_%a_%t_log.e
 export ESM3_WORKSPACE=/ws
 module load cuda/12.4 || true
 export NCCL_DEBUG=WARN
+export ESM3_SCRATCH="$TMPDIR"
 
 # command
 export SUBMITIT_EXECUTOR=slurm
@@ -113,6 +116,7 @@ srun --unbuffered --output FOLDER/%A_%a_%t_log.out --error FOLDER/%A_%a_%t_log.e
 export ESM3_WORKSPACE=/ws
 module load cuda/12.4 || true
 export NCCL_DEBUG=WARN
+export ESM3_SCRATCH="$TMPDIR"
 
 # command
 export SUBMITIT_EXECUTOR=slurm
@@ -143,6 +147,7 @@ srun --unbuffered --output FOLDER/%A_%a_%t_log.out --error FOLDER/%A_%a_%t_log.e
 export ESM3_WORKSPACE=/ws
 module load cuda/12.4 || true
 export NCCL_DEBUG=WARN
+export ESM3_SCRATCH="$TMPDIR"
 
 # command
 export SUBMITIT_EXECUTOR=slurm
@@ -174,6 +179,7 @@ srun --unbuffered --output FOLDER/%A_%a_%t_log.out --error FOLDER/%A_%a_%t_log.e
 export ESM3_WORKSPACE=/ws
 module load cuda/12.4 || true
 export NCCL_DEBUG=WARN
+export ESM3_SCRATCH="$TMPDIR"
 
 # command
 export SUBMITIT_EXECUTOR=slurm
@@ -205,6 +211,7 @@ srun --unbuffered --output FOLDER/%A_%a_%t_log.out --error FOLDER/%A_%a_%t_log.e
 export ESM3_WORKSPACE=/ws
 module load cuda/12.4 || true
 export NCCL_DEBUG=WARN
+export ESM3_SCRATCH="$TMPDIR"
 
 # command
 export SUBMITIT_EXECUTOR=slurm

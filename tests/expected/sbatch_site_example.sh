@@ -21,6 +21,7 @@
 export ESM3_WORKSPACE=/ws
 module load cuda/12.4 || true
 export NCCL_DEBUG=WARN
+export ESM3_SCRATCH="$TMPDIR"
 
 # command
 export SUBMITIT_EXECUTOR=slurm

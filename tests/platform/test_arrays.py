@@ -96,7 +96,7 @@ def _jobs(ws, run_id):
 def test_local_stage_of_several_arrays_returns_every_item_in_order(workspace):
     prof = load_profile("local", ["max_array_size=3"])
     run_id = launch.start_run(workspace, kind="test", name="t", profile=prof)
-    stages = [Stage("square", jobfns.square, [(i,) for i in range(7)], [],
+    stages = [Stage("square", jobfns.stage_square, [(str(workspace), run_id, i) for i in range(7)], [],
                     Resources(items_per_task=2))]  # fmt: skip
     results = run_stages(workspace, prof, run_id, stages, timeout_s=180)
     assert [r["y"] for r in results["square"]] == [i * i for i in range(7)]
@@ -108,9 +108,12 @@ def test_local_stage_of_several_arrays_returns_every_item_in_order(workspace):
 def test_local_failure_names_stage_job_and_item(workspace):
     prof = load_profile("local")
     run_id = launch.start_run(workspace, kind="test", name="t", profile=prof)
-    stages = [Stage("explode", jobfns.boom, [("fine",), ("bad one",)], [],
+    stages = [Stage("explode", jobfns.stage_boom, [(str(workspace), run_id, "fine"), (str(workspace), run_id, "bad")], [],
                     Resources(items_per_task=2))]  # fmt: skip
     with pytest.raises(launch.JobFailed) as err:
         run_stages(workspace, prof, run_id, stages, timeout_s=180)
     assert str(err.value).startswith("explode: job ")
-    assert "ItemFailed: explode item 0 ('fine',): ValueError: fine" in str(err.value)
+    assert (
+        f"ItemFailed: explode item 0 ('{workspace}', '{run_id}', 'fine'): ValueError: fine"
+        in str(err.value)
+    )

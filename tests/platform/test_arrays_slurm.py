@@ -74,8 +74,8 @@ def test_stage_above_max_array_size_runs_as_dependent_arrays(small_arrays_cluste
     assert launch.array_size_limit(prof) == 11  # read from `scontrol show config`
     run_id = launch.start_run(workspace, kind="test", name="arrays", profile=prof)
     stages = [
-        Stage("first", jobfns.square, [(i,) for i in range(50)]),
-        Stage("second", jobfns.square, [(i,) for i in range(25)], ["first"],
+        Stage("first", jobfns.stage_square, [(str(workspace), run_id, i) for i in range(50)]),
+        Stage("second", jobfns.stage_square, [(str(workspace), run_id, i) for i in range(25)], ["first"],
               Resources(items_per_task=2)),
     ]  # fmt: skip
     results = run_stages(workspace, prof, run_id, stages, timeout_s=600)

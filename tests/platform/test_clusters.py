@@ -9,6 +9,7 @@ from jobs.clusters import (
     container_python,
     load_profile,
     make_executor,
+    task_env_lines,
 )
 from jobs.config import ConfigError
 
@@ -65,3 +66,19 @@ def test_podman_stand_in(tmp_path):
         f"--user {uid} -v /ws:/ws -v /sub:/sub esm3-suite:cpu python"
     )
     assert container_python(load_profile("local").container, Path("/ws"), Path("/s")) is None
+
+
+def test_scratch_and_mmseqs_runner_reach_the_tasks(tmp_path):
+    """The job script exports them; `$TMPDIR` expands on the node, the runner stays whole."""
+    import subprocess
+
+    from jobs.clusters import MMSEQS_RUNNER_ENV, SCRATCH_ENV
+
+    prof = load_profile("site-example", ['scratch="$TMPDIR/esm3"', 'mmseqs_runner="mpirun -np 4"'])
+    lines = task_env_lines(prof)
+    assert lines and all(ln in _script(prof, tmp_path).splitlines() for ln in lines)
+    shell = "\n".join([*lines, f'printf "%s|%s" "${SCRATCH_ENV}" "${MMSEQS_RUNNER_ENV}"'])
+    env = {"PATH": os.environ["PATH"], "TMPDIR": "/node/local"}
+    out = subprocess.run(["sh", "-c", shell], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout == "/node/local/esm3|mpirun -np 4"
+    assert task_env_lines(load_profile("local")) == []  # unset: nothing exported

@@ -148,10 +148,10 @@ def test_local_run_completes_every_stage_and_records_its_jobs(reference):
                  "FROM jobs WHERE run_id = ? GROUP BY stage", [res.run_id])  # fmt: skip
     tasks = dict(zip(jobs.stage, jobs.n, strict=True))
     assert jobs.ok.all()
-    # uniref is split in 2, jgi is 1 shard; 3 sequence cluster levels; 4+3 structure levels
+    # uniref is split in 2, jgi is 1 shard; one cluster task per dataset (all its levels)
     assert tasks["split"] == 1 and tasks["ingest"] == 3 and tasks["purge"] == 3
-    assert tasks["cluster"] == 3 and tasks["expand"] == 2
-    assert tasks["structures"] == 4 and tasks["structure-cluster"] == 4
+    assert tasks["cluster"] == 2 and tasks["expand"] == 2
+    assert tasks["structures"] == 4 and tasks["structure-cluster"] == 2
     assert tasks["tokenize"] == 4 and tasks["codebook"] == 1 and tasks["derive"] == 1
 
 

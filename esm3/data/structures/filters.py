@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
+from esm3.data.duck import connect
 from esm3.data.structures.geometry import long_range_contacts
 
 Reject = tuple[str, str] | None
@@ -100,33 +102,49 @@ def normalize_plddt(values: np.ndarray, scale: str = "auto") -> np.ndarray:
     raise ValueError(f"plddt scale must be 'auto', '0-1' or '0-100', got {scale!r}")
 
 
-def read_esmatlas_metadata(path: str | Path) -> dict[str, tuple[float, float]]:
-    """id -> (mean pLDDT, pTM) on 0-1 from a Parquet or CSV/TSV table.
+def read_esmatlas_metadata(
+    path: str | Path, ids: Iterable[str] | None = None
+) -> dict[str, tuple[float, float]]:
+    """id -> (mean pLDDT, pTM) on 0-1 from a Parquet or CSV/TSV table, for `ids` only
+    (None: every row). A DuckDB scan keeps only the rows asked for, so a task's memory
+    follows its ids, not the table (the ESMAtlas table has hundreds of millions of rows).
 
     Columns: `id` (or `name`), `plddt` (or `mean_plddt`), `ptm`. A pLDDT column on 0-100
-    (any value > 1) is divided by 100.
+    (any value read > 1) is divided by 100.
     """
-    import pandas as pd
-
     path = Path(path)
-    if path.suffix == ".parquet":
-        df = pd.read_parquet(path)
-    else:
-        df = pd.read_csv(path, sep="\t" if path.suffix in (".tsv", ".tab") else ",")
-    cols = {c.lower(): c for c in df.columns}
+    con = connect()
+    try:
+        if path.suffix == ".parquet":
+            rel = con.read_parquet(str(path))
+        else:
+            rel = con.read_csv(str(path), header=True, all_varchar=True,
+                               sep="\t" if path.suffix in (".tsv", ".tab") else ",")  # fmt: skip
+        cols = {c.lower(): c for c in rel.columns}
 
-    def pick(*names: str) -> str:
-        for n in names:
-            if n in cols:
-                return cols[n]
-        raise ValueError(f"{path}: needs one of the columns {names}, has {list(df.columns)}")
+        def pick(*names: str) -> str:
+            for n in names:
+                if n in cols:
+                    return '"' + cols[n].replace('"', '""') + '"'
+            raise ValueError(f"{path}: needs one of the columns {names}, has {rel.columns}")
 
-    ids = df[pick("id", "name")].astype(str).to_numpy()
-    plddt = df[pick("plddt", "mean_plddt")].astype(float).to_numpy()
-    ptm = df[pick("ptm")].astype(float).to_numpy()
-    if np.nanmax(plddt, initial=0.0) > 1.0:
-        plddt = plddt / 100.0
-    return {i: (float(a), float(b)) for i, a, b in zip(ids, plddt, ptm, strict=True)}
+        rel.create_view("meta")
+        id_col, plddt_col, ptm_col = pick("id", "name"), pick("plddt", "mean_plddt"), pick("ptm")
+        # the file's own column names, quoted above
+        query = f"SELECT {id_col}::VARCHAR AS id, {plddt_col}::DOUBLE AS plddt, {ptm_col}::DOUBLE AS ptm FROM meta"  # noqa: S608, E501
+        if ids is not None:
+            con.register(
+                "wanted",
+                pa.table({"id": sorted(set(ids))}, schema=pa.schema([("id", pa.string())])),
+            )
+            query = f"SELECT m.* FROM ({query}) m SEMI JOIN wanted w ON m.id = w.id"  # noqa: S608
+        rows = con.sql(query).fetchall()
+    finally:
+        con.close()
+    nan = float("nan")
+    rows = [(i, nan if a is None else a, nan if b is None else b) for i, a, b in rows]
+    scale = 100.0 if np.nanmax([r[1] for r in rows], initial=0.0) > 1.0 else 1.0
+    return {i: (float(a) / scale, float(b)) for i, a, b in rows}
 
 
 def pdb_entity_groups(chains: Iterable[Mapping[str, str]]) -> dict[str, list[str]]:

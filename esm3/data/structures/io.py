@@ -132,7 +132,7 @@ def read_structure(path: str | Path, entry_id: str | None = None) -> Entry:
     if not raw.strip():
         raise StructureReadError(path, "empty", "file has no content")
     fmt = detect_format(path, raw)
-    default_id = entry_id or _stem(path)
+    default_id = entry_id or file_stem(path)
     try:
         if fmt == "pdb":
             atoms, meta = _read_pdb(raw, default_id)
@@ -150,7 +150,8 @@ def read_structure(path: str | Path, entry_id: str | None = None) -> Entry:
     return Entry(meta, chains)
 
 
-def _stem(path: Path) -> str:
+def file_stem(path: Path) -> str:
+    """A file's entry id when its content names none: the name without its extensions."""
     name = path.name
     for ext in (".gz", ".cif", ".mmcif", ".bcif", ".pdb", ".ent"):
         if name.lower().endswith(ext):

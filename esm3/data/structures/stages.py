@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from esm3.data.duck import connect
 from esm3.data.interpro import Annotation, load_annotations, map_annotations
+from esm3.data.shards import Source, duckdb_source
 from esm3.data.structures.filters import (
     AFDBFilter,
     ESMAtlasFilter,
@@ -30,7 +33,13 @@ from esm3.data.structures.filters import (
     normalize_plddt,
     read_esmatlas_metadata,
 )
-from esm3.data.structures.io import Entry, ParsedChain, StructureReadError, read_structure
+from esm3.data.structures.io import (
+    Entry,
+    ParsedChain,
+    StructureReadError,
+    file_stem,
+    read_structure,
+)
 from esm3.data.structures.records import (
     ShardResult,
     read_shard,
@@ -39,9 +48,9 @@ from esm3.data.structures.records import (
     write_shard,
 )
 from esm3.data.structures.sasa import residue_sasa
-from esm3.data.structures.ss8 import DsspError, chain_ss8
+from esm3.data.structures.ss8 import file_ss8
 from esm3.tokenize.structure import KMeansStructureTokenizer, StructureTokenizer
-from esm3.tool import MKDSSP, Tool, ToolError
+from esm3.tool import MKDSSP, Tool
 
 DATASETS = ("pdb", "afdb", "esmatlas")
 _AFDB_NAME = re.compile(r"AF-([A-Za-z0-9]+)-F(\d+)")
@@ -115,7 +124,10 @@ def process_structure_shard(
         if esmatlas_metadata is None:
             raise ValueError("ESMAtlas needs esmatlas_metadata (id -> pLDDT, pTM)")
         if not isinstance(esmatlas_metadata, Mapping):
-            esmatlas_metadata = read_esmatlas_metadata(esmatlas_metadata)
+            # only this shard's rows: an entry's id is its file name's stem
+            esmatlas_metadata = read_esmatlas_metadata(
+                esmatlas_metadata, [file_stem(Path(f)) for f in files]
+            )
     if tokenizer is not None and not isinstance(tokenizer, StructureTokenizer):
         tokenizer = KMeansStructureTokenizer.load(tokenizer)
     times = times if times is not None else StepTimes()
@@ -214,14 +226,51 @@ def _process_file(
         candidates = _one_per_entity(candidates, chain_reject)
     times.filter += time.perf_counter() - t0
 
+    sasa = [_chain_sasa(c[0], cfg, times) for c in candidates]
+    ss8 = _file_ss8([c[0] for c, s in zip(candidates, sasa, strict=True)
+                     if not isinstance(s, tuple)], cfg, dssp, times)  # fmt: skip
     rows = []
-    for chain, plddt, extra in candidates:
-        row = _chain_row(entry, chain, path, cfg, plddt, extra, tokenizer, dssp, times)
-        if isinstance(row, tuple):
-            chain_reject(chain, *row)
-        else:
-            rows.append(row)
+    for (chain, plddt, extra), chain_sasa in zip(candidates, sasa, strict=True):
+        # rejects in chain order, as when each chain ran its steps in turn
+        chain_ss8 = next(ss8) if not isinstance(chain_sasa, tuple) else None
+        failed = next((f for f in (chain_sasa, chain_ss8) if isinstance(f, tuple)), None)
+        if failed:
+            chain_reject(chain, *failed)
+            continue
+        rows.append(
+            _chain_row(
+                entry, chain, path, cfg, plddt, extra, chain_sasa, chain_ss8, tokenizer, times
+            )
+        )
     return rows, rejects, n_chains, False
+
+
+def _chain_sasa(
+    chain: ParsedChain, cfg: StructureStageConfig, times: StepTimes
+) -> np.ndarray | None | tuple[str, str]:
+    """Per-residue SASA (None when not computed), or a (reason, detail) reject."""
+    if not cfg.compute_sasa:
+        return None
+    t0 = time.perf_counter()
+    try:
+        return residue_sasa(chain.atoms, chain.complete_backbone, point_number=cfg.sasa_points)
+    except Exception as e:  # noqa: BLE001 - biotite raises on unknown elements etc.
+        return "sasa_failed", f"{type(e).__name__}: {e}"
+    finally:
+        times.sasa += time.perf_counter() - t0
+
+
+def _file_ss8(
+    chains: list[ParsedChain], cfg: StructureStageConfig, dssp: Tool, times: StepTimes
+) -> Iterator[str | None | tuple[str, str]]:
+    """Per chain its SS8 (None when not computed) or a (reason, detail) reject: one mkdssp
+    call for all chains of the file."""
+    if not cfg.ss8 or not chains:
+        return iter([None] * len(chains))
+    t0 = time.perf_counter()
+    found = file_ss8([c.atoms for c in chains], tool=dssp)
+    times.ss8 += time.perf_counter() - t0
+    return iter(r if isinstance(r, str) else ("ss8_failed", str(r)[:2000]) for r in found)
 
 
 def _one_per_entity(candidates, chain_reject):
@@ -251,30 +300,12 @@ def _chain_row(
     cfg: StructureStageConfig,
     plddt: np.ndarray | None,
     extra: dict,
+    sasa: np.ndarray | None,
+    ss8: str | None,
     tokenizer: StructureTokenizer | None,
-    dssp: Tool,
     times: StepTimes,
-) -> dict | tuple[str, str]:
+) -> dict:
     meta = entry.meta
-    complete = chain.complete_backbone
-    sasa = None
-    if cfg.compute_sasa:
-        t0 = time.perf_counter()
-        try:
-            sasa = residue_sasa(chain.atoms, complete, point_number=cfg.sasa_points)
-        except Exception as e:  # noqa: BLE001 - biotite raises on unknown elements etc.
-            return "sasa_failed", f"{type(e).__name__}: {e}"
-        finally:
-            times.sasa += time.perf_counter() - t0
-    ss8 = None
-    if cfg.ss8:
-        t0 = time.perf_counter()
-        try:
-            ss8 = chain_ss8(chain.atoms, tool=dssp)
-        except (ToolError, DsspError) as e:
-            return "ss8_failed", str(e)[:2000]
-        finally:
-            times.ss8 += time.perf_counter() - t0
     tokens = None
     if tokenizer is not None:
         t0 = time.perf_counter()
@@ -400,38 +431,57 @@ def structure_dataset_stats(
     dataset: str,
     release: str,
     *,
-    clusters: Mapping[str, str] | None = None,
+    clusters: Source | Mapping[str, str] | None = None,
     clustering_level: float | None = None,
-    expansion: Mapping[str, str] | None = None,
+    expansion: Source | Mapping[str, str] | None = None,
     expansion_level: float | None = None,
     run_id: str | None = None,
 ) -> dict:
     """One `dataset_stats` row (Table S3) for a structure dataset from its shards.
 
     tokens = chains x average length (the paper's definition). `clusters` and `expansion`
-    map chain id -> cluster representative (from the sequence pipeline's mmseqs stage);
-    their counts are the numbers of distinct representatives among the dataset's chains.
+    are the sequence pipeline's mmseqs clusterings of the chains (Parquet path(s) or a table
+    of representative, member; or a mapping member -> representative); their counts are
+    the numbers of distinct representatives among the dataset's chains. DuckDB aggregates:
+    nothing per chain is held in memory.
     """
-    ids: list[str] = []
-    lengths: list[int] = []
-    for p in shard_paths:
-        t = pq.read_table(p, columns=["id", "sequence"])
-        ids += t["id"].to_pylist()
-        lengths += [len(s) for s in t["sequence"].to_pylist()]
-    n = len(ids)
-    avg = float(np.mean(lengths)) if n else 0.0
+    shards = [str(p) for p in shard_paths]
+    con = connect()
+    try:
+        n, total = 0, 0
+        if shards:
+            duckdb_source(con, "chains", shards)
+            n, total = con.sql(
+                "SELECT count(*), coalesce(sum(length(sequence)), 0) FROM chains"
+            ).fetchall()[0]
 
-    def count(mapping: Mapping[str, str] | None) -> int | None:
-        return None if mapping is None else len({mapping[i] for i in ids if i in mapping})
+        def count(clustering) -> int | None:
+            if clustering is None:
+                return None
+            if not shards:
+                return 0
+            if isinstance(clustering, Mapping):
+                clustering = pa.table(
+                    {"member": list(clustering), "representative": list(clustering.values())}
+                )
+            duckdb_source(con, "clustering", clustering)
+            return con.sql(
+                """SELECT count(DISTINCT c.representative) FROM clustering c
+                   SEMI JOIN chains s ON c.member = s.id"""
+            ).fetchall()[0][0]
 
+        clustering_count, expansion_count = count(clusters), count(expansion)
+    finally:
+        con.close()
+    avg = total / n if n else 0.0
     return {
         "run_id": run_id,
         "dataset": dataset,
         "type": "structure",
         "clustering_level": clustering_level,
-        "clustering_count": count(clusters),
+        "clustering_count": clustering_count,
         "expansion_level": expansion_level,
-        "expansion_count": count(expansion),
+        "expansion_count": expansion_count,
         "sequences": n,
         "avg_length": avg,
         "tokens": int(round(n * avg)),
