@@ -56,6 +56,10 @@ class ClusterProfile:
     gpu_mem_gb: float = 0.0  # memory of one GPU; 0: unknown (the batch is not checked on GPUs)
     time_min: int = 60
     array_parallelism: int = 64
+    # tasks per array are at most max_array_size - 1; 0: the scheduler's MaxArraySize
+    # (`scontrol show config`; SLURM's default 1001 where it cannot be asked)
+    max_array_size: int = 0
+    max_tasks_per_stage: int = 10_000  # more items than this: several items per task
     signal_delay_s: int = 60  # USR2 this long before the time limit: checkpoint and requeue
     max_requeues: int = 3
     setup: list[str] = field(default_factory=list)  # shell lines run before the job
@@ -72,6 +76,15 @@ class ClusterProfile:
         for k in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "array_parallelism"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"cluster key '{k}': {getattr(self, k)} must be >= 1")
+        if self.max_array_size == 1 or self.max_array_size < 0:
+            raise ConfigError(
+                f"cluster key 'max_array_size': {self.max_array_size} must be 0 (ask the "
+                "scheduler) or >= 2 (arrays hold max_array_size - 1 tasks)"
+            )
+        if self.max_tasks_per_stage < 1:
+            raise ConfigError(
+                f"cluster key 'max_tasks_per_stage': {self.max_tasks_per_stage} must be >= 1"
+            )
         for k in ("gpus_per_node", "mem_gb", "gpu_mem_gb"):
             v = getattr(self, k)
             if not (v >= 0 and math.isfinite(v)):
@@ -196,6 +209,7 @@ class Resources:
     mem_gb: float | None = None
     time_min: int | None = None
     dependency: str | None = None  # sbatch --dependency, e.g. "afterok:12:13"
+    items_per_task: int | None = None  # array stages: items one task works through
 
 
 def make_executor(

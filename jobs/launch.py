@@ -9,6 +9,7 @@ scheduler (never sacct, which needs slurmdbd).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ import submitit
 
 from esm3.metrics.catalog import query
 from esm3.metrics.lake import now, write_rows
-from jobs import records
+from jobs import arrays, records
 from jobs import workspace as wsp
 from jobs.clusters import ClusterProfile, Resources, make_executor
 
@@ -86,15 +87,28 @@ def start_run(
 
 @dataclass
 class Submission:
+    """The jobs of one stage: every task of every array submitted so far, in task order.
+    `queued` holds arrays still to be submitted (n tasks, submit) that `wait` submits one
+    after the other (the local executor, which has no dependencies); with `flatten` each
+    task returned a list of per-item results and `wait` returns them item by item."""
+
     ws: Path
     run_id: str
     stage: str
     profile: ClusterProfile
     jobs: list[submitit.Job[Any]]
+    flatten: bool = False
+    queued: list[tuple[int, Callable[[], None]]] = dataclasses.field(default_factory=list)
+    plan: arrays.ArrayPlan | None = None
 
     @property
     def job_ids(self) -> list[str]:
         return [str(j.job_id) for j in self.jobs]
+
+    @property
+    def array_ids(self) -> list[str]:
+        """The scheduler's id of each array submitted (a one-task array is a plain job)."""
+        return list(dict.fromkeys(j.split("_")[0] for j in self.job_ids))
 
     def _result_files(self, job: submitit.Job[Any]) -> list[Path]:
         subs = getattr(job, "_sub_jobs", None) or []
@@ -110,31 +124,37 @@ class Submission:
         if self.profile.executor != "slurm":
             return {}
         mine = set(self.job_ids)
-        return {j: v for j, v in records.squeue(self._slurm_env()).items() if j in mine}
+        return {j: v for j, v in records.squeue(slurm_env(self.profile)).items() if j in mine}
 
-    def _slurm_env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        conf = self.profile.slurm_conf_path()
-        if conf is not None:
-            env["SLURM_CONF"] = str(conf)
-        return env
+    def _submit_next(self) -> list[int]:
+        """Submit the next queued array; the indices of its jobs."""
+        first = len(self.jobs)
+        _, submit = self.queued.pop(0)
+        submit()
+        return list(range(first, len(self.jobs)))
 
     def wait(
         self, *, timeout_s: float | None = None, poll_s: float = 0.5, progress: bool | None = None
     ) -> list[Any]:
-        """Wait for every job; return their results in order, or raise JobFailed as soon as
-        one fails, is cancelled or is lost (its siblings are not waited for)."""
+        """Wait for every job (submitting queued arrays in turn); return their results in
+        order, or raise JobFailed as soon as one fails, is cancelled or is lost (its
+        siblings are not waited for)."""
         from tqdm import tqdm
 
         show = sys.stderr.isatty() if progress is None else progress
-        bar = tqdm(total=len(self.jobs), desc=f"{self.stage}", unit="job", disable=not show)
+        total = len(self.jobs) + sum(n for n, _ in self.queued)
+        bar = tqdm(total=total, desc=f"{self.stage}", unit="task", disable=not show)
         pending = list(range(len(self.jobs)))
         results: dict[int, Any] = {}
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         last_check = time.monotonic()
         listed = self._listed()
         try:
-            while pending:
+            while pending or self.queued:
+                if not pending:
+                    pending = self._submit_next()
+                    listed = self._listed()
+                    continue
                 done = [i for i in pending if self._finished(self.jobs[i], listed)]
                 for i in done:
                     results[i] = self._result(self.jobs[i])
@@ -154,7 +174,8 @@ class Submission:
                 time.sleep(poll_s)
         finally:
             bar.close()
-        return [results[i] for i in range(len(self.jobs))]
+        ordered = [results[i] for i in range(len(self.jobs))]
+        return [r for task in ordered for r in task] if self.flatten else ordered
 
     def _result(self, job: submitit.Job[Any]) -> Any:
         try:
@@ -240,9 +261,21 @@ def _read_tail(path: Path, size: int = 64_000) -> str:
         return ""
 
 
-def _record_submitted(sub: Submission, t0: Any, indexed: bool) -> None:
+def slurm_env(profile: ClusterProfile) -> dict[str, str]:
+    """This process's environment with the profile's SLURM_CONF (for SLURM's clients)."""
+    env = dict(os.environ)
+    conf = profile.slurm_conf_path()
+    if conf is not None:
+        env["SLURM_CONF"] = str(conf)
+    return env
+
+
+def _record_submitted(
+    sub: Submission, jobs: Sequence[submitit.Job[Any]], first: int, t0: Any, indexed: bool
+) -> None:
+    """SUBMITTED rows for `jobs`, the tasks first, first + 1, ... of the stage."""
     rows = []
-    for i, j in enumerate(sub.jobs):
+    for i, j in enumerate(jobs, start=first):
         rows.append(
             dict(
                 run_id=sub.run_id,
@@ -260,7 +293,7 @@ def _record_submitted(sub: Submission, t0: Any, indexed: bool) -> None:
         )
     write_rows(sub.ws, "jobs", rows)
     if sub.profile.executor == "slurm":
-        add_slurm_ids(sub.ws, sub.run_id, [str(j.job_id).split("_")[0] for j in sub.jobs])
+        add_slurm_ids(sub.ws, sub.run_id, [str(j.job_id).split("_")[0] for j in jobs])
 
 
 def add_slurm_ids(ws: Path, run_id: str, ids: Sequence[str]) -> None:
@@ -271,6 +304,36 @@ def add_slurm_ids(ws: Path, run_id: str, ids: Sequence[str]) -> None:
     records.update_run(ws, run_id, slurm_job_id=",".join(merged))
 
 
+def array_size_limit(profile: ClusterProfile) -> int:
+    """MaxArraySize for the profile: its `max_array_size` key, else the scheduler's
+    (`scontrol show config`), else SLURM's default."""
+    if profile.max_array_size:
+        return profile.max_array_size
+    if profile.executor == "slurm":
+        found = arrays.scheduler_max_array_size(slurm_env(profile))
+        if found is not None:
+            return found
+        log.warning("scontrol did not tell MaxArraySize: assuming SLURM's default %d "
+                    "(set max_array_size in the profile)", arrays.SLURM_DEFAULT_MAX_ARRAY_SIZE)  # fmt: skip
+    return arrays.SLURM_DEFAULT_MAX_ARRAY_SIZE
+
+
+def _one_process_per_task(resources: Resources | None) -> Resources:
+    """An array task is one process (its pool does the rest): one node and one task unless
+    `resources` says otherwise, whatever the profile sets for training jobs; several ranks
+    would each run the whole chunk."""
+    r = resources or Resources()
+    return dataclasses.replace(r, nodes=r.nodes or 1, tasks_per_node=r.tasks_per_node or 1)
+
+
+def plan_stage(
+    profile: ClusterProfile, n_items: int, resources: Resources | None, max_array_size: int
+) -> arrays.ArrayPlan:
+    per_task = (resources.items_per_task if resources else None) or 1
+    return arrays.plan_arrays(n_items, max_array_size=max_array_size, items_per_task=per_task,
+                              max_tasks=profile.max_tasks_per_stage)  # fmt: skip
+
+
 def submit_array(
     ws: Path,
     profile: ClusterProfile,
@@ -278,25 +341,87 @@ def submit_array(
     run_id: str,
     stage: str,
     fn: Callable[..., Any],
-    items: Sequence[Any],
+    items: arrays.Items,
     resources: Resources | None = None,
+    max_array_size: int | None = None,
 ) -> Submission:
-    """One array task per item: task i runs fn(*items[i]); each records its lifecycle."""
-    if not items:
+    """fn(*item) for every item, as arrays the scheduler accepts (`jobs.arrays`): items
+    grouped into tasks, tasks into arrays of at most max_array_size - 1 (None: asked once
+    here). On SLURM every array is submitted now, each with `resources.dependency`; the
+    local executor's arrays are submitted one after another by `wait`, which returns one
+    result per item, in item order."""
+    if not len(items):
         raise ValueError(f"{stage}: nothing to submit (no items)")
+    resources = _one_process_per_task(resources)
+    plan = plan_stage(profile, len(items), resources, max_array_size or array_size_limit(profile))
     folder = wsp.submitit_folder(ws, run_id)
-    if profile.executor == "local" and (resources is None or resources.cpus_per_task is None):
-        # the local executor starts every task at once: share the cores between them
-        share = max(1, (os.cpu_count() or 1) // len(items))
-        resources = dataclasses.replace(resources or Resources(), cpus_per_task=share)
-    ex = make_executor(profile, folder, workspace=ws, job_name=f"{stage}", resources=resources)
-    task = records.Task(str(ws), run_id, stage, profile.name, fn, indexed=True)
-    t0 = now()
-    jobs = ex.map_array(task, list(range(len(items))), [tuple(it) for it in items])
-    sub = Submission(ws, run_id, stage, profile, jobs)
-    _record_submitted(sub, t0, indexed=True)
-    log.info("%s: submitted %d task(s) on %s: %s", stage, len(jobs), profile.name, sub.job_ids[:3])
+    task = records.Task(str(ws), run_id, stage, profile.name, arrays.RunChunk(stage, fn), True)
+    sub = Submission(ws, run_id, stage, profile, [], flatten=True, plan=plan)
+    slurm_ex = None
+    if profile.executor == "slurm":
+        slurm_ex = make_executor(profile, folder, workspace=ws, job_name=stage, resources=resources)
+    for tasks in plan.arrays:
+        ex = slurm_ex or _local_executor(ws, profile, folder, stage, resources, len(tasks))
+        sub.queued.append(
+            (len(tasks), functools.partial(_submit_tasks, sub, ex, task, items, tasks))
+        )
+    if slurm_ex is not None:
+        while sub.queued:
+            sub._submit_next()
+    else:
+        sub._submit_next()
+    log.info("%s: %s on %s: arrays %s", stage, plan.describe(), profile.name, sub.array_ids[:5])
     return sub
+
+
+def _local_executor(
+    ws: Path, profile: ClusterProfile, folder: Path, stage: str, resources: Resources | None,
+    n_tasks: int,
+) -> submitit.Executor:  # fmt: skip
+    if resources is None or resources.cpus_per_task is None:
+        # the local executor starts an array's tasks at once: share the cores between them
+        share = max(1, (os.cpu_count() or 1) // n_tasks)
+        resources = dataclasses.replace(resources or Resources(), cpus_per_task=share)
+    return make_executor(profile, folder, workspace=ws, job_name=stage, resources=resources)
+
+
+def _submit_tasks(
+    sub: Submission, ex: submitit.Executor, task: records.Task, items: arrays.Items, tasks: range
+) -> None:
+    """Submit one array: task t gets the chunk of items the plan gives it."""
+    assert sub.plan is not None
+    chunks = [(arrays.chunk_of(items, sub.plan.items_of(t)),) for t in tasks]
+    t0 = now()
+    jobs = ex.map_array(task, list(tasks), chunks)
+    _record_submitted(sub, jobs, tasks.start, t0, indexed=True)
+    sub.jobs += jobs
+
+
+def array_scripts(
+    ws: Path,
+    profile: ClusterProfile,
+    folder: Path,
+    *,
+    stage: str,
+    n_items: int,
+    resources: Resources | None = None,
+    max_array_size: int,
+) -> list[str]:
+    """The sbatch script of each array `submit_array` would submit (nothing submitted)."""
+    resources = _one_process_per_task(resources)
+    plan = plan_stage(profile, n_items, resources, max_array_size)
+    ex = make_executor(profile, folder, workspace=ws, job_name=stage, resources=resources)
+    return [_array_script(ex, len(tasks)) for tasks in plan.arrays]
+
+
+def _array_script(ex: submitit.Executor, n_tasks: int) -> str:
+    """The script submitit writes for an array of n_tasks (a plain job for one task)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    params = dict(ex.parameters)
+    if n_tasks > 1:
+        params["map_count"] = n_tasks
+    return _make_sbatch_string(command=ex._submitit_command_str, folder=ex.folder, **params)
 
 
 def submit_job(
@@ -316,7 +441,7 @@ def submit_job(
     t0 = now()
     job = ex.submit(task, *args)
     sub = Submission(ws, run_id, stage, profile, [job])
-    _record_submitted(sub, t0, indexed=False)
+    _record_submitted(sub, [job], 0, t0, indexed=False)
     log.info("%s: submitted job %s on %s", stage, job.job_id, profile.name)
     return sub
 

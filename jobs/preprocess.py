@@ -137,6 +137,7 @@ def run_preprocess(
         clean_scratch,
         lock_path,
         note,
+        plan_lines,
         run_stages,
     )
 
@@ -152,8 +153,7 @@ def run_preprocess(
     stages = _plan(ws, run_id, cfg, inputs, lay, kinds)
     if dry_run:
         lines = [f"plan for '{what}' on {profile.name} (nothing submitted); data in {lay.root}"]
-        lines += [f"  {s.name}: {len(s.items)} task(s) after {s.after or '-'}"
-                  for s in stages if s.items]  # fmt: skip
+        lines += plan_lines(profile, stages)
         return PreprocessResult("", what, {}, "\n".join(lines))
     # one run per workspace and config: a second one would redo the same tasks and fight
     # over their scratch; the lock is taken before anything is recorded
@@ -163,7 +163,7 @@ def run_preprocess(
         check_fingerprint(lay, cfg)
         launch.start_run(ws, kind="preprocess", name=f"{cfg.name}:{what}", profile=profile,
                          config=to_dict(cfg), run_id=run_id,
-                         stages=[s.name for s in stages if s.items])  # fmt: skip
+                         stages=[s.name for s in stages if len(s.items)])  # fmt: skip
         records.update_run(ws, run_id, status="RUNNING", started_at=now())
         try:
             results = run_stages(

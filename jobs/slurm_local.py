@@ -50,6 +50,8 @@ class LocalCluster:
     mem_mb_per_node: int = 0  # 0: a share of this host's memory
     port: int = field(default_factory=lambda: int(os.environ.get("ESM3_SLURM_PORT", DEFAULT_PORT)))
     resumed: tuple[str, ...] = ()  # nodes `up` returned to service (drained by our own down)
+    # more slurm.conf lines, e.g. (("MaxArraySize", "11"),) for a test of array limits
+    settings: tuple[tuple[str, str], ...] = ()
 
     @property
     def node_names(self) -> list[str]:
@@ -110,6 +112,7 @@ def render_conf(c: LocalCluster) -> str:
         "SlurmdTimeout=60",
         "InactiveLimit=0",
         "SchedulerParameters=defer_batch",
+        *(f"{key}={value}" for key, value in c.settings),
     ]
     for i, n in enumerate(c.node_names):
         lines.append(
@@ -271,13 +274,22 @@ def _resume_ours(c: LocalCluster, info: dict[str, tuple[str, str]]) -> list[str]
 
 
 def up(
-    nodes: int = DEFAULT_NODES, *, root: Path | None = None, timeout_s: float = 90
+    nodes: int = DEFAULT_NODES,
+    *,
+    root: Path | None = None,
+    timeout_s: float = 90,
+    port: int | None = None,
+    settings: dict[str, str] | None = None,
 ) -> LocalCluster:
     """Start the cluster (idempotent); return once every node is idle (or allocated/mixed).
 
-    Nodes that our own `down` left drained or down ("Kill task failed") are resumed; the
-    returned cluster's `resumed` names them."""
-    c = LocalCluster(root or state_dir(), nodes=nodes)
+    `port` (default env ESM3_SLURM_PORT) is slurmctld's, the nodes' follow it; `settings`
+    are more slurm.conf lines (a changed config restarts a running cluster). Nodes that
+    our own `down` left drained or down ("Kill task failed") are resumed; the returned
+    cluster's `resumed` names them."""
+    c = LocalCluster(root or state_dir(), nodes=nodes, settings=tuple((settings or {}).items()))
+    if port is not None:
+        c = replace(c, port=port)
     for sub in ("etc", "state", "spool", "run", "log"):
         (c.root / sub).mkdir(parents=True, exist_ok=True)
     _ensure_hosts(c.node_names)

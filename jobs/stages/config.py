@@ -227,6 +227,7 @@ class StageResources:
     cpus_per_task: int = 0
     mem_gb: float = 0.0
     time_min: int = 0
+    items_per_task: int = 0  # items one array task works through (0: one, or more if needed)
 
 
 @dataclass

@@ -32,6 +32,7 @@ from esm3.data import duck
 from esm3.metrics.lake import now, write_rows
 from jobs import launch
 from jobs import workspace as wsp
+from jobs.arrays import Items, job_cpus
 from jobs.clusters import ClusterProfile, Resources
 from jobs.config import to_dict
 from jobs.errors import UserError
@@ -49,19 +50,6 @@ def say(stage: str, message: str) -> None:
     print(f"{stamp} esm3.preprocess {stage}: {message}", flush=True)
 
 
-def job_cpus() -> int:
-    """CPUs this job may use: its share on the local executor, SLURM's allocation, else
-    this process's CPU affinity."""
-    for var in ("ESM3_JOB_CPUS", "SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
-        v = os.environ.get(var, "")
-        if v.isdigit() and int(v) > 0:
-            return int(v)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def job_memory_limit(fraction: float = 0.8) -> str | None:
     """A memory limit for mmseqs (--split-memory-limit) / DuckDB from the job's SLURM
     allocation (fraction of it, leaving room for the process itself); None outside SLURM
@@ -69,6 +57,8 @@ def job_memory_limit(fraction: float = 0.8) -> str | None:
     mb = os.environ.get("SLURM_MEM_PER_NODE", "")
     per_cpu = os.environ.get("SLURM_MEM_PER_CPU", "")
     total = int(mb) if mb.isdigit() else int(per_cpu) * job_cpus() if per_cpu.isdigit() else 0
+    if mb.isdigit():  # in a task's process pool each worker has its share of the node's
+        total //= max(1, int(os.environ.get("ESM3_POOL_WORKERS", "1") or 1))
     return f"{int(total * fraction)}M" if total > 0 else None
 
 
@@ -254,11 +244,14 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 @dataclass
 class Stage:
-    """One array: task i runs fn(*items[i]) after every stage named in `after` succeeded."""
+    """fn(*item) for every item, after every stage named in `after` succeeded; submitted
+    as one or more arrays (`launch.submit_array`), several items per task where
+    `resources.items_per_task` or the profile's `max_tasks_per_stage` says so. `items`
+    is a list of argument tuples or an `ItemSource` the tasks read their ranges from."""
 
     name: str
     fn: Callable[..., Any]
-    items: list[tuple]
+    items: Items
     after: list[str] = field(default_factory=list)
     resources: Resources | None = None
 
@@ -270,12 +263,15 @@ def stage_resources(cfg: PreprocessConfig, stage: str) -> Resources | None:
     if r is None:
         return None
     return Resources(
-        cpus_per_task=r.cpus_per_task or None, mem_gb=r.mem_gb or None, time_min=r.time_min or None
+        cpus_per_task=r.cpus_per_task or None,
+        mem_gb=r.mem_gb or None,
+        time_min=r.time_min or None,
+        items_per_task=r.items_per_task or None,
     )
 
 
 def _order(stages: Iterable[Stage]) -> list[Stage]:
-    stages = [s for s in stages if s.items]
+    stages = [s for s in stages if len(s.items)]
     names = {s.name for s in stages}
     done: list[Stage] = []
     placed: set[str] = set()
@@ -292,13 +288,15 @@ def _order(stages: Iterable[Stage]) -> list[Stage]:
 
 
 def _scancel(profile: ClusterProfile, job_ids: list[str]) -> None:
-    env = dict(os.environ)
-    conf = profile.slurm_conf_path()
-    if conf is not None:
-        env["SLURM_CONF"] = str(conf)
     parents = sorted({j.split("_")[0] for j in job_ids})
     if parents:
+        env = launch.slurm_env(profile)
         subprocess.run(["scancel", *parents], env=env, capture_output=True, timeout=60)
+
+
+def _after_ids(st: Stage, subs: dict[str, launch.Submission]) -> list[str]:
+    """The arrays of every stage `st` needs (each stage may have several)."""
+    return list(dict.fromkeys(i for a in st.after if a in subs for i in subs[a].array_ids))
 
 
 def run_stages(
@@ -310,32 +308,29 @@ def run_stages(
     progress: bool | None = None,
     timeout_s: float | None = None,
 ) -> dict[str, list[Any]]:
-    """Submit the graph (all at once with afterok dependencies on SLURM; one stage after
-    another on the local executor), wait for every stage, return results by stage name.
+    """Submit the graph (all at once with afterok dependencies on SLURM, each array of a
+    stage on every array of the stages it needs; one stage after another on the local
+    executor), wait for every stage, return the per-item results by stage name.
 
-    Raises launch.JobFailed naming the stage and job; on SLURM it first cancels what is
-    still queued or running of this graph."""
+    Raises launch.JobFailed naming the stage, job and item; on SLURM it first cancels
+    what is still queued or running of this graph."""
     order = _order(stages)
     slurm = profile.executor == "slurm"
+    limit = launch.array_size_limit(profile)  # asked once for the whole graph
     subs: dict[str, launch.Submission] = {}
     results: dict[str, list[Any]] = {}
 
     def submit(st: Stage) -> launch.Submission:
         res = st.resources or Resources()
-        if slurm:
-            ids = sorted({j.split("_")[0] for a in st.after if a in subs for j in subs[a].job_ids})
-            if ids:
-                res = replace(res, dependency="afterok:" + ":".join(ids))
-        sub = launch.submit_array(
-            ws,
-            profile,
-            run_id=run_id,
-            stage=st.name,
-            fn=InAllocation(st.fn),
-            items=st.items,
-            resources=res,
-        )
-        note(f"{st.name}: {len(st.items)} task(s) submitted ({sub.job_ids[0].split('_')[0]})")
+        ids = _after_ids(st, subs) if slurm else []
+        if ids:
+            res = replace(res, dependency="afterok:" + ":".join(ids))
+        sub = launch.submit_array(ws, profile, run_id=run_id, stage=st.name,
+                                  fn=InAllocation(st.fn), items=st.items, resources=res,
+                                  max_array_size=limit)  # fmt: skip
+        assert sub.plan is not None
+        note(f"{st.name}: {sub.plan.describe()} submitted ({', '.join(sub.array_ids[:5])}"
+             f"{', ...' if len(sub.array_ids) > 5 else ''})")  # fmt: skip
         return sub
 
     try:
@@ -348,13 +343,42 @@ def run_stages(
             results[st.name] = sub.wait(progress=progress, timeout_s=timeout_s)
             skipped = sum(1 for r in results[st.name] if isinstance(r, dict) and r.get("skipped"))
             extra = f", {skipped} already done" if skipped else ""
-            note(f"{st.name}: {len(results[st.name])} task(s) finished{extra}")
+            note(f"{st.name}: {len(results[st.name])} item(s) finished{extra}")
     except BaseException:
         if slurm:
             pending = [j for name, s in subs.items() if name not in results for j in s.job_ids]
             _scancel(profile, pending)
         raise
     return results
+
+
+def plan_lines(profile: ClusterProfile, stages: Iterable[Stage]) -> list[str]:
+    """What `run_stages` would submit, one line per stage: items, tasks and arrays."""
+    limit = launch.array_size_limit(profile)
+    lines = [f"  arrays of at most {limit - 1} task(s) (MaxArraySize {limit})"]
+    for st in _order(stages):
+        plan = launch.plan_stage(profile, len(st.items), st.resources, limit)
+        lines.append(f"  {st.name}: {plan.describe()}; after {', '.join(st.after) or '-'}")
+    return lines
+
+
+def plan_scripts(
+    ws: Path, profile: ClusterProfile, folder: Path, stages: Iterable[Stage], max_array_size: int
+) -> list[tuple[str, str]]:
+    """(title, sbatch script) of every array `run_stages` would submit on SLURM, nothing
+    submitted; a dependency names the arrays it waits for as <stage#k>."""
+    out: list[tuple[str, str]] = []
+    arrays_of: dict[str, list[str]] = {}
+    for st in _order(stages):
+        res = st.resources or Resources()
+        ids = [i for a in st.after for i in arrays_of.get(a, [])]
+        if ids:
+            res = replace(res, dependency="afterok:" + ":".join(ids))
+        scripts = launch.array_scripts(ws, profile, folder, stage=st.name, n_items=len(st.items),
+                                       resources=res, max_array_size=max_array_size)  # fmt: skip
+        arrays_of[st.name] = [f"<{st.name}#{k}>" for k in range(len(scripts))]
+        out += [(f"{st.name}#{k}", text) for k, text in enumerate(scripts)]
+    return out
 
 
 def note(message: str) -> None:

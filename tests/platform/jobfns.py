@@ -53,3 +53,12 @@ def busy_with_progress(seconds: float) -> str:
         print(f"[{'=' * pct}>{' ' * (30 - pct)}] {pct}.00% 12 0s 4ms", file=sys.stderr, flush=True)
     subprocess.run(["sleep", str(seconds)], check=True)
     return "done"
+
+
+def stage_square(ws: str, run_id: str, x: int) -> dict[str, object]:
+    """`square` as a preprocessing stage task: (workspace, run id, *args)."""
+    return square(x)
+
+
+def stage_boom(ws: str, run_id: str, message: str) -> None:
+    boom(message)
