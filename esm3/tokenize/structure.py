@@ -65,6 +65,13 @@ _CUTOFF = 26.0  # Angstrom
 FEATURE_DIM = 6 + 4 * len(_SEQ_OFFSETS) + len(_GRID)
 
 
+def _checked_backbone(backbone: np.ndarray) -> np.ndarray:
+    bb = np.asarray(backbone, dtype=np.float64)
+    if bb.ndim != 3 or bb.shape[1:] != (3, 3):
+        raise ValueError(f"backbone must have shape (L, 3, 3), got {bb.shape}")
+    return bb
+
+
 def residue_features(backbone: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rotation/translation-invariant features of each residue's neighbourhood.
 
@@ -72,9 +79,7 @@ def residue_features(backbone: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Returns features (M, FEATURE_DIM) float64 for the M residues with a complete backbone,
     and their indices (M,).
     """
-    bb = np.asarray(backbone, dtype=np.float64)
-    if bb.ndim != 3 or bb.shape[1:] != (3, 3):
-        raise ValueError(f"backbone must have shape (L, 3, 3), got {bb.shape}")
+    bb = _checked_backbone(backbone)
     L = len(bb)
     valid = ~np.isnan(bb).any(axis=(1, 2))
     idx = np.flatnonzero(valid)
@@ -115,6 +120,31 @@ def residue_features(backbone: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return feats, idx
 
 
+def complete_residues(backbone: np.ndarray) -> int:
+    """Number of residues with a complete N-CA-C backbone (those `residue_features` keeps)."""
+    return int((~np.isnan(_checked_backbone(backbone)).any(axis=(1, 2))).sum())
+
+
+def picked_features(backbones: Iterable[np.ndarray], picks: np.ndarray) -> np.ndarray:
+    """Rows `picks` of the features of all complete residues of `backbones`, in turn.
+
+    Equal to `np.concatenate([residue_features(bb)[0] for bb in backbones])[picks]`, but
+    only the backbones holding a picked residue get their features computed, and only the
+    picked rows are kept: memory follows len(picks), not the number of backbones.
+    """
+    order = np.argsort(picks, kind="stable")
+    wanted = picks[order]
+    x = np.empty((len(picks), FEATURE_DIM))
+    start = 0  # index, among all complete residues, of this backbone's first one
+    for bb in backbones:
+        n = complete_residues(bb)
+        lo, hi = np.searchsorted(wanted, [start, start + n])
+        if hi > lo:
+            x[order[lo:hi]] = residue_features(bb)[0][wanted[lo:hi] - start]
+        start += n
+    return x
+
+
 class KMeansStructureTokenizer:
     """k-means codebook over `residue_features`; see the module docstring."""
 
@@ -136,15 +166,26 @@ class KMeansStructureTokenizer:
         return self._k
 
     def fit(self, backbones: Iterable[np.ndarray]) -> Self:
-        feats = [residue_features(bb)[0] for bb in backbones]
-        x = np.concatenate(feats) if feats else np.zeros((0, FEATURE_DIM))
-        if len(x) < self._k:
+        """Learn the codebook from at most `max_train_residues` sampled residues.
+
+        `backbones` is read twice, to count the complete residues and then to compute the
+        features of the sampled ones only, so a collection that streams its backbones on
+        each iteration (a shard reader) keeps memory at the sample's size; a one-shot
+        iterator is listed first. The sample is drawn as if from the features of every
+        residue in order, so the codebook does not depend on how the backbones arrive.
+        """
+        if iter(backbones) is backbones:
+            backbones = list(backbones)
+        total = sum(complete_residues(bb) for bb in backbones)
+        if total < self._k:
             raise ValueError(
-                f"{len(x)} residues with a complete backbone; need >= codebook_size={self._k}"
+                f"{total} residues with a complete backbone; need >= codebook_size={self._k}"
             )
         rng = np.random.default_rng(self.seed)
-        if len(x) > self.max_train_residues:
-            x = x[rng.choice(len(x), self.max_train_residues, replace=False)]
+        picks = np.arange(total)
+        if total > self.max_train_residues:
+            picks = rng.choice(total, self.max_train_residues, replace=False)
+        x = picked_features(backbones, picks)
         self.centroids = _kmeans(x, self._k, self.iterations, rng)
         return self
 

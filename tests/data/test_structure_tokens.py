@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from esm3.data.structures import stages
 from esm3.data.structures.geometry import dihedrals, local_frames, random_rigid
 from esm3.data.structures.io import read_structure
 from esm3.data.structures.records import read_shard
@@ -14,10 +15,13 @@ from esm3.data.structures.stages import (
     process_structure_shard,
     tokenize_structure_shard,
 )
+from esm3.tokenize import structure
 from esm3.tokenize.structure import (
     NO_TOKEN,
     KMeansStructureTokenizer,
     StructureTokenizer,
+    _kmeans,
+    picked_features,
     residue_features,
 )
 from tests.realdata import mda_file
@@ -118,3 +122,69 @@ def test_codebook_and_token_stages(tmp_path):
     assert [r["structure_tokens"] for r in read_shard(tmp_path / "d.parquet")] == [
         r["structure_tokens"] for r in rows
     ]
+
+
+# --- the fit reads the backbones twice and keeps only the sampled residues -----------------
+
+FIT_FILES = ("3PWP.cif.gz", "1YJP_invalid.cif.gz", "5PTI.cif.gz", "1BD2.cif.gz")
+
+
+@pytest.fixture(scope="module")
+def many_backbones() -> list[np.ndarray]:
+    """Real chains, one with a residue missing its N (so complete != all residues)."""
+    return [c.backbone for f in FIT_FILES for c in read_structure(mda_file(f)).chains]
+
+
+def fit_in_memory(backbones, k: int, iterations: int, max_residues: int, seed: int):
+    """The fit as it was before streaming: every residue's features in memory, then sampled."""
+    x = np.concatenate([residue_features(bb)[0] for bb in backbones])
+    rng = np.random.default_rng(seed)
+    if len(x) > max_residues:
+        x = x[rng.choice(len(x), max_residues, replace=False)]
+    return _kmeans(x, k, iterations, rng)
+
+
+def test_picked_features_equal_rows_of_all_features(many_backbones, monkeypatch):
+    every = np.concatenate([residue_features(bb)[0] for bb in many_backbones])
+    first = len(residue_features(many_backbones[0])[0])
+    picks = np.array([first + 3, 5, first, len(every) - 1, 0, first - 1])
+    calls = []
+
+    def counted(bb):
+        calls.append(len(bb))
+        return residue_features(bb)
+
+    monkeypatch.setattr(structure, "residue_features", counted)
+    np.testing.assert_array_equal(picked_features(many_backbones, picks), every[picks])
+    # only the chains holding a pick get features: the first, the second and the last
+    assert calls == [len(many_backbones[i]) for i in (0, 1, -1)]
+
+
+@pytest.mark.parametrize("max_residues", [300, 100_000])  # sampled / every residue
+def test_fit_equals_the_in_memory_fit(many_backbones, max_residues):
+    want = fit_in_memory(many_backbones, 16, 5, max_residues, seed=4)
+    tok = KMeansStructureTokenizer(16, iterations=5, max_train_residues=max_residues, seed=4)
+    np.testing.assert_array_equal(tok.fit(many_backbones).centroids, want)
+    # a one-shot iterator is read once and gives the same codebook
+    again = KMeansStructureTokenizer(16, iterations=5, max_train_residues=max_residues, seed=4)
+    np.testing.assert_array_equal(again.fit(iter(many_backbones)).centroids, want)
+
+
+def test_codebook_stage_streams_shards_to_the_same_codebook(tmp_path, monkeypatch):
+    cfg = StructureStageConfig("pdb", ss8=False)
+    shards = [tmp_path / "a.parquet", tmp_path / "b.parquet"]
+    process_structure_shard([mda_file(f) for f in FIT_FILES[:2]], shards[0], cfg)
+    process_structure_shard([mda_file(f) for f in FIT_FILES[2:]], shards[1], cfg)
+    backbones = [
+        np.asarray(r["coords"], dtype=np.float32).reshape(-1, 3, 3)
+        for s in shards
+        for r in read_shard(s)
+    ]
+    monkeypatch.setattr(stages, "BACKBONE_BATCH_ROWS", 2)  # batches split the shards
+    summary = fit_structure_codebook(shards, tmp_path / "cb.npz", 16, 300, 5, seed=4)
+    assert summary["chains"] == len(backbones)
+    assert summary["residues"] == sum(len(b) for b in backbones)
+    np.testing.assert_array_equal(
+        KMeansStructureTokenizer.load(tmp_path / "cb.npz").centroids,
+        fit_in_memory(backbones, 16, 5, 300, seed=4),
+    )

@@ -56,6 +56,7 @@ from esm3.tool import MKDSSP, Tool
 
 DATASETS = ("pdb", "afdb", "esmatlas")
 _AFDB_NAME = re.compile(r"AF-([A-Za-z0-9]+)-F(\d+)")
+BACKBONE_BATCH_ROWS = 1024  # chains per batch when streaming shard coordinates
 AFDB_FRAGMENT_STEP = 200  # AFDB splits long proteins into fragments starting every 200 residues
 # residues of chains held before a structure shard writes them (and looks up their InterPro
 # labels, a scan of the label tables): memory follows this, not the shard, which can be a
@@ -460,19 +461,40 @@ def fit_structure_codebook(
     if out_path.exists():
         tok = KMeansStructureTokenizer.load(out_path)
         return {"codebook_size": tok.codebook_size, "skipped": True}
-    backbones = []
-    for p in shard_paths:
-        table = pq.read_table(p, columns=["coords"])
-        for flat in table["coords"].to_numpy(zero_copy_only=False):
-            backbones.append(np.asarray(flat, dtype=np.float32).reshape(-1, 3, 3))
+    backbones = ShardBackbones(shard_paths)
     tok = KMeansStructureTokenizer(codebook_size, iterations, max_residues, seed).fit(backbones)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(out_path)
     return {
-        "chains": len(backbones),
-        "residues": int(sum(len(b) for b in backbones)),
+        "chains": backbones.chains,
+        "residues": backbones.residues,
         "codebook_size": codebook_size,
     }
+
+
+class ShardBackbones:
+    """The backbones of structure shards, (L, 3, 3) float32, streamed on every iteration.
+
+    Reads only the `coords` column, `BACKBONE_BATCH_ROWS` chains at a time, so a consumer
+    that does not keep them (the codebook fit) holds one batch, whatever the shards' size.
+    After a full pass, `chains` and `residues` count what it read.
+    """
+
+    def __init__(self, shard_paths: Iterable[str | Path]) -> None:
+        self.paths = list(shard_paths)
+        self.chains = self.residues = 0
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        chains = residues = 0
+        for path in self.paths:
+            with pq.ParquetFile(path) as pf:
+                for batch in pf.iter_batches(BACKBONE_BATCH_ROWS, columns=["coords"]):
+                    for flat in batch.column(0).to_numpy(zero_copy_only=False):
+                        bb = np.asarray(flat, dtype=np.float32).reshape(-1, 3, 3)
+                        chains += 1
+                        residues += len(bb)
+                        yield bb
+        self.chains, self.residues = chains, residues
 
 
 def tokenize_structure_shard(
