@@ -17,6 +17,29 @@ def uniprot_fasta() -> Path:
     return UNIPROT_FASTA
 
 
+def uniprot_entries(n: int, skip: int = 0) -> list[tuple[str, str]]:
+    """Records skip .. skip+n of the real UniProt file as (header line with '>' and newline,
+    sequence lines as written)."""
+    import gzip
+
+    out: list[tuple[str, str]] = []
+    with gzip.open(uniprot_fasta(), "rt") as f:
+        for line in f:
+            if line.startswith(">"):
+                if len(out) >= n + skip:
+                    break
+                out.append((line, ""))
+            else:
+                out[-1] = (out[-1][0], out[-1][1] + line)
+    return out[skip : skip + n]
+
+
+def described_sequences(n: int, skip: int = 0) -> list[tuple[str, str]]:
+    """(description, sequence) of real UniProt records (the header's text before ' OS=')."""
+    return [(h.split(" ", 1)[1].split(" OS=")[0], body.replace("\n", ""))
+            for h, body in uniprot_entries(n, skip)]  # fmt: skip
+
+
 def mda_datafiles() -> Path:
     """The folder of real PDB/mmCIF files shipped by MDAnalysisTests."""
     spec = importlib.util.find_spec("MDAnalysisTests")

@@ -537,6 +537,14 @@ def _rejects_path(out: Path) -> Path:
     return out.with_name(out.name + ".rejects.parquet")
 
 
+def write_rejects(out: Path, summary: dict, rejects: list[dict]) -> None:
+    """Save an ingest's summary and reject rows next to its finished shard."""
+    table = pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA).replace_schema_metadata(
+        {"summary": json.dumps(summary)}
+    )
+    write_table(table, _rejects_path(out))
+
+
 def read_rejects(out: str | Path) -> tuple[dict, list[dict]]:
     """The summary and reject rows saved next to a finished shard by `ingest_fasta`."""
     table = pq.read_table(_rejects_path(Path(out)))
@@ -615,10 +623,7 @@ def ingest_fasta(
         "rejected": len(rejects),
         "skipped": False,
     }
-    table = pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA).replace_schema_metadata(
-        {"summary": json.dumps(summary)}
-    )
-    write_table(table, _rejects_path(out))
+    write_rejects(out, summary, rejects)
     return summary, rejects
 
 

@@ -56,13 +56,13 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from esm3.data.fasta import (
-    REJECT_SCHEMA,
     SEQUENCE_SCHEMA,
     _rejects_path,
     parse_block,
     read_rejects,
+    write_rejects,
 )
-from esm3.data.shards import ShardWriter, is_done, write_table
+from esm3.data.shards import ShardWriter, is_done
 
 OAS_COLUMNS = [
     ("unit", pa.string()),  # the data unit's file name without .csv(.gz)
@@ -195,10 +195,7 @@ def ingest_oas(
         "rejected": len(rejects),
         "skipped": False,
     }
-    table = pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA).replace_schema_metadata(
-        {"summary": json.dumps(summary)}
-    )
-    write_table(table, _rejects_path(out))
+    write_rejects(out, summary, rejects)
     return summary, rejects
 
 

@@ -31,22 +31,7 @@ from jobs.stages.config import DatasetConfig, PreprocessConfig, check_inputs
 from jobs.stages.runner import Layout
 from jobs.stages.structures import structure_shards
 from tests.bundles import add_member, afdb_bundle, img_genes_faa, jgi_tarball, predicted_pdb
-from tests.realdata import mda_file, uniprot_fasta
-
-
-def _records(n: int, skip: int = 0) -> list[tuple[str, str]]:
-    """(description, sequence) of real UniProt records."""
-    out: list[tuple[str, str]] = []
-    with gzip.open(uniprot_fasta(), "rt") as f:
-        for line in f:
-            if line.startswith(">"):
-                if len(out) >= n + skip:
-                    break
-                out.append((line.split(" ", 1)[1].split(" OS=")[0], ""))
-            else:
-                out[-1] = (out[-1][0], out[-1][1] + line.strip())
-    return out[skip:]
-
+from tests.realdata import described_sequences, mda_file
 
 GENOMES = {
     2506783001: ("Escherichia coli K-12 MG1655", 0),
@@ -55,7 +40,7 @@ GENOMES = {
 
 
 def _genomes() -> dict[int, tuple[str, list[tuple[str, str]]]]:
-    return {oid: (org, _records(150, skip)) for oid, (org, skip) in GENOMES.items()}
+    return {oid: (org, described_sequences(150, skip)) for oid, (org, skip) in GENOMES.items()}
 
 
 def _without_offset(table: pa.Table) -> pa.Table:
@@ -99,7 +84,7 @@ def test_jgi_tarball_with_two_genomes_equals_the_plain_files(tmp_path):
 
 
 def test_gzip_members_of_a_plain_tar_and_member_globs(tmp_path):
-    recs = _records(30, skip=400)
+    recs = described_sequences(30, skip=400)
     faa = img_genes_faa(2600000001, "Lake metagenome", recs)
     with tarfile.open(tmp_path / "b.tar", "w") as tar:
         add_member(tar, "x/2600000001.genes.faa.gz", gzip.compress(faa))
@@ -133,7 +118,7 @@ def test_truncated_tarball_keeps_the_complete_genomes(tmp_path):
 
 
 def test_member_that_is_not_fasta_is_a_reject_and_the_rest_completes(tmp_path):
-    faa = img_genes_faa(2700000001, "Soil", _records(10, skip=700))
+    faa = img_genes_faa(2700000001, "Soil", described_sequences(10, skip=700))
     with tarfile.open(tmp_path / "m.tar.gz", "w:gz") as tar:
         add_member(tar, "g/broken.faa", b"\x00\x01binary, not FASTA")
         add_member(tar, "g/empty.fasta", b"")

@@ -19,21 +19,12 @@ from tests.bundles import (
     unpaired_unit,
     write_oas_unit,
 )
-from tests.realdata import uniprot_fasta
+from tests.realdata import described_sequences
 
 
 def _sequences(n: int, skip: int = 0) -> list[str]:
     """Real protein sequences (UniProt, mmseqs2-examples) standing in for V domains."""
-    out: list[str] = []
-    with gzip.open(uniprot_fasta(), "rt") as f:
-        for line in f:
-            if line.startswith(">"):
-                if len(out) >= n + skip:
-                    break
-                out.append("")
-            else:
-                out[-1] += line.strip()
-    return out[skip:]
+    return [seq for _, seq in described_sequences(n, skip)]
 
 
 # planted: a letter outside the alphabet, an empty alignment, soft-masked letters, a stop

@@ -3,33 +3,25 @@ UniProt sequences (mmseqs2-examples) and real structures (MDAnalysisTests)."""
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import pytest
 
-from tests.realdata import mda_file, uniprot_fasta
+from tests.realdata import mda_file, uniprot_entries
 
 N_SEQUENCES = 800  # first records of mmseqs2-examples (purge search costs ~25 ms each)
+
+
 # records planted into the subset so that ingest has something to refuse
+def _fasta_records(n: int, skip: int = 0) -> list[str]:
+    """Records skip .. skip+n of the real UniProt file, each as its FASTA text."""
+    return [h + body for h, body in uniprot_entries(n, skip)]
+
+
 PLANTED = (
     ">sp|ZZBAD1|BAD_JLETTER planted: J is not an amino-acid letter\nMKTAYIAKQRJQISFVKSHFSRQ\n"
     ">sp|ZZBAD2|BAD_EMPTY planted: a header with no sequence\n"
 )
-
-
-def _records(n: int, skip: int = 0) -> list[str]:
-    """Records skip .. skip+n of the real UniProt file, each as its FASTA text."""
-    out: list[str] = []
-    with gzip.open(uniprot_fasta(), "rt") as f:
-        for line in f:
-            if line.startswith(">"):
-                if len(out) >= n + skip:
-                    break
-                out.append(line)
-            else:
-                out[-1] += line
-    return out[skip : skip + n]
 
 
 @pytest.fixture(scope="session")
@@ -37,11 +29,11 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A 2,000-sequence UniRef-like file with planted bad records and one duplicate id,
     a 200-sequence JGI-like file, and a handful of real structure files plus an empty one."""
     d = tmp_path_factory.mktemp("inputs")
-    recs = _records(N_SEQUENCES)
+    recs = _fasta_records(N_SEQUENCES)
     uniref = d / "uniref.fasta"
     uniref.write_text("".join(recs[:400]) + recs[5] + PLANTED + "".join(recs[400:]))
     jgi = d / "jgi.fasta"
-    jgi.write_text("".join(_records(200, skip=N_SEQUENCES)))
+    jgi.write_text("".join(_fasta_records(200, skip=N_SEQUENCES)))
     empty = d / "EMPTY.cif"
     empty.write_text("")
     return {

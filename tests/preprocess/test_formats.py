@@ -24,26 +24,13 @@ from tests.bundles import (
     unpaired_unit,
     write_oas_unit,
 )
-from tests.realdata import mda_file, uniprot_fasta
-
-
-def _records(n: int, skip: int = 0) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
-    with gzip.open(uniprot_fasta(), "rt") as f:
-        for line in f:
-            if line.startswith(">"):
-                if len(out) >= n + skip:
-                    break
-                out.append((line.split(" ", 1)[1].split(" OS=")[0], ""))
-            else:
-                out[-1] = (out[-1][0], out[-1][1] + line.strip())
-    return out[skip:]
+from tests.realdata import described_sequences, mda_file
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("formats")
-    seqs = [s for _, s in _records(120, skip=1000)]
+    seqs = [s for _, s in described_sequences(120, skip=1000)]
     oas = d / "oas"
     oas.mkdir()
     unpaired_unit(oas / "SRR9179275_1_Heavy_IGHG.csv.gz",
@@ -55,7 +42,7 @@ def run(tmp_path_factory):
                    [c for c in OAS_COLUMNS if c != "sequence_alignment_aa"], [{"sequence": "A"}])  # fmt: skip
     jgi = d / "jgi"
     jgi.mkdir()
-    recs = _records(60, skip=1200)
+    recs = described_sequences(60, skip=1200)
     jgi_tarball(jgi / "2506783001.tar.gz", {2506783001: ("Escherichia coli K-12", recs[:30])})
     jgi_tarball(jgi / "2510065017.tar.gz", {2510065017: ("Bacillus subtilis 168", recs[30:])})
     afdb = d / "afdb"
