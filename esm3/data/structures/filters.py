@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from duckdb import ColumnExpression, sqltypes
 
 from esm3.data.duck import connect
 from esm3.data.structures.geometry import long_range_contacts
@@ -125,20 +126,19 @@ def read_esmatlas_metadata(
         def pick(*names: str) -> str:
             for n in names:
                 if n in cols:
-                    return '"' + cols[n].replace('"', '""') + '"'
+                    return cols[n]
             raise ValueError(f"{path}: needs one of the columns {names}, has {rel.columns}")
 
-        rel.create_view("meta")
-        id_col, plddt_col, ptm_col = pick("id", "name"), pick("plddt", "mean_plddt"), pick("ptm")
-        # the file's own column names, quoted above
-        query = f"SELECT {id_col}::VARCHAR AS id, {plddt_col}::DOUBLE AS plddt, {ptm_col}::DOUBLE AS ptm FROM meta"  # noqa: S608, E501
+        # the file's own column names as column expressions: no SQL text is built
+        meta = rel.select(
+            ColumnExpression(pick("id", "name")).cast(sqltypes.VARCHAR).alias("id"),
+            ColumnExpression(pick("plddt", "mean_plddt")).cast(sqltypes.DOUBLE).alias("plddt"),
+            ColumnExpression(pick("ptm")).cast(sqltypes.DOUBLE).alias("ptm"),
+        )
         if ids is not None:
-            con.register(
-                "wanted",
-                pa.table({"id": sorted(set(ids))}, schema=pa.schema([("id", pa.string())])),
-            )
-            query = f"SELECT m.* FROM ({query}) m SEMI JOIN wanted w ON m.id = w.id"  # noqa: S608
-        rows = con.sql(query).fetchall()
+            wanted = pa.table({"id": sorted(set(ids))}, schema=pa.schema([("id", pa.string())]))
+            meta = meta.join(con.from_arrow(wanted), "id", how="semi")
+        rows = meta.fetchall()
     finally:
         con.close()
     nan = float("nan")
