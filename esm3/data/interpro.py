@@ -47,9 +47,14 @@ IPR_SCHEMA = pa.schema(
         ("end", pa.int32()),
     ]
 )
-ANNOTATION_TYPE = pa.list_(
-    pa.struct([("ipr", pa.string()), ("start", pa.int32()), ("end", pa.int32())])
-)
+
+
+def _span_list_type(label: str) -> pa.DataType:
+    """A record's labelled residue spans: list<struct<label, start, end>> (1-based)."""
+    return pa.list_(pa.struct([(label, pa.string()), ("start", pa.int32()), ("end", pa.int32())]))
+
+
+ANNOTATION_TYPE = _span_list_type("ipr")
 SITE_SCHEMA = pa.schema(
     [
         ("accession", pa.string()),
@@ -59,9 +64,7 @@ SITE_SCHEMA = pa.schema(
         ("end", pa.int32()),
     ]
 )
-RESIDUE_ANNOTATION_TYPE = pa.list_(
-    pa.struct([("label", pa.string()), ("start", pa.int32()), ("end", pa.int32())])
-)
+RESIDUE_ANNOTATION_TYPE = _span_list_type("label")
 _IPR_ID = re.compile(r"^IPR\d{6}$")
 
 

@@ -343,13 +343,14 @@ def write_store(
         raise
 
 
-def sources_fingerprint(sources: StoreSources) -> str:
-    """A digest of every source file's path, size and modification time: equal digests mean
-    a store need not be written again."""
+def sources_fingerprint(sources: StoreSources, salt: str = "") -> str:
+    """A digest of the format version, `salt` and every source file's path, size and
+    modification time: equal digests mean a store need not be written again.
+    FileNotFoundError names a missing source."""
     import hashlib
 
     h = hashlib.blake2b(digest_size=8)
-    h.update(str(VERSION).encode())
+    h.update(f"{VERSION}:{salt}".encode())
     for kind in ("records", "clusters", "generated", "codebook", "vocab"):
         paths = getattr(sources, kind)
         for p in paths if isinstance(paths, list) else [paths] if paths else []:

@@ -14,12 +14,11 @@ dataset that has them is converted ad hoc too, from its manifest's shards and cl
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-from esm3.data.store import VERSION, StoreError, StoreSources, read_meta, write_store
+from esm3.data.store import StoreError, StoreSources, read_meta, sources_fingerprint, write_store
 from esm3.train.config import DatasetSpec
 
 
@@ -96,21 +95,12 @@ def adhoc_sources(spec: DatasetSpec, root: str | Path) -> StoreSources:
     return StoreSources(records, clusters, generated)
 
 
-def _fingerprint(spec: DatasetSpec, sources: StoreSources) -> str:
-    h = hashlib.blake2b(digest_size=8)
-    h.update(f"{VERSION}:{spec.name}:{spec.type}".encode())
-    for kind in ("records", "clusters", "generated"):
-        for p in getattr(sources, kind):
-            try:
-                st = Path(p).stat()
-            except FileNotFoundError:
-                raise DataError(f"dataset {spec.name!r}: {p} is missing") from None
-            h.update(f"{kind}:{Path(p).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()
-
-
 def adhoc_dir(spec: DatasetSpec, root: str | Path, sources: StoreSources) -> Path:
-    return Path(root) / "stores" / "adhoc" / f"{spec.name}-{_fingerprint(spec, sources)}"
+    try:
+        digest = sources_fingerprint(sources, salt=f"{spec.name}:{spec.type}")
+    except FileNotFoundError as e:
+        raise DataError(f"dataset {spec.name!r}: {e.filename} is missing") from None
+    return Path(root) / "stores" / "adhoc" / f"{spec.name}-{digest}"
 
 
 def store_path(spec: DatasetSpec, root: str | Path, *, build: bool = True) -> Path:

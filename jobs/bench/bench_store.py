@@ -294,46 +294,13 @@ def build_child(data: Synthetic, root: str) -> dict[str, Any]:
     }
 
 
-class InMemoryDataset:
-    """The in-memory loader's dataset (before the training store): every record in an Arrow
-    table, the cluster index with its member ids. The baseline of this benchmark."""
+def load_in_memory(data: Synthetic) -> Any:
+    """The baseline: the in-memory loader over the synthetic shards and clusters."""
+    from esm3.data.store import StoreSources
+    from jobs.bench.in_memory_loader import load_in_memory as read_all
 
-    def __init__(self, name: str, records: Any, clusters: Any, member_rows: np.ndarray) -> None:
-        self.name, self.type = name, "sequence"
-        self.records, self.clusters, self.member_rows = records, clusters, member_rows
-
-    def protein(self, row: int) -> Any:
-        from esm3.tasks.sample import Protein
-
-        rec = {k: v[0] for k, v in self.records.slice(row, 1).to_pydict().items()}
-        rec["dataset"] = self.name
-        return Protein.from_record(rec)
-
-    def generated(self, row: int) -> list[str]:
-        return []
-
-    def __len__(self) -> int:
-        return self.records.num_rows
-
-
-def load_in_memory(data: Synthetic) -> InMemoryDataset:
-    """The in-memory loader's `load_dataset` for sequence shards with clusters: read every
-    shard, map cluster members to rows by id (members without a record dropped)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from esm3.data.sampler import ClusterIndex
-
-    records = pa.concat_tables(
-        [pq.read_table(f, columns=["id", "sequence", "length"]) for f in data.shards]
-    )
-    ids = records.column("id").combine_chunks()
-    ctab = pq.read_table(data.clusters, columns=["center", "member"])
-    ctab = ctab.filter(pc.is_valid(pc.index_in(ctab.column("member"), value_set=ids)))
-    index = ClusterIndex.from_table(ctab)
-    rows = pc.index_in(index.members, value_set=ids).to_numpy().astype(np.int64)
-    return InMemoryDataset("synthetic", records, index, rows)
+    sources = StoreSources([Path(f) for f in data.shards], [Path(data.clusters)], [])
+    return read_all("synthetic", "sequence", sources)
 
 
 def _train_config(data: Synthetic) -> Any:

@@ -19,10 +19,11 @@ import torch
 
 from esm3.data.store import VERSION, StoreSources, open_store, write_store
 from esm3.train.data import BatchBuilder, load_datasets
+from esm3.train.stores import adhoc_sources
+from jobs.bench.in_memory_loader import load_in_memory
 from jobs.config import ConfigError
 from jobs.train.config import check_inputs, load_config
 from tests.train.conftest import write_config
-from tests.train.legacy_loader import load_in_memory
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,7 +66,10 @@ def test_store_batches_equal_the_in_memory_loader(tmp_path, train_data):
     ]
     cfg = load_config(write_config(tmp_path / "c.toml", train_data), over)
     stores = load_datasets(cfg, tmp_path)
-    legacy = {d.name: load_in_memory(d, tmp_path) for d in cfg.data.datasets}
+    legacy = {
+        d.name: load_in_memory(d.name, d.type, adhoc_sources(d, tmp_path))
+        for d in cfg.data.datasets
+    }
     for name, ds in stores.items():
         assert np.array_equal(ds.clusters.offsets, legacy[name].clusters.offsets), name
         assert np.array_equal(ds.member_rows, legacy[name].member_rows), name

@@ -1,11 +1,11 @@
-"""The in-memory loader that the training store replaced, kept only as the tests' reference:
-every shard read into Arrow tables, the index built with string lookups. It offers what
-BatchBuilder uses of a dataset (protein, generated, clusters, member_rows)."""
+"""The in-memory loader that the training store replaced: every shard read into Arrow
+tables, the cluster index built with string lookups. It stays only as the baseline of the
+store benchmark and the reference of the store's tests, and offers what BatchBuilder uses
+of a dataset (protein, generated, clusters, member_rows)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -13,9 +13,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from esm3.data.sampler import ClusterIndex
-from esm3.data.store import COLUMNS
+from esm3.data.store import COLUMNS, StoreSources
 from esm3.tasks.sample import Protein
-from esm3.train.stores import resolve_paths
 
 
 @dataclass
@@ -39,25 +38,27 @@ class InMemoryDataset:
         return self.records.num_rows
 
 
-def load_in_memory(spec, root: str | Path) -> InMemoryDataset:  # type: ignore[no-untyped-def]
-    files = resolve_paths(spec.shards, root, spec.name)
+def load_in_memory(name: str, type: str, sources: StoreSources) -> InMemoryDataset:
+    """Read every record, cluster and generated file of `sources` into memory; members
+    without a record dropped, a member's row the first record with its id."""
     tables = []
-    for f in files:
+    for f in sources.records:
         cols = [c for c in COLUMNS if c in pq.read_schema(f).names]
         tables.append(pq.read_table(f, columns=cols))
     records = pa.concat_tables(tables, promote_options="permissive")
     ids = records.column("id").combine_chunks()
-    if spec.clusters:
-        cfiles = resolve_paths(spec.clusters, root, spec.name)
-        ctab = pa.concat_tables(pq.read_table(f, columns=["center", "member"]) for f in cfiles)
+    if sources.clusters:
+        ctab = pa.concat_tables(
+            pq.read_table(f, columns=["center", "member"]) for f in sources.clusters
+        )
     else:
         ctab = pa.table({"center": ids, "member": ids})
     ctab = ctab.filter(pc.is_valid(pc.index_in(ctab.column("member"), value_set=ids)))
     index = ClusterIndex.from_table(ctab)
     rows = pc.index_in(index.members, value_set=ids).to_numpy().astype(np.int64)
     by_id: dict[str, list[str]] = {}
-    for f in resolve_paths(spec.inverse_folded, root, spec.name) if spec.inverse_folded else []:
+    for f in sources.generated:
         g = pq.read_table(f, columns=["id", "sequence"]).to_pydict()
         for rid, seq in zip(g["id"], g["sequence"], strict=True):
             by_id.setdefault(rid, []).append(seq)
-    return InMemoryDataset(spec.name, spec.type, records, index, rows, by_id)
+    return InMemoryDataset(name, type, records, index, rows, by_id)
