@@ -40,6 +40,46 @@ Items = Sequence[tuple] | ItemSource
 
 
 @dataclass(frozen=True)
+class IndexedItems:
+    """`n` items made from their index by `make(i)` (a picklable callable): the submitting
+    process never lists them, each task makes its own range."""
+
+    n: int
+    make: Callable[[int], tuple]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def rows(self, start: int, stop: int) -> list[tuple]:
+        return [self.make(i) for i in range(start, min(stop, self.n))]
+
+
+@dataclass(frozen=True)
+class JoinedItems:
+    """Several item lists or sources one after the other, as one stage's items."""
+
+    parts: tuple[Sequence[tuple] | ItemSource, ...]
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def rows(self, start: int, stop: int) -> list[tuple]:
+        out: list[tuple] = []
+        first = 0
+        for p in self.parts:
+            lo, hi = max(start, first), min(stop, first + len(p))
+            if lo < hi:
+                got = (
+                    p.rows(lo - first, hi - first)
+                    if isinstance(p, ItemSource)
+                    else p[lo - first : hi - first]
+                )
+                out += [tuple(r) for r in got]
+            first += len(p)
+        return out
+
+
+@dataclass(frozen=True)
 class ArrayPlan:
     """How `n_items` items become tasks (`items_per_task` each, the last one shorter) and
     the tasks become arrays (`tasks_per_array` each, the last one shorter)."""

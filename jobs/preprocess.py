@@ -28,12 +28,14 @@ WHAT = {
     "interpro": {"interpro"},
     "tokens": {"tokens"},
     "all": {"sequences", "structures", "interpro", "tokens"},
+    "list": {"structures"},  # the inventories alone, walked again
 }
 
 EXAMPLES = """examples:
   esm3 preprocess all                                   # the demo config on this machine
   esm3 preprocess sequences --config jobs/configs/preprocess/site-example.toml -c my-site
   esm3 preprocess structures --config my.toml purge.validation_size=1000 --dry-run
+  esm3 preprocess list --config my.toml -c my-site      # walk the structure inputs again
   esm3 sql "SELECT * FROM dataset_stats ORDER BY computed_at DESC"
 """
 
@@ -79,9 +81,12 @@ def _add_parser(subparsers: argparse._SubParsersAction, common: Any) -> None:
             "Run a preprocessing pipeline as job arrays: sequences (ingest -> mmseqs "
             "cluster -> expand -> validation purge -> Table S3/S4 stats), structures "
             "(filters, SASA, SS8, InterPro labels, clustering, stats), interpro (label "
-            "ingest), tokens (structure codebook, then tokens), or all of them. On SLURM "
-            "every stage is submitted at once with afterok dependencies; on 'local' stages "
-            "run in order. Re-running the same command skips finished shards."
+            "ingest), tokens (structure codebook, then tokens), or all of them. Structure "
+            "inputs are first inventoried by a `list` job (reused while the patterns are "
+            "the same; `list` walks them again); the other stages are then planned from the "
+            "inventory. On SLURM those stages are submitted at once with afterok "
+            "dependencies; on 'local' stages run in order. Re-running the same command "
+            "skips finished shards."
         ),
         epilog=EXAMPLES + "\n" + common.epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -131,6 +136,7 @@ def run_preprocess(
     from jobs import launch, locks, records
     from jobs.clusters import check_ready
     from jobs.config import to_dict
+    from jobs.stages.inventory import listings, plan_list
     from jobs.stages.runner import (
         Layout,
         check_fingerprint,
@@ -150,10 +156,15 @@ def run_preprocess(
     lay = Layout.of(ws, cfg)
     check_ready(profile)  # before anything is recorded
     run_id = records.new_run_id("preprocess")
-    stages = _plan(ws, run_id, cfg, inputs, lay, kinds)
+    lister, keys = plan_list(ws, run_id, cfg, inputs.patterns, inputs.metadata, lay,
+                             again=what == "list")  # fmt: skip
+    inputs.listings = listings(lay, keys) if what != "list" else {}
     if dry_run:
+        stages = [lister] + (_plan(ws, run_id, cfg, inputs, lay, kinds) if what != "list" else [])
         lines = [f"plan for '{what}' on {profile.name} (nothing submitted); data in {lay.root}"]
         lines += plan_lines(profile, stages)
+        lines += [f"  {name}: not listed yet; its stages are planned once `list` has run"
+                  for name in inputs.patterns if name not in inputs.listings]  # fmt: skip
         return PreprocessResult("", what, {}, "\n".join(lines))
     # one run per workspace and config: a second one would redo the same tasks and fight
     # over their scratch; the lock is taken before anything is recorded
@@ -163,16 +174,23 @@ def run_preprocess(
         check_fingerprint(lay, cfg)
         launch.start_run(ws, kind="preprocess", name=f"{cfg.name}:{what}", profile=profile,
                          config=to_dict(cfg), run_id=run_id,
-                         stages=[s.name for s in stages if len(s.items)])  # fmt: skip
+                         stages=["list"] if len(lister.items) else [])  # fmt: skip
         records.update_run(ws, run_id, status="RUNNING", started_at=now())
         try:
-            results = run_stages(
-                ws, profile, run_id, stages, progress=progress, timeout_s=timeout_s
-            )
+            results = run_stages(ws, profile, run_id, [lister], progress=progress,
+                                 timeout_s=timeout_s)  # fmt: skip
+            if what != "list":
+                inputs.listings = listings(lay, keys)
+                stages = _plan(ws, run_id, cfg, inputs, lay, kinds)
+                names = [s.name for s in [lister, *stages] if len(s.items)]
+                records.update_run(ws, run_id, stages=",".join(names) or None)
+                results |= run_stages(ws, profile, run_id, stages, progress=progress,
+                                      timeout_s=timeout_s)  # fmt: skip
         except BaseException as e:
             launch.finish_run(ws, run_id, launch.run_status_after(e))
             raise
-        _write_manifest(cfg, inputs, lay, kinds, run_id)
+        if what != "list":
+            _write_manifest(cfg, inputs, lay, kinds, run_id)
         launch.finish_run(ws, run_id, "COMPLETED")
         return PreprocessResult(run_id, what, results, summarize(ws, run_id, results, lay))
 
@@ -259,6 +277,10 @@ def summarize(ws: Path, run_id: str, results: dict[str, list[Any]], lay: Any) ->
     from esm3.metrics.catalog import query
 
     lines = [f"run {run_id}: data in {lay.root}"]
+    for r in results.get("list", []):
+        kept = r.get("prefilter", {}).get("kept", r["listed_files"])
+        lines.append(f"  list {r['dataset']}: {r['listed_files']} files ({kept} kept by the "
+                     f"metadata prefilter), {r['archives']} archives")  # fmt: skip
     if "ingest" in results:
         r = results["ingest"]
         lines.append(f"  ingest: {_sum(r, 'records')} records -> {_sum(r, 'written')} sequences, "

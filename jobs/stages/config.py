@@ -7,8 +7,9 @@ SASA on AFDB and ESMAtlas, SS8 on PDB, AFDB and ESMAtlas (Table S5); 4096 struct
 
 Input paths may be files or globs, and may start with `{workspace}` (the workspace root)
 or `{package:NAME}` (the folder of an installed Python package, e.g. MDAnalysisTests).
-`check_inputs` resolves them before anything is recorded or submitted; a path that
-matches nothing is one `ConfigError` line naming the dataset and the path.
+`check_inputs` resolves them before anything is recorded or submitted (structure
+datasets: only that each pattern matches a file; the `list` stage walks them); a path
+that matches nothing is one `ConfigError` line naming the dataset and the path.
 
 Formats, as the databases publish them: `fasta` (plain or .gz, or tar archives of FASTA
 members such as JGI/IMG's one `<taxon_oid>.tar.gz` per genome), `oas` (OAS data units,
@@ -37,6 +38,7 @@ DEFAULT_CONFIG = CONFIG_DIR / "demo.toml"
 SEQUENCE_FORMATS = ("fasta", "oas")
 STRUCTURE_FORMATS = ("pdb", "afdb", "esmatlas")
 STAGES = (
+    "list",
     "split",
     "ingest",
     "cluster",
@@ -83,7 +85,9 @@ class DatasetConfig:
     purge: bool = True  # sequence: sample validation from it and purge its training set
     cap: int = 20  # members per cluster after expansion
     lowercase: Literal["upper", "reject"] = "upper"
-    metadata: str = ""  # esmatlas: table of id, plddt, ptm (Parquet or CSV/TSV)
+    # esmatlas (required): table of id, plddt, ptm (Parquet or CSV/TSV); afdb (optional):
+    # id, plddt (the global pLDDT); the `list` stage drops entries below the thresholds
+    metadata: str = ""
     plddt_scale: Literal["auto", "0-1", "0-100"] = "auto"
     also_unclustered: bool = False  # structure: a Table S3 row without clustering too (PDB)
     # demo only: inputs are experimental structures standing in for predictions; a derive
@@ -126,6 +130,12 @@ class DatasetConfig:
                               "units are ingested one per array task")  # fmt: skip
         if self.members and self.format == "oas":
             raise ConfigError(f"{where}: 'members' is for archives; OAS units are .csv.gz files")
+
+    @property
+    def listed(self) -> bool:
+        """Inventoried by the `list` stage (structure datasets; the demo's proxies, made
+        from a few files by a stage, are listed by the submitting process)."""
+        return self.type == "structure" and not self.proxy_from_experimental
 
     @property
     def clustering_level(self) -> float:
@@ -302,21 +312,46 @@ def resolve_paths(patterns: list[str], workspace: Path, where: str) -> list[Path
     return list(dict.fromkeys(files))
 
 
+def check_patterns(patterns: list[str], workspace: Path, where: str) -> list[str]:
+    """The expanded, absolute patterns of a dataset the `list` stage walks; ConfigError when
+    one matches nothing. Only the first match is looked for: the walk is the stage's."""
+    out = []
+    for pat in patterns:
+        p = expand_path(pat, workspace)
+        magic = glob.has_magic(p)
+        first = next(glob.iglob(p), None) if magic else (p if Path(p).exists() else None)
+        if first is None:
+            what = "no file matches" if magic else "file does not exist"
+            raise ConfigError(f"{where}: input {pat!r} ({p}): {what}")
+        if not magic and Path(p).is_dir():
+            raise ConfigError(f"{where}: input {p} is a folder, not a file")
+        out.append(str(Path(p).absolute()))
+    return list(dict.fromkeys(out))
+
+
 @dataclass
 class Inputs:
-    """The resolved input files of a config."""
+    """The inputs of a config: files resolved by the submitting process (`datasets`), and
+    the patterns of the datasets the `list` stage inventories (`patterns`; their
+    `listings` once listed, see `jobs.stages.inventory`)."""
 
     datasets: dict[str, list[Path]]
     metadata: dict[str, Path | None]
     protein2ipr: list[Path]
     interproscan: list[Path]
     sites: list[Path] = field(default_factory=list)
+    patterns: dict[str, list[str]] = field(default_factory=dict)
+    listings: dict = field(default_factory=dict)  # dataset -> jobs.stages.inventory.Listing
+
+    def has(self, dataset: str) -> bool:
+        return dataset in self.datasets or dataset in self.patterns
 
 
 def check_inputs(cfg: PreprocessConfig, workspace: Path, kinds: set[str]) -> Inputs:
     """Resolve every input the chosen pipelines read (kinds: sequences, structures,
     interpro, tokens); raise ConfigError naming the dataset and path on the first problem."""
     datasets: dict[str, list[Path]] = {}
+    patterns: dict[str, list[str]] = {}
     metadata: dict[str, Path | None] = {}
     want = set()
     if "sequences" in kinds:
@@ -327,8 +362,11 @@ def check_inputs(cfg: PreprocessConfig, workspace: Path, kinds: set[str]) -> Inp
         if d.type not in want:
             continue
         where = f"dataset '{d.name}'"
-        datasets[d.name] = resolve_paths(d.paths, workspace, where)
-        _check_kinds(d, datasets[d.name], where)
+        if d.listed:
+            patterns[d.name] = check_patterns(d.paths, workspace, where)
+        else:
+            datasets[d.name] = resolve_paths(d.paths, workspace, where)
+            _check_kinds(d, datasets[d.name], where)
         metadata[d.name] = None
         if d.metadata and not d.proxy_from_experimental:
             (metadata[d.name],) = resolve_paths([d.metadata], workspace, f"{where} metadata")
@@ -339,7 +377,7 @@ def check_inputs(cfg: PreprocessConfig, workspace: Path, kinds: set[str]) -> Inp
         p2i = resolve_paths(cfg.interpro.protein2ipr, workspace, "interpro.protein2ipr")
         ips = resolve_paths(cfg.interpro.interproscan, workspace, "interpro.interproscan")
         sites = resolve_paths(cfg.interpro.sites, workspace, "interpro.sites")
-    return Inputs(datasets, metadata, p2i, ips, sites)
+    return Inputs(datasets, metadata, p2i, ips, sites, patterns)
 
 
 OAS_SUFFIXES = (".csv.gz", ".csv")

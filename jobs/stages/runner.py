@@ -153,6 +153,10 @@ class Layout:
     def final_clusters(self, dataset: str) -> Path:
         return self.clusters(dataset) / "final.parquet"
 
+    def inventory(self, dataset: str) -> Path:
+        """The dataset's input inventory (the `list` stage, `jobs.stages.inventory`)."""
+        return self.root / "inventory" / dataset
+
     def store(self, dataset: str) -> Path:
         """The dataset's training store (esm3.data.store), the pipeline's last output."""
         return self.root / "stores" / dataset

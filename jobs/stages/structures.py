@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ from esm3.data.interpro import (
     ingest_sites,
     interpro_vocabulary,
 )
+from esm3.data.inventory import read_paths
 from esm3.data.shards import write_table
 from esm3.data.structures.io import StructureReadError, read_structure
 from esm3.data.structures.stages import (
@@ -46,8 +47,10 @@ from esm3.data.structures.stages import (
 )
 from esm3.data.token_stats import cluster_table, token_stats_row
 from esm3.tokenize.annotations import vocabulary_document
+from jobs.arrays import IndexedItems, JoinedItems
 from jobs.errors import UserError
 from jobs.stages.config import DatasetConfig, Inputs, PreprocessConfig
+from jobs.stages.inventory import Listing
 from jobs.stages.runner import (
     Layout,
     Stage,
@@ -174,12 +177,14 @@ def derived_name(src: Path) -> str:
 def structure_task(
     ws: str,
     run_id: str,
-    files: list[str],
+    files: list,  # paths, ArchiveParts, or inventory references (`task_inputs`)
     out: str,
     config: StructureStageConfig,
     metadata: str | None,
     annotations: list[str] | None,
 ) -> dict:
+    files = task_inputs(files)  # inventory rows read here, in the job
+
     def run():  # type: ignore[no-untyped-def]
         return process_structure_shard(
             files, out, config, esmatlas_metadata=metadata, annotations=annotations or None
@@ -289,21 +294,119 @@ def stage_config(cfg: PreprocessConfig, d: DatasetConfig) -> StructureStageConfi
     )
 
 
-def _chunks(files: list, size: int) -> list[list]:
-    return [files[i : i + size] for i in range(0, len(files), size)]
+@dataclass(frozen=True)
+class InventorySlice:
+    """Rows [start, stop) of an inventory file: a structure task's plain files, read in
+    the job."""
+
+    inventory: str
+    start: int
+    stop: int
+
+    def paths(self) -> list[str]:
+        return read_paths(self.inventory, self.start, self.stop)
 
 
-def structure_shards(d: DatasetConfig, files: list[Path], lay: Layout) -> list[tuple[list, Path]]:
-    """[(inputs, shard path)] of one structure dataset (after `derive` if any): plain files
-    `shard_size` at a time, then each tar bundle in `split` parts (`ArchivePart`: task k
-    reads the bundle's structure members k, k + split, ... in place)."""
+@dataclass(frozen=True)
+class ArchiveRow:
+    """Part `part` of `parts` of the tar bundle in row `row` of an archive inventory."""
+
+    inventory: str
+    row: int
+    part: int
+    parts: int
+    members: tuple[str, ...]
+
+    def resolve(self) -> ArchivePart:
+        (path,) = read_paths(self.inventory, self.row, self.row + 1)
+        return ArchivePart(path, self.part, self.parts, self.members)
+
+
+def task_inputs(files: list) -> list:
+    """A structure task's inputs, inventory references read: paths and `ArchivePart`s."""
+    out: list = []
+    for f in files:
+        if isinstance(f, InventorySlice):
+            out += f.paths()
+        else:
+            out.append(f.resolve() if isinstance(f, ArchiveRow) else f)
+    return out
+
+
+@dataclass(frozen=True)
+class StructureShards:
+    """The shards of one structure dataset: plain files `shard_size` at a time, then each
+    tar bundle in `split` parts (task k reads the bundle's members k, k + split, ...). The
+    inputs are a listing's inventory rows, or a list the driver made (demo proxies);
+    shard i is written to `folder`/<i>.parquet."""
+
+    folder: str
+    shard_size: int
+    split: int
+    members: tuple[str, ...]
+    n_files: int
+    n_archives: int
+    listing: Listing | None = None
+    files: tuple[str, ...] = ()  # without a listing
+    archives: tuple[str, ...] = ()
+
+    @property
+    def n_file_shards(self) -> int:
+        return -(-self.n_files // self.shard_size)
+
+    def __len__(self) -> int:
+        return self.n_file_shards + self.n_archives * self.split
+
+    def inputs(self, i: int) -> list:
+        if i < self.n_file_shards:
+            lo, hi = i * self.shard_size, min(self.n_files, (i + 1) * self.shard_size)
+            if self.listing is None:
+                return list(self.files[lo:hi])
+            return [InventorySlice(self.listing.files, lo, hi)]
+        row, part = divmod(i - self.n_file_shards, self.split)
+        if self.listing is None:
+            return [ArchivePart(self.archives[row], part, self.split, self.members)]
+        return [ArchiveRow(self.listing.archives, row, part, self.split, self.members)]
+
+    def out(self, i: int) -> str:
+        return str(Path(self.folder) / f"{i:05d}.parquet")
+
+    def paths(self) -> list[str]:
+        return [self.out(i) for i in range(len(self))]
+
+
+def structure_shards(d: DatasetConfig, inputs: Inputs, lay: Layout) -> StructureShards:
+    """The shards of one structure dataset, from its listing (or, for demo proxies, the
+    derived files of its resolved inputs)."""
+    folder = str(lay.struct(d.name) / "shards")
+    common = dict(folder=folder, shard_size=d.shard_size, split=d.split, members=tuple(d.members))
+    listing = inputs.listings.get(d.name)
+    if listing is not None:
+        return StructureShards(**common, n_files=listing.n_files, n_archives=listing.n_archives,
+                               listing=listing)  # fmt: skip
+    files = inputs.datasets[d.name]
     if d.proxy_from_experimental:
         files = [lay.struct(d.name) / "derived" / derived_name(f) for f in files]
-    plain = [f for f in files if not is_archive(f)]
-    inputs: list[list] = [[str(f) for f in chunk] for chunk in _chunks(plain, d.shard_size)]
-    inputs += [[ArchivePart(str(f), k, d.split, tuple(d.members))]
-               for f in files if is_archive(f) for k in range(d.split)]  # fmt: skip
-    return [(fs, lay.struct(d.name) / "shards" / f"{i:05d}.parquet") for i, fs in enumerate(inputs)]
+    plain = tuple(str(f) for f in files if not is_archive(f))
+    bundles = tuple(str(f) for f in files if is_archive(f))
+    return StructureShards(**common, n_files=len(plain), n_archives=len(bundles), files=plain,
+                           archives=bundles)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ShardItem:
+    """Item i of a stage over a dataset's shards: `head` + (inputs or shard, output) + `tail`."""
+
+    shards: StructureShards
+    head: tuple
+    tail: tuple
+    out_folder: str = ""  # tokenize: shard i -> out_folder/<name of shard i>
+
+    def __call__(self, i: int) -> tuple:
+        if self.out_folder:
+            shard = self.shards.out(i)
+            return (*self.head, shard, str(Path(self.out_folder) / Path(shard).name), *self.tail)
+        return (*self.head, self.shards.inputs(i), self.shards.out(i), *self.tail)
 
 
 def plan_interpro(ws: Path, run_id: str, cfg: PreprocessConfig, inputs: Inputs, lay: Layout):
@@ -343,7 +446,7 @@ def plan_structures(
     the ingested InterPro tables when the caller plans the InterPro stages; None: planned
     here with the structure stages."""
     w = str(ws)
-    datasets = [d for d in cfg.of_type("structure") if d.name in inputs.datasets]
+    datasets = [d for d in cfg.of_type("structure") if planned(d, inputs)]
     stages: list[Stage] = []
     ann_paths: list[str] = list(annotations or [])
     if process and annotations is None:
@@ -351,22 +454,32 @@ def plan_structures(
     derive, struct, clus, expand, specs, all_shards, tok = [], [], [], [], [], [], []
     budgets = token_budgets(cfg)
     for d in datasets:
-        files = inputs.datasets[d.name]
         metadata = str(inputs.metadata[d.name]) if inputs.metadata.get(d.name) else None
         if d.proxy_from_experimental:
             meta_out = lay.struct(d.name) / "derived-metadata.csv"
             if d.format == "esmatlas":
                 metadata = str(meta_out)
-            derive.append((w, run_id, [str(f) for f in files], str(lay.struct(d.name) / "derived"),
+            derive.append((w, run_id, [str(f) for f in inputs.datasets[d.name]],
+                           str(lay.struct(d.name) / "derived"),
                            metadata if d.format == "esmatlas" else None))  # fmt: skip
-        shards = structure_shards(d, files, lay)
+        shards = structure_shards(d, inputs, lay)
         scfg = stage_config(cfg, d)
-        struct += [(w, run_id, fs, str(out), scfg, metadata, ann_paths or None)
-                   for fs, out in shards]  # fmt: skip
-        paths = [str(out) for _, out in shards]
+        # made by each task from its index: the driver lists no file of the dataset
+        struct.append(
+            IndexedItems(
+                len(shards), ShardItem(shards, (w, run_id), (scfg, metadata, ann_paths or None))
+            )
+        )
+        tok.append(
+            IndexedItems(
+                len(shards),
+                ShardItem(
+                    shards, (w, run_id), (str(lay.codebook),), str(lay.struct(d.name) / "tokens")
+                ),
+            )
+        )
+        paths = shards.paths()
         all_shards += paths
-        tok += [(w, run_id, p, str(lay.struct(d.name) / "tokens" / Path(p).name),
-                 str(lay.codebook)) for p in paths]  # fmt: skip
         levels = [str(lay.level_file(d.name, lv)) for lv in d.levels]
         clus.append((w, run_id, paths, levels, list(d.levels)))
         expand.append((w, run_id, levels[0], levels[1] if len(levels) > 1 else None,
@@ -387,7 +500,7 @@ def plan_structures(
     if process:
         stages += [
             st("derive", derive_task, derive, []),
-            st("structures", structure_task, struct, ["derive", "interpro"]),
+            st("structures", structure_task, JoinedItems(tuple(struct)), ["derive", "interpro"]),
             st("structure-cluster", cluster_task, clus, ["structures"]),
             st("structure-expand", expand_task, expand, ["structure-cluster"]),
             st(
@@ -417,22 +530,27 @@ def plan_structures(
                 ],
                 ["structures"],
             ),  # fmt: skip
-            st("tokenize", tokenize_task, tok, ["codebook"]),
+            st("tokenize", tokenize_task, JoinedItems(tuple(tok)), ["codebook"]),
         ]
     return stages
+
+
+def planned(d: DatasetConfig, inputs: Inputs) -> bool:
+    """A structure dataset whose inputs are known: resolved, or listed by the `list` stage."""
+    return d.name in inputs.datasets or d.name in inputs.listings
 
 
 def structure_outputs(cfg: PreprocessConfig, inputs: Inputs, lay: Layout, tokens: bool) -> dict:
     out = {}
     for d in cfg.of_type("structure"):
-        if d.name not in inputs.datasets:
+        if not planned(d, inputs):
             continue
-        shards = [p for _, p in structure_shards(d, inputs.datasets[d.name], lay)]
+        shards = structure_shards(d, inputs, lay)
         sub = "tokens" if tokens else "shards"
         out[d.name] = {
             "type": "structure",
             "format": d.format,
-            "shards": [str(lay.struct(d.name) / sub / p.name) for p in shards],
+            "shards": [str(lay.struct(d.name) / sub / Path(p).name) for p in shards.paths()],
             "clusters": str(lay.expanded_file(d.name)),
             "weight": d.weight,
         }

@@ -27,9 +27,10 @@ from esm3.data.fasta import ingest_fasta
 from esm3.data.structures.records import read_shard
 from esm3.data.structures.stages import StructureStageConfig, process_structure_shard
 from jobs.config import ConfigError
-from jobs.stages.config import DatasetConfig, PreprocessConfig, check_inputs
+from jobs.stages.config import DatasetConfig, Inputs, PreprocessConfig, check_inputs
 from jobs.stages.runner import Layout
-from jobs.stages.structures import structure_shards
+from jobs.stages.inventory import list_task, listing_key, load_listing
+from jobs.stages.structures import structure_shards, task_inputs
 from tests.bundles import add_member, afdb_bundle, img_genes_faa, jgi_tarball, predicted_pdb
 from tests.realdata import described_sequences, mda_file
 
@@ -300,13 +301,22 @@ def test_check_inputs_knows_the_formats(tmp_path, workspace):
                           proxy_from_experimental=True), workspace, {"structures"})  # fmt: skip
 
 
-def test_structure_shards_plan_files_then_bundle_parts(tmp_path):
+def test_structure_shards_plan_files_then_bundle_parts(tmp_path, workspace):
     d = DatasetConfig(name="afdb", type="structure", format="afdb", paths=[], shard_size=2,
                       split=3, members=["*.cif.gz"])  # fmt: skip
     files = [tmp_path / f"f{i}.cif" for i in range(3)] + [tmp_path / "b.tar", tmp_path / "c.tar.gz"]
-    shards = structure_shards(d, files, Layout(tmp_path / "data"))
-    inputs = [fs for fs, _ in shards]
-    assert inputs[:2] == [[str(files[0]), str(files[1])], [str(files[2])]]
-    assert inputs[2:] == [[ArchivePart(str(f), k, 3, ("*.cif.gz",))] for f in files[3:]
-                          for k in range(3)]  # fmt: skip
-    assert [p.name for _, p in shards] == [f"{i:05d}.parquet" for i in range(8)]
+    for f in files:
+        f.write_bytes(b"")
+    lay = Layout(tmp_path / "data")
+    key = listing_key([str(tmp_path / "*")], None)
+    list_task(
+        str(workspace), "r", "afdb", [str(tmp_path / "*")], str(lay.inventory("afdb")), key, None
+    )
+    inputs = Inputs({}, {}, [], [], listings={"afdb": load_listing(lay.inventory("afdb"), key)})
+    shards = structure_shards(d, inputs, lay)
+    # the driver holds inventory references; the task reads its rows
+    assert [task_inputs(shards.inputs(i)) for i in range(2)] == [
+        [str(f) for f in files[:2]], [str(files[2])]]  # fmt: skip
+    assert [task_inputs(shards.inputs(i)) for i in range(2, 8)] == [
+        [ArchivePart(str(f), k, 3, ("*.cif.gz",))] for f in files[3:] for k in range(3)]  # fmt: skip
+    assert [Path(p).name for p in shards.paths()] == [f"{i:05d}.parquet" for i in range(8)]

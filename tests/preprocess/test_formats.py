@@ -50,6 +50,16 @@ def run(tmp_path_factory):
     members = [(f"AF-P{10000 + i}-F1-model_v4.pdb.gz", gzip.compress(predicted_pdb(mda_file(n))))
                for i, n in enumerate(("5PTI.cif.gz", "1BD2.cif.gz", "3PWP.cif.gz"))]  # fmt: skip
     afdb_bundle(afdb / "UP000005640_9606_HUMAN_v4.tar", members + [("README.txt", b"AFDB")])
+    esm = d / "esmatlas"  # plain files in folders, with the Atlas's metadata table
+    for k, name in enumerate(("5PTI.cif.gz", "1BD2.cif.gz", "3PWP.cif.gz", "1YJP.cif.gz")):
+        (esm / f"{k // 2:03d}").mkdir(parents=True, exist_ok=True)
+        pdb = predicted_pdb(mda_file(name))
+        (esm / f"{k // 2:03d}" / f"MGYP{k:012d}.pdb.gz").write_bytes(gzip.compress(pdb))
+    # pLDDT on 0-100 as the Atlas stores it; entry 2 fails, entry 3 has no row
+    (d / "esm-metadata.csv").write_text(
+        "id,plddt,ptm\nMGYP000000000000,85,0.8\nMGYP000000000001,90,0.9\n"
+        "MGYP000000000002,40,0.5\nMGYP999999999999,99,0.99\n"
+    )
     cfg = d / "formats.toml"
     cfg.write_text(f"""
 name = "formats"
@@ -77,6 +87,13 @@ type = "structure"
 format = "afdb"
 paths = ["{afdb}/*.tar"]
 split = 2
+[[datasets]]
+name = "esmatlas"
+type = "structure"
+format = "esmatlas"
+paths = ["{esm}/*/*.pdb.gz"]
+metadata = "{d}/esm-metadata.csv"
+shard_size = 2
 """)
     from jobs.workspace import prepare
 
@@ -85,6 +102,45 @@ split = 2
     seq = run_preprocess(ws, local, cfg, "sequences", progress=False, timeout_s=600)
     struct = run_preprocess(ws, local, cfg, "structures", progress=False, timeout_s=600)
     return ws, seq, struct
+
+
+def test_structures_are_listed_once_and_prefiltered_before_any_is_opened(run):
+    ws, _, struct = run
+    (listed,) = [r for r in struct.results["list"] if r["dataset"] == "esmatlas"]
+    assert listed["listed_files"] == 4 and listed["archives"] == 0
+    assert listed["prefilter"] == {"listed": 4, "kept": 3, "dropped": 1, "without_metadata": 1}
+    inventory = ws / "data/preprocess/formats/inventory/esmatlas"
+    assert pq.read_table(inventory / "selected.parquet")["id"].to_pylist() == [
+        "MGYP000000000000", "MGYP000000000001", "MGYP000000000003"]  # fmt: skip
+    # the dropped entry was never opened: 3 files in 2 shards, no reject of it
+    manifest = json.loads((ws / "data/preprocess/formats/manifest.json").read_text())
+    shards = manifest["datasets"]["esmatlas"]["shards"]
+    assert len(shards) == 2
+    assert sum(json.loads(pq.read_metadata(s).metadata[b"esm3.summary"])["files"]
+               for s in shards) == 3  # fmt: skip
+    rej = query(ws, "SELECT record, reason FROM rejects WHERE run_id = ? AND source LIKE "
+                "'%esmatlas%'", [struct.run_id])  # fmt: skip
+    assert rej.reason.tolist() == ["no_metadata"] and rej.record[0].startswith("MGYP000000000003")
+
+
+def test_a_current_listing_is_reused_and_list_walks_again(run):
+    ws, _, struct = run
+    cfg = ws.parent / "formats.toml"
+    local = load_profile("local")
+    plan = run_preprocess(ws, local, cfg, "structures", dry_run=True).summary
+    assert "list:" not in plan  # both listings are current: nothing to walk
+    assert "structures: 4 item(s)" in plan  # afdb: 1 bundle x 2 parts; esmatlas: 2 shards
+    extra = ws.parent / "esmatlas" / "002" / "MGYP000000000004.pdb.gz"
+    extra.parent.mkdir()
+    extra.write_bytes(gzip.compress(predicted_pdb(mda_file("5PTI.cif.gz"))))
+    again = run_preprocess(ws, local, cfg, "list", progress=False, timeout_s=300)
+    counts = {r["dataset"]: r["prefilter"] if "prefilter" in r else r["listed_files"]
+              for r in again.results["list"]}  # fmt: skip
+    assert counts == {"afdb": 0, "esmatlas": {"listed": 5, "kept": 4, "dropped": 1,
+                                              "without_metadata": 2}}  # fmt: skip
+    assert set(again.results) == {"list"}  # nothing but the walk
+    extra.unlink()
+    run_preprocess(ws, local, cfg, "list", progress=False, timeout_s=300)  # as it was
 
 
 def test_sequences_from_oas_units_and_jgi_tarballs(run):
@@ -114,8 +170,8 @@ def test_structures_from_an_afdb_bundle_in_two_parts(run):
     ws, _, struct = run
     manifest = json.loads((ws / "data/preprocess/formats/manifest.json").read_text())
     entry = manifest["datasets"]["afdb"]
-    assert len(struct.results["structures"]) == 2  # the bundle shared by two tasks
-    assert sum(r["members"] for r in struct.results["structures"]) == 3
+    afdb = struct.results["structures"][:2]  # the bundle shared by two tasks (esmatlas next)
+    assert [r["members"] for r in afdb] == [2, 1]
     ids = sorted(i for s in entry["shards"] for i in pq.read_table(s)["id"].to_pylist())
     assert ids and all(i.startswith("AF-P1000") for i in ids)
     assert len(open_store(entry["store"])) == len(ids)

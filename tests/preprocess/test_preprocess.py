@@ -130,7 +130,7 @@ def test_demo_config_loads_and_its_inputs_resolve(tmp_path):
         found = check_inputs(cfg, tmp_path, {"sequences", "structures"})
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"demo inputs not installed here: {e}")
-    assert len(found.datasets["pdb"]) == 11
+    assert len(found.patterns["pdb"]) == 11  # inventoried by the `list` stage
     site = load_config(Path("jobs/configs/preprocess/site-example.toml"))
     levels = {d.name: d.levels for d in site.datasets}
     assert levels["uniref"] == [0.7, 0.9] and levels["jgi"] == [0.7] and levels["oas"] == [0.95]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from duckdb import ColumnExpression, sqltypes
+from duckdb import ColumnExpression, ConstantExpression, sqltypes
 
 from esm3.data.duck import connect
 from esm3.data.structures.geometry import long_range_contacts
@@ -103,6 +103,34 @@ def normalize_plddt(values: np.ndarray, scale: str = "auto") -> np.ndarray:
     raise ValueError(f"plddt scale must be 'auto', '0-1' or '0-100', got {scale!r}")
 
 
+def metadata_relation(con, path: str | Path, need_ptm: bool = True):  # type: ignore[no-untyped-def]
+    """A DuckDB relation (id, plddt, ptm) over a confidence table, Parquet or CSV/TSV.
+
+    Columns: `id` (or `name`), `plddt` (or `mean_plddt`), `ptm` (NULL where absent and not
+    `need_ptm`). The values are as stored (pLDDT may be on 0-100)."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        rel = con.read_parquet(str(path))
+    else:
+        rel = con.read_csv(str(path), header=True, all_varchar=True,
+                           sep="\t" if path.suffix in (".tsv", ".tab") else ",")  # fmt: skip
+    cols = {c.lower(): c for c in rel.columns}
+
+    def pick(*names: str) -> ColumnExpression:
+        for n in names:
+            if n in cols:
+                return ColumnExpression(cols[n])
+        raise ValueError(f"{path}: needs one of the columns {names}, has {rel.columns}")
+
+    ptm = pick("ptm") if need_ptm or "ptm" in cols else ConstantExpression(None)
+    # the file's own column names as column expressions: no SQL text is built
+    return rel.select(
+        pick("id", "name").cast(sqltypes.VARCHAR).alias("id"),
+        pick("plddt", "mean_plddt").cast(sqltypes.DOUBLE).alias("plddt"),
+        ptm.cast(sqltypes.DOUBLE).alias("ptm"),
+    )
+
+
 def read_esmatlas_metadata(
     path: str | Path, ids: Iterable[str] | None = None
 ) -> dict[str, tuple[float, float]]:
@@ -110,31 +138,12 @@ def read_esmatlas_metadata(
     (None: every row). A DuckDB scan keeps only the rows asked for, so a task's memory
     follows its ids, not the table (the ESMAtlas table has hundreds of millions of rows).
 
-    Columns: `id` (or `name`), `plddt` (or `mean_plddt`), `ptm`. A pLDDT column on 0-100
-    (any value read > 1) is divided by 100.
+    Columns as `metadata_relation` reads them. A pLDDT column on 0-100 (any value read
+    > 1) is divided by 100.
     """
-    path = Path(path)
     con = connect()
     try:
-        if path.suffix == ".parquet":
-            rel = con.read_parquet(str(path))
-        else:
-            rel = con.read_csv(str(path), header=True, all_varchar=True,
-                               sep="\t" if path.suffix in (".tsv", ".tab") else ",")  # fmt: skip
-        cols = {c.lower(): c for c in rel.columns}
-
-        def pick(*names: str) -> str:
-            for n in names:
-                if n in cols:
-                    return cols[n]
-            raise ValueError(f"{path}: needs one of the columns {names}, has {rel.columns}")
-
-        # the file's own column names as column expressions: no SQL text is built
-        meta = rel.select(
-            ColumnExpression(pick("id", "name")).cast(sqltypes.VARCHAR).alias("id"),
-            ColumnExpression(pick("plddt", "mean_plddt")).cast(sqltypes.DOUBLE).alias("plddt"),
-            ColumnExpression(pick("ptm")).cast(sqltypes.DOUBLE).alias("ptm"),
-        )
+        meta = metadata_relation(con, path)
         if ids is not None:
             wanted = pa.table({"id": sorted(set(ids))}, schema=pa.schema([("id", pa.string())]))
             meta = meta.join(con.from_arrow(wanted), "id", how="semi")

@@ -1,0 +1,141 @@
+"""The `list` stage: each structure dataset's inputs inventoried once, in a job.
+
+A structure dataset (AFDB, the ESM Atlas: up to hundreds of millions of files) is listed
+by one task per dataset (`esm3.data.inventory`: a parallel walk into Parquet, then the
+metadata prefilter) before its other stages are planned; the submitting process reads
+only the inventory's counts, and every structure task reads its own row range. The
+listing is kept in <data>/inventory/<dataset>/ with `listing.json` (written last) and is
+reused while the dataset's patterns, members and prefilter are the same; `esm3 preprocess
+list` walks again (new files on disk).
+
+Demo datasets derived from experimental structures (`proxy_from_experimental`) are small
+and listed by the submitting process, as their derived files are made by a stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from esm3.data.inventory import (
+    Prefilter,
+    count_rows,
+    prefilter_files,
+    read_paths,
+    write_inventory,
+)
+from jobs.arrays import job_cpus
+from jobs.stages.config import DatasetConfig, PreprocessConfig
+from jobs.stages.runner import Layout, Stage, say, stage_resources, write_text_atomic
+
+WALK_THREADS_PER_CPU = 8  # directory listings wait on the file system, not on the CPU
+
+
+def listed_here(d: DatasetConfig) -> bool:
+    """Structure datasets go through the `list` stage; demo proxies are listed in the driver."""
+    return d.type == "structure" and not d.proxy_from_experimental
+
+
+def prefilter_of(cfg: PreprocessConfig, d: DatasetConfig, metadata: str | None) -> Prefilter | None:
+    """The metadata prefilter of a dataset: ESMAtlas pLDDT and pTM, AFDB global pLDDT
+    (when the config names AFDB metadata); None without metadata."""
+    if not metadata:
+        return None
+    if d.format == "esmatlas":
+        f = cfg.structures.esmatlas
+        return Prefilter(metadata, f.min_plddt, f.min_ptm, d.plddt_scale)
+    if d.format == "afdb":
+        return Prefilter(metadata, cfg.structures.afdb.min_plddt, None, d.plddt_scale,
+                         strip_model_suffix=True)  # fmt: skip
+    return None
+
+
+def listing_key(patterns: list[str], prefilter: Prefilter | None) -> str:
+    """What a listing depends on: the expanded patterns and the prefilter."""
+    doc = {"patterns": patterns, "prefilter": vars(prefilter) if prefilter else None}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A dataset's inventory: `files` (the plain structure files tasks read, after the
+    prefilter) and `archives` (tar bundles) with their row counts."""
+
+    folder: str
+    files: str
+    n_files: int
+    archives: str
+    n_archives: int
+    summary: dict
+
+    def archive(self, row: int) -> str:
+        return read_paths(self.archives, row, row + 1)[0]
+
+
+def load_listing(folder: Path, key: str) -> Listing | None:
+    """The listing in `folder` if it is complete and made for `key`, else None."""
+    meta = folder / "listing.json"
+    if not meta.exists():
+        return None
+    doc = json.loads(meta.read_text())
+    if doc.get("key") != key:
+        return None
+    files, archives = folder / doc["files"], folder / "archives.parquet"
+    return Listing(str(folder), str(files), count_rows(files), str(archives),
+                   count_rows(archives), doc)  # fmt: skip
+
+
+def list_task(
+    ws: str, run_id: str, dataset: str, patterns: list[str], out: str, key: str,
+    prefilter: Prefilter | None, again: bool = False,
+) -> dict:  # fmt: skip
+    """Inventory one dataset's inputs into `out` (skipped when its listing is current,
+    unless `again`)."""
+    folder = Path(out)
+    done = load_listing(folder, key)
+    if done is not None and not again:
+        return {**done.summary, "skipped": True}
+    (folder / "listing.json").unlink(missing_ok=True)  # the old listing is gone from here on
+    threads = WALK_THREADS_PER_CPU * job_cpus()
+    s = write_inventory(patterns, folder, threads=threads, where=f"dataset '{dataset}'")
+    doc = {"key": key, "dataset": dataset, "files": "files.parquet", "listed_files": s.files,
+           "archives": s.archives, "bytes": s.bytes}  # fmt: skip
+    if prefilter is not None and s.files:
+        counts = prefilter_files(folder / "files.parquet", folder / "selected.parquet", prefilter)
+        doc |= {"files": "selected.parquet", "prefilter": counts}
+    write_text_atomic(folder / "listing.json", json.dumps(doc, indent=1))
+    kept = doc.get("prefilter", {}).get("kept", s.files)
+    say("list", f"{dataset}: {s.files} files ({kept} after the metadata prefilter), "
+        f"{s.archives} archives, {s.bytes / 1e9:.2f} GB -> {folder}")  # fmt: skip
+    return doc
+
+
+def plan_list(
+    ws: Path, run_id: str, cfg: PreprocessConfig, patterns: dict[str, list[str]],
+    metadata: dict[str, Path | None], lay: Layout, *, again: bool = False,
+) -> tuple[Stage, dict[str, str]]:  # fmt: skip
+    """(the `list` stage for the datasets whose listing is missing or stale, or all of them
+    with `again`; the listing key of every listed dataset)."""
+    items, keys = [], {}
+    for d in cfg.datasets:
+        if d.name not in patterns:
+            continue
+        meta = str(metadata[d.name]) if metadata.get(d.name) else None
+        pf = prefilter_of(cfg, d, meta)
+        keys[d.name] = key = listing_key(patterns[d.name], pf)
+        folder = lay.inventory(d.name)
+        if again or load_listing(folder, key) is None:
+            items.append((str(ws), run_id, d.name, patterns[d.name], str(folder), key, pf, again))
+    return Stage("list", list_task, items, [], stage_resources(cfg, "list")), keys
+
+
+def listings(lay: Layout, keys: dict[str, str]) -> dict[str, Listing]:
+    """The current listing of each dataset that has one."""
+    out = {}
+    for name, key in keys.items():
+        got = load_listing(lay.inventory(name), key)
+        if got is not None:
+            out[name] = got
+    return out
