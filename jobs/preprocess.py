@@ -263,7 +263,8 @@ def _write_manifest(cfg, inputs, lay, kinds, run_id) -> None:  # type: ignore[no
         "vocabulary": str(lay.vocabulary) if lay.vocabulary.exists() else None,
     }
     lay.root.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(lay.manifest, json.dumps(manifest, indent=1))
+    # lazy shard lists (`ShardPaths`) are written out as lists
+    write_text_atomic(lay.manifest, json.dumps(manifest, indent=1, default=list))
 
 
 def _sum(rows: list[Any], key: str) -> int:

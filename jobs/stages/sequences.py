@@ -86,6 +86,7 @@ def cluster_task(
     """Cluster the sequences (id, sequence columns) of Parquet shards at every level (one
     mmseqs database for all), `outs[i]` the clusters at `levels[i]`."""
     threads, memory, scratch = job_cpus(), job_memory_limit(), _scratch(outs[0])
+    shards = list(shards)  # a lazy ShardPaths for structure datasets
     if not all(Path(o).exists() for o in outs):
         _check_unique_ids(shards, memory, threads, scratch)
     summaries = cluster_shards(

@@ -51,6 +51,6 @@ def plan_stores(
     for name, o in outputs.items():
         codebook = str(lay.codebook) if o["type"] == "structure" else None
         clusters = [o["clusters"]] if o.get("clusters") else []
-        items.append((str(ws), run_id, name, o["type"], list(o["shards"]), clusters, codebook,
+        items.append((str(ws), run_id, name, o["type"], o["shards"], clusters, codebook,
                       str(lay.vocabulary), str(lay.store(name))))  # fmt: skip
     return [Stage("store", store_task, items, after, stage_resources(cfg, "store"))]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -223,7 +224,7 @@ def codebook_task(
     ws: str, run_id: str, shards: list[str], out: str, size: int, max_residues: int,
     iterations: int, seed: int,
 ) -> dict:  # fmt: skip
-    summary = fit_structure_codebook(shards, out, size, max_residues, iterations, seed)
+    summary = fit_structure_codebook(list(shards), out, size, max_residues, iterations, seed)
     say("codebook", f"{summary} -> {out}")
     return summary
 
@@ -240,7 +241,7 @@ def structure_stats_task(ws: str, run_id: str, specs: list[dict]) -> dict:
     keyed by the expanded clusters file, so a re-run replaces them."""
     s3_rows, s4_rows = [], []
     for sp in specs:
-        name, levels, shards = sp["dataset"], sp["levels"], sp["shards"]
+        name, levels, shards = sp["dataset"], sp["levels"], list(sp["shards"])
         first = len(s3_rows)
         if sp["also_unclustered"]:
             s3_rows.append(structure_dataset_stats(shards, name, sp["release"]))
@@ -334,6 +335,40 @@ def task_inputs(files: list) -> list:
 
 
 @dataclass(frozen=True)
+class ShardPaths(Sequence):
+    """The paths <folder>/<i:05d>.parquet, i < n, of each (folder, n) group in turn: a
+    stage's list of shards that pickles as a few numbers (hundreds of thousands of shards
+    at AFDB's size), listed where it is used."""
+
+    groups: tuple[tuple[str, int], ...] = ()
+
+    def __len__(self) -> int:
+        return sum(n for _, n in self.groups)
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def]
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        k = i + len(self) if i < 0 else i
+        for folder, n in self.groups:
+            if 0 <= k < n:
+                return str(Path(folder) / f"{k:05d}.parquet")
+            k -= n
+        raise IndexError(i)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        for folder, n in self.groups:
+            for k in range(n):
+                yield str(Path(folder) / f"{k:05d}.parquet")
+
+    def __add__(self, other: ShardPaths) -> ShardPaths:
+        return ShardPaths(self.groups + other.groups)
+
+    def under(self, folder: str | Path) -> ShardPaths:
+        """The same names in another folder (tokens beside shards)."""
+        return ShardPaths(tuple((str(folder), n) for _, n in self.groups))
+
+
+@dataclass(frozen=True)
 class StructureShards:
     """The shards of one structure dataset: plain files `shard_size` at a time, then each
     tar bundle in `split` parts (task k reads the bundle's members k, k + split, ...). The
@@ -371,8 +406,8 @@ class StructureShards:
     def out(self, i: int) -> str:
         return str(Path(self.folder) / f"{i:05d}.parquet")
 
-    def paths(self) -> list[str]:
-        return [self.out(i) for i in range(len(self))]
+    def paths(self) -> ShardPaths:
+        return ShardPaths(((self.folder, len(self)),))
 
 
 def structure_shards(d: DatasetConfig, inputs: Inputs, lay: Layout) -> StructureShards:
@@ -451,7 +486,8 @@ def plan_structures(
     ann_paths: list[str] = list(annotations or [])
     if process and annotations is None:
         stages, ann_paths, _ = plan_interpro(ws, run_id, cfg, inputs, lay)
-    derive, struct, clus, expand, specs, all_shards, tok = [], [], [], [], [], [], []
+    derive, struct, clus, expand, specs, tok = [], [], [], [], [], []
+    all_shards = ShardPaths()
     budgets = token_budgets(cfg)
     for d in datasets:
         metadata = str(inputs.metadata[d.name]) if inputs.metadata.get(d.name) else None
@@ -479,7 +515,7 @@ def plan_structures(
             )
         )
         paths = shards.paths()
-        all_shards += paths
+        all_shards = all_shards + paths
         levels = [str(lay.level_file(d.name, lv)) for lv in d.levels]
         clus.append((w, run_id, paths, levels, list(d.levels)))
         expand.append((w, run_id, levels[0], levels[1] if len(levels) > 1 else None,
@@ -550,7 +586,7 @@ def structure_outputs(cfg: PreprocessConfig, inputs: Inputs, lay: Layout, tokens
         out[d.name] = {
             "type": "structure",
             "format": d.format,
-            "shards": [str(lay.struct(d.name) / sub / Path(p).name) for p in shards.paths()],
+            "shards": shards.paths().under(lay.struct(d.name) / sub),
             "clusters": str(lay.expanded_file(d.name)),
             "weight": d.weight,
         }
