@@ -24,12 +24,13 @@ from esm3.data.archives import (
     iter_members,
 )
 from esm3.data.fasta import ingest_fasta
+from esm3.data.structures import stages as stages_mod
 from esm3.data.structures.records import read_shard
 from esm3.data.structures.stages import StructureStageConfig, process_structure_shard
 from jobs.config import ConfigError
 from jobs.stages.config import DatasetConfig, Inputs, PreprocessConfig, check_inputs
-from jobs.stages.runner import Layout
 from jobs.stages.inventory import list_task, listing_key, load_listing
+from jobs.stages.runner import Layout
 from jobs.stages.structures import structure_shards, task_inputs
 from tests.bundles import add_member, afdb_bundle, img_genes_faa, jgi_tarball, predicted_pdb
 from tests.realdata import described_sequences, mda_file
@@ -220,6 +221,30 @@ def test_esmatlas_style_tar_gz_bundle(tmp_path, predicted):
                                   tmp_path / "e.parquet", cfg, esmatlas_metadata=meta)  # fmt: skip
     rows = read_shard(tmp_path / "e.parquet")
     assert {r["accession"] for r in rows} == set(meta) and res.summary["members"] == 2
+
+
+def test_esmatlas_bundle_with_a_metadata_table_looks_members_up_in_batches(
+    tmp_path, predicted, monkeypatch
+):
+    """The Atlas's metadata is a table; a bundle's ids are known only as members are read."""
+    monkeypatch.setattr(stages_mod, "METADATA_BATCH", 2)  # several lookups in one part
+    members = [(f"MGYP{i:012d}.pdb.gz", predicted[i % len(predicted)][1]) for i in range(5)]
+    with tarfile.open(tmp_path / "bundle.tar.gz", "w:gz") as tar:
+        for name, data in members:
+            add_member(tar, name, data)
+    # entry 1 fails pTM, entry 4 has no row; pLDDT on 0-100 as the Atlas stores it
+    rows = {0: (91, 0.9), 1: (88, 0.5), 2: (80, 0.8), 3: (75, 0.71)}
+    (tmp_path / "meta.csv").write_text("id,plddt,ptm\n" + "".join(
+        f"MGYP{i:012d},{p},{t}\n" for i, (p, t) in rows.items()))  # fmt: skip
+    cfg = StructureStageConfig("esmatlas", sasa=False, ss8=False)
+    res = process_structure_shard([ArchivePart(str(tmp_path / "bundle.tar.gz"))],
+                                  tmp_path / "e.parquet", cfg,
+                                  esmatlas_metadata=tmp_path / "meta.csv")  # fmt: skip
+    kept = {r["id"].split("_")[0] for r in read_shard(tmp_path / "e.parquet")}
+    assert kept == {"MGYP000000000000", "MGYP000000000002", "MGYP000000000003"}
+    reasons = {r["record"].split("_")[0]: r["reason"] for r in res.rejects}
+    assert reasons == {"MGYP000000000001": "ptm", "MGYP000000000004": "no_metadata"}
+    assert res.summary["members"] == 5
 
 
 def test_bundle_with_bad_members_and_truncation_rejects_them_and_keeps_the_rest(

@@ -152,8 +152,34 @@ def read_esmatlas_metadata(
         con.close()
     nan = float("nan")
     rows = [(i, nan if a is None else a, nan if b is None else b) for i, a, b in rows]
-    scale = 100.0 if np.nanmax([r[1] for r in rows], initial=0.0) > 1.0 else 1.0
+    scale = 100.0 if max((r[1] for r in rows if r[1] == r[1]), default=0.0) > 1.0 else 1.0
     return {i: (float(a) / scale, float(b)) for i, a, b in rows}
+
+
+class MetadataLookup(Mapping):
+    """id -> (mean pLDDT, pTM) read from a metadata table as ids are asked for (`need`):
+    a bundle's entry ids are known only as its members are read, so a task looks up each
+    batch of members in one scan and holds only the rows of its own entries."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = path
+        self.rows: dict[str, tuple[float, float]] = {}
+        self.asked: set[str] = set()
+
+    def need(self, ids: Iterable[str]) -> None:
+        new = set(ids) - self.asked
+        if new:
+            self.rows.update(read_esmatlas_metadata(self.path, new))
+            self.asked |= new
+
+    def __getitem__(self, key: str) -> tuple[float, float]:
+        return self.rows[key]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
 
 def pdb_entity_groups(chains: Iterable[Mapping[str, str]]) -> dict[str, list[str]]:

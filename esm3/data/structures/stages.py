@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,12 +28,12 @@ from esm3.data.shards import Source, duckdb_source
 from esm3.data.structures.filters import (
     AFDBFilter,
     ESMAtlasFilter,
+    MetadataLookup,
     PDBFilter,
     check_afdb_chain,
     check_esmatlas_chain,
     check_pdb_entry,
     normalize_plddt,
-    read_esmatlas_metadata,
 )
 from esm3.data.structures.io import (
     Entry,
@@ -139,9 +140,11 @@ def process_structure_shard(
         if esmatlas_metadata is None:
             raise ValueError("ESMAtlas needs esmatlas_metadata (id -> pLDDT, pTM)")
         if not isinstance(esmatlas_metadata, Mapping):
-            # only this shard's rows: an entry's id is its file name's stem
-            esmatlas_metadata = read_esmatlas_metadata(
-                esmatlas_metadata, [file_stem(Path(f)) for f in files]
+            # only this shard's rows: an entry's id is its file name's stem (a bundle's
+            # members are looked up batch by batch as they are read)
+            esmatlas_metadata = MetadataLookup(esmatlas_metadata)
+            esmatlas_metadata.need(
+                file_stem(Path(f)) for f in files if not isinstance(f, ArchivePart)
             )
     if tokenizer is not None and not isinstance(tokenizer, StructureTokenizer):
         tokenizer = KMeansStructureTokenizer.load(tokenizer)
@@ -192,13 +195,44 @@ def process_structure_shard(
     with ShardRowWriter(out_path) as writer:
         for f in files:
             if isinstance(f, ArchivePart):
-                archive = _read_archive(f, one, rejects)
+                lookup = (
+                    esmatlas_metadata if isinstance(esmatlas_metadata, MetadataLookup) else None
+                )
+                with _metadata_batches(one, lookup) as each:
+                    archive = _read_archive(f, each, rejects)
                 counts |= {k: counts.get(k, 0) + v for k, v in archive.items()}
             else:
                 one(f, Path(f))
         flush()
         writer.close(counts, rejects)
     return ShardResult(counts, rejects)
+
+
+METADATA_BATCH = 512  # bundle members held (as bytes) per metadata lookup
+
+
+@contextmanager
+def _metadata_batches(one, lookup: MetadataLookup | None):  # type: ignore[no-untyped-def]
+    """`one` for archive members, which with a lazy metadata lookup are held in batches of
+    METADATA_BATCH and looked up in one scan before they are processed, in order."""
+    if lookup is None:
+        yield one
+        return
+    pending: list[tuple] = []
+
+    def drain() -> None:
+        lookup.need(file_stem(Path(name)) for _, name, _ in pending)
+        for args in pending:
+            one(*args)
+        pending.clear()
+
+    def each(source, name, data) -> None:  # type: ignore[no-untyped-def]
+        pending.append((source, name, data))
+        if len(pending) >= METADATA_BATCH:
+            drain()
+
+    yield each
+    drain()  # the last batch (also what was read before a damaged part of an archive)
 
 
 def _file_reject(path: str | Path, reason: str, detail: str) -> dict:
