@@ -56,6 +56,7 @@ STAGES = (
     "interpro",
     "interpro-vocab",
     "annotate",
+    "store",
 )
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
