@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ WHAT = {
     "interpro": {"interpro"},
     "tokens": {"tokens"},
     "all": {"sequences", "structures", "interpro", "tokens"},
-    "list": {"structures"},  # the inventories alone, walked again
+    "list": {"sequences", "structures"},  # the inventories alone, walked again
 }
 
 EXAMPLES = """examples:
@@ -136,7 +137,7 @@ def run_preprocess(
     from jobs import launch, locks, records
     from jobs.clusters import check_ready
     from jobs.config import to_dict
-    from jobs.stages.inventory import listings, plan_list
+    from jobs.stages.inventory import plan_list, with_listings
     from jobs.stages.runner import (
         Layout,
         check_fingerprint,
@@ -158,13 +159,16 @@ def run_preprocess(
     run_id = records.new_run_id("preprocess")
     lister, keys = plan_list(ws, run_id, cfg, inputs.patterns, inputs.metadata, lay,
                              again=what == "list")  # fmt: skip
-    inputs.listings = listings(lay, keys) if what != "list" else {}
+    if what != "list":
+        with_listings(cfg, inputs, lay, keys)
     if dry_run:
         stages = [lister] + (_plan(ws, run_id, cfg, inputs, lay, kinds) if what != "list" else [])
         lines = [f"plan for '{what}' on {profile.name} (nothing submitted); data in {lay.root}"]
         lines += plan_lines(profile, stages)
         lines += [f"  {name}: not listed yet; its stages are planned once `list` has run"
                   for name in inputs.patterns if name not in inputs.listings]  # fmt: skip
+        lines += [f"  {name}: listed {_listed_when(got)}; `esm3 preprocess list` walks again"
+                  for name, got in inputs.listings.items()]  # fmt: skip
         return PreprocessResult("", what, {}, "\n".join(lines))
     # one run per workspace and config: a second one would redo the same tasks and fight
     # over their scratch; the lock is taken before anything is recorded
@@ -180,7 +184,12 @@ def run_preprocess(
             results = run_stages(ws, profile, run_id, [lister], progress=progress,
                                  timeout_s=timeout_s)  # fmt: skip
             if what != "list":
-                inputs.listings = listings(lay, keys)
+                with_listings(cfg, inputs, lay, keys)
+                walked = {item[2] for item in lister.items}
+                for name, got in inputs.listings.items():
+                    if name not in walked:
+                        note(f"{name}: listing of {_listed_when(got)} reused "
+                             "(`esm3 preprocess list` walks the inputs again)")  # fmt: skip
                 stages = _plan(ws, run_id, cfg, inputs, lay, kinds)
                 names = [s.name for s in [lister, *stages] if len(s.items)]
                 records.update_run(ws, run_id, stages=",".join(names) or None)
@@ -193,6 +202,12 @@ def run_preprocess(
             _write_manifest(cfg, inputs, lay, kinds, run_id)
         launch.finish_run(ws, run_id, "COMPLETED")
         return PreprocessResult(run_id, what, results, summarize(ws, run_id, results, lay))
+
+
+def _listed_when(listing: Any) -> str:
+    meta = Path(listing.folder) / "listing.json"
+    stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(meta.stat().st_mtime))
+    return f"{stamp}: {listing.n_files} file(s), {listing.n_archives} archive(s)"
 
 
 def _require_datasets(cfg: PreprocessConfig, kinds: set[str]) -> None:

@@ -7,9 +7,9 @@ SASA on AFDB and ESMAtlas, SS8 on PDB, AFDB and ESMAtlas (Table S5); 4096 struct
 
 Input paths may be files or globs, and may start with `{workspace}` (the workspace root)
 or `{package:NAME}` (the folder of an installed Python package, e.g. MDAnalysisTests).
-`check_inputs` resolves them before anything is recorded or submitted (structure
-datasets: only that each pattern matches a file; the `list` stage walks them); a path
-that matches nothing is one `ConfigError` line naming the dataset and the path.
+`check_inputs` checks them before anything is recorded or submitted (that each pattern
+matches a file of the right kind; the `list` stage walks them); a path that matches
+nothing is one `ConfigError` line naming the dataset and the path.
 
 Formats, as the databases publish them: `fasta` (plain or .gz, or tar archives of FASTA
 members such as JGI/IMG's one `<taxon_oid>.tar.gz` per genome), `oas` (OAS data units,
@@ -134,9 +134,9 @@ class DatasetConfig:
 
     @property
     def listed(self) -> bool:
-        """Inventoried by the `list` stage (structure datasets; the demo's proxies, made
-        from a few files by a stage, are listed by the submitting process)."""
-        return self.type == "structure" and not self.proxy_from_experimental
+        """Inventoried by the `list` stage (all but the demo's proxies, made from a few
+        files by a stage, whose inputs the submitting process resolves)."""
+        return not self.proxy_from_experimental
 
     @property
     def clustering_level(self) -> float:
@@ -313,10 +313,13 @@ def resolve_paths(patterns: list[str], workspace: Path, where: str) -> list[Path
     return list(dict.fromkeys(files))
 
 
-def check_patterns(patterns: list[str], workspace: Path, where: str) -> list[str]:
-    """The expanded, absolute patterns of a dataset the `list` stage walks; ConfigError when
-    one matches nothing. Only the first match is looked for: the walk is the stage's."""
-    out = []
+def check_patterns(
+    patterns: list[str], workspace: Path, where: str
+) -> tuple[list[str], list[Path]]:
+    """(the expanded, absolute patterns of a dataset the `list` stage walks, the first file
+    each matches); ConfigError when one matches nothing. Only the first match is looked
+    for: the walk is the stage's."""
+    out, firsts = [], []
     for pat in patterns:
         p = expand_path(pat, workspace)
         magic = glob.has_magic(p)
@@ -327,7 +330,8 @@ def check_patterns(patterns: list[str], workspace: Path, where: str) -> list[str
         if not magic and Path(p).is_dir():
             raise ConfigError(f"{where}: input {p} is a folder, not a file")
         out.append(str(Path(p).absolute()))
-    return list(dict.fromkeys(out))
+        firsts.append(Path(first))
+    return list(dict.fromkeys(out)), firsts
 
 
 @dataclass
@@ -363,11 +367,12 @@ def check_inputs(cfg: PreprocessConfig, workspace: Path, kinds: set[str]) -> Inp
         if d.type not in want:
             continue
         where = f"dataset '{d.name}'"
-        if d.listed:
-            patterns[d.name] = check_patterns(d.paths, workspace, where)
+        if d.listed:  # the kinds of the first files now, of every file once listed
+            patterns[d.name], firsts = check_patterns(d.paths, workspace, where)
+            check_kinds(d, firsts, where)
         else:
             datasets[d.name] = resolve_paths(d.paths, workspace, where)
-            _check_kinds(d, datasets[d.name], where)
+            check_kinds(d, datasets[d.name], where)
         metadata[d.name] = None
         if d.metadata and not d.proxy_from_experimental:
             (metadata[d.name],) = resolve_paths([d.metadata], workspace, f"{where} metadata")
@@ -384,7 +389,7 @@ def check_inputs(cfg: PreprocessConfig, workspace: Path, kinds: set[str]) -> Inp
 OAS_SUFFIXES = (".csv.gz", ".csv")
 
 
-def _check_kinds(d: DatasetConfig, files: list[Path], where: str) -> None:
+def check_kinds(d: DatasetConfig, files: list[Path], where: str) -> None:
     """Each input is of a kind the dataset's format reads: OAS data units for `oas`; for the
     others files or tar archives (`esm3.data.archives.is_archive`), archives only where a
     task streams them whole (no FASTA `split`, no demo `proxy_from_experimental`)."""

@@ -1,12 +1,14 @@
-"""The `list` stage: each structure dataset's inputs inventoried once, in a job.
+"""The `list` stage: each dataset's inputs inventoried once, in a job.
 
-A structure dataset (AFDB, the ESM Atlas: up to hundreds of millions of files) is listed
-by one task per dataset (`esm3.data.inventory`: a parallel walk into Parquet, then the
-metadata prefilter) before its other stages are planned; the submitting process reads
-only the inventory's counts, and every structure task reads its own row range. The
+Every dataset is listed by one task (`esm3.data.inventory`: a parallel walk into Parquet,
+then for ESMAtlas/AFDB the metadata prefilter) before its other stages are planned: no
+submitting process globs a database. For a structure dataset (AFDB, the ESM Atlas: up to
+hundreds of millions of files) the submitting process reads only the inventory's counts
+and every structure task reads its own row range; a sequence dataset's few files (one
+per FASTA, JGI genome or OAS unit) are read from its inventory for per-file tasks. The
 listing is kept in <data>/inventory/<dataset>/ with `listing.json` (written last) and is
-reused while the dataset's patterns, members and prefilter are the same; `esm3 preprocess
-list` walks again (new files on disk).
+reused while the dataset's patterns and prefilter are the same; `esm3 preprocess list`
+walks again (files added on disk).
 
 Demo datasets derived from experimental structures (`proxy_from_experimental`) are small
 and listed by the submitting process, as their derived files are made by a stage.
@@ -22,12 +24,13 @@ from pathlib import Path
 from esm3.data.inventory import (
     Prefilter,
     count_rows,
+    iter_paths,
     prefilter_files,
     read_paths,
     write_inventory,
 )
 from jobs.arrays import job_cpus
-from jobs.stages.config import DatasetConfig, PreprocessConfig
+from jobs.stages.config import DatasetConfig, Inputs, PreprocessConfig, check_kinds
 from jobs.stages.runner import Layout, Stage, say, stage_resources, write_text_atomic
 
 WALK_THREADS_PER_CPU = 8  # directory listings wait on the file system, not on the CPU
@@ -129,6 +132,20 @@ def plan_list(
         if again or load_listing(folder, key) is None:
             items.append((str(ws), run_id, d.name, patterns[d.name], str(folder), key, pf, again))
     return Stage("list", list_task, items, [], stage_resources(cfg, "list")), keys
+
+
+def with_listings(cfg: PreprocessConfig, inputs: Inputs, lay: Layout, keys: dict[str, str]) -> None:
+    """Fill `inputs.listings` with the current listings. A listed sequence dataset's files
+    (at most ~10^5 in the paper's databases: one per JGI genome or OAS unit) are read from
+    its inventory into `inputs.datasets` for the sequence pipeline's per-file tasks, and
+    checked to be of the dataset's kind (ConfigError naming the file)."""
+    inputs.listings = listings(lay, keys)
+    for d in cfg.of_type("sequence"):
+        got = inputs.listings.get(d.name)
+        if got is not None:
+            files = [Path(p) for f in (got.files, got.archives) for p in iter_paths(f)]
+            check_kinds(d, files, f"dataset '{d.name}'")
+            inputs.datasets[d.name] = files
 
 
 def listings(lay: Layout, keys: dict[str, str]) -> dict[str, Listing]:

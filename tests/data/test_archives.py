@@ -310,7 +310,7 @@ def test_check_inputs_knows_the_formats(tmp_path, workspace):
     fasta.write_text(">a\nM\n")
     ok = check_inputs(_cfg(name="oas", type="sequence", format="oas", paths=[str(tmp_path / "*.csv.gz")],
                            levels=[0.95]), workspace, {"sequences"})  # fmt: skip
-    assert ok.datasets["oas"] == [unit]
+    assert ok.patterns["oas"] == [str(tmp_path / "*.csv.gz")]  # walked by the `list` stage
     with pytest.raises(ConfigError, match="not an OAS data unit"):
         check_inputs(_cfg(name="oas", type="sequence", format="oas", paths=[str(fasta)]),
                      workspace, {"sequences"})  # fmt: skip
@@ -318,7 +318,7 @@ def test_check_inputs_knows_the_formats(tmp_path, workspace):
         check_inputs(_cfg(name="jgi", type="sequence", paths=[str(tarball)], split=2),
                      workspace, {"sequences"})  # fmt: skip
     assert check_inputs(_cfg(name="jgi", type="sequence", paths=[str(tarball)]), workspace,
-                        {"sequences"}).datasets["jgi"] == [tarball]  # fmt: skip
+                        {"sequences"}).patterns["jgi"] == [str(tarball)]  # fmt: skip
     with pytest.raises(ConfigError, match="'split' is for FASTA"):
         _cfg(name="oas", type="sequence", format="oas", paths=[str(unit)], split=4)
     with pytest.raises(ConfigError, match="archive"):

@@ -127,8 +127,9 @@ def test_a_current_listing_is_reused_and_list_walks_again(run):
     ws, _, struct = run
     cfg = ws.parent / "formats.toml"
     local = load_profile("local")
-    plan = run_preprocess(ws, local, cfg, "structures", dry_run=True).summary
-    assert "list:" not in plan  # both listings are current: nothing to walk
+    plan = run_preprocess(ws, local, cfg, "all", dry_run=True).summary
+    assert "list:" not in plan  # every listing is current: nothing to walk
+    assert "jgi: listed " in plan and "0 file(s), 2 archive(s)" in plan
     assert "structures: 4 item(s)" in plan  # afdb: 1 bundle x 2 parts; esmatlas: 2 shards
     extra = ws.parent / "esmatlas" / "002" / "MGYP000000000004.pdb.gz"
     extra.parent.mkdir()
@@ -137,7 +138,10 @@ def test_a_current_listing_is_reused_and_list_walks_again(run):
     counts = {r["dataset"]: r["prefilter"] if "prefilter" in r else r["listed_files"]
               for r in again.results["list"]}  # fmt: skip
     assert counts == {"afdb": 0, "esmatlas": {"listed": 5, "kept": 4, "dropped": 1,
-                                              "without_metadata": 2}}  # fmt: skip
+                                              "without_metadata": 2},
+                      "jgi": 0, "oas": 3}  # fmt: skip
+    archives = {r["dataset"]: r["archives"] for r in again.results["list"]}
+    assert archives == {"afdb": 1, "esmatlas": 0, "jgi": 2, "oas": 0}
     assert set(again.results) == {"list"}  # nothing but the walk
     extra.unlink()
     run_preprocess(ws, local, cfg, "list", progress=False, timeout_s=300)  # as it was
