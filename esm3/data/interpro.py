@@ -6,7 +6,14 @@ become reject rows (dicts with the `rejects` columns stage, source, record, reas
 detail); they never stop a file.
 
 protein2ipr.dat.gz: tab-separated UniProt accession, IPR id, IPR name, member-database
-signature, start, end.
+signature, start, end. The file has ~1.4 billion lines, so it is read by pyarrow's streaming
+CSV reader (tab delimiter, no quoting, every field a string): blocks of lines become columns,
+vectorised checks pass the rows that `parse_protein2ipr_line` would certainly accept
+unchanged (plain ASCII positions and ids), and only the other lines (comments, blanks,
+malformed or unusual lines; lines without 6 columns come through pyarrow's invalid-row
+handler) go through that per-line parser, one at a time with their line numbers. The result
+(rows, counts, rejects) equals the per-line reader's, `ingest_protein2ipr_lines`, which also
+reads the rare files the streaming reader cannot match (see there).
 InterProScan TSV (run with --goterms --iprlookup --pathways): protein accession, MD5,
 length, analysis, signature accession, signature description, start, stop, score, status,
 date, then with --iprlookup the IPR accession and description ('-' when the match has no
@@ -25,12 +32,15 @@ import gzip
 import io
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from esm3.data.duck import connect
@@ -66,6 +76,7 @@ SITE_SCHEMA = pa.schema(
 )
 RESIDUE_ANNOTATION_TYPE = _span_list_type("label")
 _IPR_ID = re.compile(r"^IPR\d{6}$")
+_MAX_POSITION = 2**31 - 1  # the int32 position columns
 
 
 class Annotation(NamedTuple):
@@ -89,6 +100,8 @@ def _positions(start: str, end: str) -> tuple[int, int] | str:
         return f"start/end not integers: {start!r}, {end!r}"
     if s < 1 or e < s:
         return f"bad range {s}-{e} (1-based, inclusive, start <= end)"
+    if e > _MAX_POSITION:
+        return f"end {e} beyond {_MAX_POSITION}, the largest position stored"
     return s, e
 
 
@@ -150,46 +163,80 @@ def _ingest(
     max_rejects: int,
     schema: pa.Schema = IPR_SCHEMA,
 ) -> ShardResult:
+    """The per-line reader: `parse` on every line that is not blank or a comment."""
     out_path = Path(out_path)
     if out_path.exists():
         return stored_result(out_path)
+
+    def fill(writer: pq.ParquetWriter) -> tuple[dict, list[dict]]:
+        return _parse_lines(src, writer, schema, parse, stage, accessions, batch_rows, max_rejects)
+
+    return _write_sorted(out_path, schema, batch_rows, fill)
+
+
+def _new_counts() -> dict[str, int]:
+    return {"lines": 0, "rows": 0, "malformed": 0, "no_ipr": 0, "filtered": 0}
+
+
+def _parse_lines(
+    src: Path,
+    writer: pq.ParquetWriter,
+    schema: pa.Schema,
+    parse,
+    stage: str,
+    accessions: set[str] | None,
+    batch_rows: int,
+    max_rejects: int,
+) -> tuple[dict, list[dict]]:
     cols: list[list] = [[] for _ in schema]
     rejects: list[dict] = []
-    counts = {"lines": 0, "rows": 0, "malformed": 0, "no_ipr": 0, "filtered": 0}
+    counts = _new_counts()
+
+    def flush() -> None:
+        if cols[0]:
+            writer.write_table(pa.table(cols, schema=schema))
+            for c in cols:
+                c.clear()
+
+    for n, line in enumerate(_text_lines(src), start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        counts["lines"] += 1
+        row = parse(line)
+        if row is None:
+            counts["no_ipr"] += 1
+            continue
+        if isinstance(row, str):
+            counts["malformed"] += 1
+            if len(rejects) < max_rejects:
+                rejects.append(reject(stage, src, f"line {n}", "malformed", row))
+            continue
+        if accessions is not None and row[0] not in accessions:
+            counts["filtered"] += 1
+            continue
+        for c, v in zip(cols, row, strict=True):
+            c.append(v)
+        counts["rows"] += 1
+        if len(cols[0]) >= batch_rows:
+            flush()
+    flush()
+    return counts, rejects
+
+
+def _write_sorted(
+    out_path: Path,
+    schema: pa.Schema,
+    batch_rows: int,
+    fill: Callable[[pq.ParquetWriter], tuple[dict, list[dict]]],
+) -> ShardResult:
+    """`fill` writes rows to a temporary file and returns (counts, rejects); the rows land
+    in `out_path` sorted by accession, the counts and rejects as its metadata."""
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-
-        def flush() -> None:
-            if cols[0]:
-                writer.write_table(pa.table(cols, schema=schema))
-                for c in cols:
-                    c.clear()
-
-        for n, line in enumerate(_text_lines(src), start=1):
-            if not line.strip() or line.startswith("#"):
-                continue
-            counts["lines"] += 1
-            row = parse(line)
-            if row is None:
-                counts["no_ipr"] += 1
-                continue
-            if isinstance(row, str):
-                counts["malformed"] += 1
-                if len(rejects) < max_rejects:
-                    rejects.append(reject(stage, src, f"line {n}", "malformed", row))
-                continue
-            if accessions is not None and row[0] not in accessions:
-                counts["filtered"] += 1
-                continue
-            for c, v in zip(cols, row, strict=True):
-                c.append(v)
-            counts["rows"] += 1
-            if len(cols[0]) >= batch_rows:
-                flush()
-        flush()
-    meta = {"esm3.summary": json.dumps(counts), "esm3.rejects": json.dumps(rejects)}
     try:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            counts, rejects = fill(writer)
+        meta = {"esm3.summary": json.dumps(counts), "esm3.rejects": json.dumps(rejects)}
         _sort_by_accession(tmp, out_path, schema, batch_rows, meta)
     finally:
         tmp.unlink(missing_ok=True)
@@ -217,18 +264,260 @@ def _sort_by_accession(
         con.close()
 
 
+# protein2ipr streaming reader: pyarrow parses blocks of lines into columns, vectorised
+# checks pass the rows that the per-line parser would certainly accept unchanged, and only
+# the others (comments, blanks, malformed or unusual lines) see the per-line parser.
+
+_P2I_BLOCK = 1 << 23  # bytes per parsed block; a longer line sends the file per-line
+_IPR_ASCII = r"^IPR[0-9]{6}$"  # the ASCII subset of _IPR_ID (\d takes any Unicode digit)
+_MAX_DIGITS = 9  # up to 9 ASCII digits always fit int32 and read as int() reads them
+
+
+class _NeedsPerLine(Exception):
+    """The streaming reader cannot match the per-line reader on this file."""
+
+
+def _byte_stream(path: Path) -> pa.NativeFile:
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    return pa.input_stream(str(path), compression="gzip" if magic == b"\x1f\x8b" else None)
+
+
+def _csv_batches(path: Path, block_size: int, on_invalid) -> Iterator[pa.RecordBatch]:
+    """protein2ipr lines as string columns, every field verbatim: no quoting, no null
+    values, invalid UTF-8 kept (the caller decodes it). Empty lines stay rows, so every line
+    is either a row or a call of `on_invalid` (a line without 6 columns, numbered by pyarrow:
+    its numbers need use_threads=False)."""
+    with _byte_stream(path) as head:
+        first = head.read(3)
+    if not first:
+        return  # pyarrow refuses an empty file
+    if first == b"\xef\xbb\xbf":  # pyarrow drops it, the per-line reader keeps it
+        raise _NeedsPerLine("UTF-8 byte-order mark")
+    names = IPR_SCHEMA.names
+    try:
+        with _byte_stream(path) as stream:
+            reader = pacsv.open_csv(
+                stream,
+                read_options=pacsv.ReadOptions(
+                    column_names=names, use_threads=False, block_size=block_size
+                ),
+                parse_options=pacsv.ParseOptions(
+                    delimiter="\t",
+                    quote_char=False,
+                    double_quote=False,
+                    escape_char=False,
+                    ignore_empty_lines=False,
+                    invalid_row_handler=on_invalid,
+                ),
+                convert_options=pacsv.ConvertOptions(
+                    column_types=dict.fromkeys(names, pa.string()),
+                    check_utf8=False,
+                    strings_can_be_null=False,
+                ),
+            )
+            yield from reader
+    except pa.ArrowInvalid as e:
+        # a line longer than a block, or one pyarrow could not hand to `on_invalid`
+        # (its text is not UTF-8): a parse error, not a fault of the file
+        if "CSV parse error" in str(e) or "straddl" in str(e):
+            raise _NeedsPerLine(str(e)) from e
+        raise
+
+
+def _decoded(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Invalid UTF-8 replaced by U+FFFD, as the per-line reader decodes it."""
+    cols = []
+    for col in batch.columns:
+        try:
+            col.validate(full=True)
+        except pa.ArrowInvalid:
+            raw = col.view(pa.binary()).to_pylist()
+            col = pa.array([b.decode("utf-8", "replace") for b in raw], pa.string())
+        cols.append(col)
+    return pa.RecordBatch.from_arrays(cols, schema=batch.schema)
+
+
+def _positions_int32(col: pa.Array) -> pa.Array:
+    """Plain decimal positions as int32; 0 (never valid) where int() might read it
+    otherwise or not at all, for the per-line parser to judge."""
+    plain = pc.and_(pc.ascii_is_decimal(col), pc.less_equal(pc.binary_length(col), _MAX_DIGITS))
+    if not pc.all(plain).as_py():
+        col = pc.if_else(plain, col, "0")
+    return pc.cast(col, pa.int32())
+
+
+def _true_count(mask: pa.Array) -> int:
+    return pc.sum(mask).as_py() or 0
+
+
+class _FirstRejects:
+    """The first `limit` malformed lines by line number, in whatever order they arrive
+    (pyarrow reports short lines while parsing, the batch checks find the rest later)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.found: list[tuple[int, str]] = []
+
+    def add(self, number: int, detail: str) -> None:
+        self.found.append((number, detail))
+        if len(self.found) > 2 * self.limit + 1024:
+            self._trim()
+
+    def _trim(self) -> None:
+        self.found.sort(key=lambda f: f[0])
+        del self.found[self.limit :]
+
+    def rows(self, src: Path) -> list[dict]:
+        self._trim()
+        return [reject("interpro", src, f"line {n}", "malformed", d) for n, d in self.found]
+
+
+class _LineNumbers:
+    """Line numbers of batch rows. pyarrow numbers only the lines it refuses; every other
+    line is the next batch row, so a batch's rows take the next numbers not refused."""
+
+    def __init__(self) -> None:
+        self.next = 1
+        self.refused: deque[int] = deque()  # increasing; those not yet passed by a batch
+
+    def take(self, n_rows: int) -> np.ndarray:
+        first, last, skipped = self.next, self.next + n_rows - 1, []
+        while self.refused and self.refused[0] <= last:
+            skipped.append(self.refused.popleft())
+            last += 1
+        self.next = last + 1
+        numbers = np.arange(first, last + 1)
+        return np.delete(numbers, np.asarray(skipped, dtype=np.int64) - first)
+
+
+class _Protein2iprStream:
+    """Counts, rejects and rows of protein2ipr batches, equal to the per-line reader's."""
+
+    def __init__(self, src: Path, accessions: set[str] | None, max_rejects: int) -> None:
+        self.src = src
+        self.counts = _new_counts()
+        self.rejects = _FirstRejects(max_rejects)
+        self.numbers = _LineNumbers()
+        self.wanted = None if accessions is None else pa.array(sorted(accessions), pa.string())
+
+    def refused(self, row) -> str:
+        """pyarrow's call for a line without 6 columns."""
+        self.numbers.refused.append(row.number)
+        self.read_line(row.text, row.number)
+        return "skip"
+
+    def read_line(self, line: str, number: int) -> tuple | None:
+        """The per-line reader on one line: its row, or None (skipped or rejected)."""
+        if not line.strip() or line.startswith("#"):
+            return None
+        self.counts["lines"] += 1
+        row = parse_protein2ipr_line(line)
+        if isinstance(row, str):
+            self.counts["malformed"] += 1
+            self.rejects.add(number, row)
+            return None
+        return row
+
+    def rows(self, batch: pa.RecordBatch) -> pa.Table:
+        """The batch's IPR_SCHEMA rows, in file order, after the `accessions` filter."""
+        numbers = self.numbers.take(batch.num_rows)
+        batch = _decoded(batch)
+        acc, ipr, name, sig, start, end = batch.columns
+        s, e = _positions_int32(start), _positions_int32(end)
+        comment = pc.starts_with(acc, "#")
+        sure = pc.and_(
+            pc.and_(pc.invert(comment), pc.greater(pc.binary_length(acc), 0)),
+            pc.and_(pc.match_substring_regex(ipr, _IPR_ASCII),
+                    pc.and_(pc.greater_equal(s, 1), pc.greater_equal(e, s))),
+        )  # fmt: skip
+        table = pa.table([acc, ipr, name, sig, s, e], schema=IPR_SCHEMA).filter(sure)
+        self.counts["lines"] += table.num_rows
+        others = pc.invert(pc.or_(sure, comment))
+        if _true_count(others):
+            table = self._with_other_lines(batch, numbers, sure, others, table)
+        return self._keep_wanted(table)
+
+    def _with_other_lines(self, batch, numbers, sure, others, table: pa.Table) -> pa.Table:
+        """`table` (the rows of `sure`) with the rows the per-line parser accepts among
+        `others`, in file order; the rest are blank lines or rejects."""
+        idx = np.flatnonzero(others.to_numpy(zero_copy_only=False))
+        fields = zip(*(c.take(idx).to_pylist() for c in batch.columns), strict=True)
+        parsed = [
+            self.read_line("\t".join(f), int(numbers[i])) for i, f in zip(idx, fields, strict=True)
+        ]
+        rescued = [(i, r) for i, r in zip(idx, parsed, strict=True) if r is not None]
+        if not rescued:
+            return table
+        extra = pa.Table.from_pylist(
+            [dict(zip(IPR_SCHEMA.names, r, strict=True)) for _, r in rescued], IPR_SCHEMA
+        )
+        at = np.concatenate([np.flatnonzero(sure.to_numpy(zero_copy_only=False)),
+                             [i for i, _ in rescued]])  # fmt: skip
+        return pa.concat_tables([table, extra]).take(np.argsort(at, kind="stable"))
+
+    def _keep_wanted(self, table: pa.Table) -> pa.Table:
+        if self.wanted is not None:
+            kept = table.filter(pc.is_in(table["accession"], value_set=self.wanted))
+            self.counts["filtered"] += table.num_rows - kept.num_rows
+            table = kept
+        self.counts["rows"] += table.num_rows
+        return table
+
+
+def _stream_protein2ipr(
+    src: Path,
+    writer: pq.ParquetWriter,
+    accessions: set[str] | None,
+    max_rejects: int,
+    block_size: int,
+) -> tuple[dict, list[dict]]:
+    stream = _Protein2iprStream(src, accessions, max_rejects)
+    for batch in _csv_batches(src, block_size, stream.refused):
+        table = stream.rows(batch)
+        if table.num_rows:
+            writer.write_table(table)
+    return stream.counts, stream.rejects.rows(src)
+
+
 def ingest_protein2ipr(
     src: str | Path,
     out_path: str | Path,
     accessions: Iterable[str] | None = None,
     batch_rows: int = 1_000_000,
     max_rejects: int = 100_000,
+    block_size: int = _P2I_BLOCK,
 ) -> ShardResult:
     """Stream protein2ipr.dat(.gz) into a Parquet file of IPR_SCHEMA rows.
 
     `accessions` keeps only those proteins. Skips the work when `out_path` exists (its
-    stored summary and rejects are returned, summary['skipped'] = True).
+    stored summary and rejects are returned, summary['skipped'] = True). The result equals
+    `ingest_protein2ipr_lines`', which reads the rare files the streaming reader cannot.
     """
+    src, out_path = Path(src), Path(out_path)
+    if out_path.exists():
+        return stored_result(out_path)
+    acc = set(accessions) if accessions is not None else None
+
+    def fill(writer: pq.ParquetWriter) -> tuple[dict, list[dict]]:
+        return _stream_protein2ipr(src, writer, acc, max_rejects, block_size)
+
+    try:
+        return _write_sorted(out_path, IPR_SCHEMA, batch_rows, fill)
+    except _NeedsPerLine:
+        return ingest_protein2ipr_lines(src, out_path, accessions, batch_rows, max_rejects)
+
+
+def ingest_protein2ipr_lines(
+    src: str | Path,
+    out_path: str | Path,
+    accessions: Iterable[str] | None = None,
+    batch_rows: int = 1_000_000,
+    max_rejects: int = 100_000,
+) -> ShardResult:
+    """protein2ipr through the per-line reader: the reference of `ingest_protein2ipr`, and
+    its way through a file that starts with a UTF-8 byte-order mark, has a line longer than
+    a block, or a line without 6 columns that is not UTF-8."""
     acc = set(accessions) if accessions is not None else None
     return _ingest(
         Path(src), Path(out_path), parse_protein2ipr_line, "interpro", acc, batch_rows, max_rejects
