@@ -31,6 +31,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -168,8 +169,11 @@ def _ingest(
     if out_path.exists():
         return stored_result(out_path)
 
-    def fill(writer: pq.ParquetWriter) -> tuple[dict, list[dict]]:
-        return _parse_lines(src, writer, schema, parse, stage, accessions, batch_rows, max_rejects)
+    def fill(writer: pq.ParquetWriter) -> tuple[dict, list[dict], bool]:
+        counts, rejects = _parse_lines(
+            src, writer, schema, parse, stage, accessions, batch_rows, max_rejects
+        )
+        return counts, rejects, False  # always sorted, as before
 
     return _write_sorted(out_path, schema, batch_rows, fill)
 
@@ -227,17 +231,24 @@ def _write_sorted(
     out_path: Path,
     schema: pa.Schema,
     batch_rows: int,
-    fill: Callable[[pq.ParquetWriter], tuple[dict, list[dict]]],
+    fill: Callable[[pq.ParquetWriter], tuple[dict, list[dict], bool]],
 ) -> ShardResult:
-    """`fill` writes rows to a temporary file and returns (counts, rejects); the rows land
-    in `out_path` sorted by accession, the counts and rejects as its metadata."""
+    """`fill` writes rows to a temporary file and returns (counts, rejects, in_order); the
+    rows land in `out_path` sorted by accession, the counts and rejects as its metadata.
+    in_order: `fill` found the rows sorted and wrote them in row groups of `batch_rows`,
+    so the temporary file is already the sort's output."""
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-            counts, rejects = fill(writer)
-        meta = {"esm3.summary": json.dumps(counts), "esm3.rejects": json.dumps(rejects)}
-        _sort_by_accession(tmp, out_path, schema, batch_rows, meta)
+            counts, rejects, in_order = fill(writer)
+            meta = {"esm3.summary": json.dumps(counts), "esm3.rejects": json.dumps(rejects)}
+            if in_order:
+                writer.add_key_value_metadata(meta)
+        if in_order:
+            os.replace(tmp, out_path)
+        else:
+            _sort_by_accession(tmp, out_path, schema, batch_rows, meta)
     finally:
         tmp.unlink(missing_ok=True)
     return ShardResult(counts, rejects)
@@ -342,7 +353,7 @@ def _positions_int32(col: pa.Array) -> pa.Array:
     """Plain decimal positions as int32; 0 (never valid) where int() might read it
     otherwise or not at all, for the per-line parser to judge."""
     plain = pc.and_(pc.ascii_is_decimal(col), pc.less_equal(pc.binary_length(col), _MAX_DIGITS))
-    if not pc.all(plain).as_py():
+    if not pc.all(plain, min_count=0).as_py():
         col = pc.if_else(plain, col, "0")
     return pc.cast(col, pa.int32())
 
@@ -400,6 +411,8 @@ class _Protein2iprStream:
         self.rejects = _FirstRejects(max_rejects)
         self.numbers = _LineNumbers()
         self.wanted = None if accessions is None else pa.array(sorted(accessions), pa.string())
+        self.in_order = True  # the rows so far are sorted by accession
+        self.last: str | None = None  # the accession of the last row so far
 
     def refused(self, row) -> str:
         """pyarrow's call for a line without 6 columns."""
@@ -462,7 +475,19 @@ class _Protein2iprStream:
             self.counts["filtered"] += table.num_rows - kept.num_rows
             table = kept
         self.counts["rows"] += table.num_rows
+        self._check_order(table["accession"])
         return table
+
+    def _check_order(self, acc: pa.ChunkedArray) -> None:
+        """Follow whether the rows stay sorted by accession, as DuckDB orders text (by
+        bytes; by code points, as Python compares, for valid UTF-8)."""
+        if not self.in_order or len(acc) == 0:
+            return
+        acc = acc.combine_chunks()
+        follows = self.last is None or acc[0].as_py() >= self.last
+        in_batch = pc.all(pc.greater_equal(acc[1:], acc[:-1]), min_count=0).as_py()
+        self.in_order = follows and in_batch
+        self.last = acc[-1].as_py()
 
 
 def _stream_protein2ipr(
@@ -471,13 +496,38 @@ def _stream_protein2ipr(
     accessions: set[str] | None,
     max_rejects: int,
     block_size: int,
-) -> tuple[dict, list[dict]]:
+    batch_rows: int,
+) -> tuple[dict, list[dict], bool]:
+    """Counts, rejects, and whether the rows came sorted (see _write_sorted)."""
     stream = _Protein2iprStream(src, accessions, max_rejects)
+    groups = _RowGroups(writer, batch_rows)
     for batch in _csv_batches(src, block_size, stream.refused):
-        table = stream.rows(batch)
-        if table.num_rows:
-            writer.write_table(table)
-    return stream.counts, stream.rejects.rows(src)
+        groups.add(stream.rows(batch))
+    groups.close()
+    return stream.counts, stream.rejects.rows(src), stream.in_order
+
+
+class _RowGroups:
+    """Tables written as row groups of exactly `rows` rows (the last one shorter), as
+    `_sort_by_accession` writes them, so that sorted input can skip the sort."""
+
+    def __init__(self, writer: pq.ParquetWriter, rows: int) -> None:
+        self.writer, self.rows = writer, rows
+        self.pending: list[pa.Table] = []
+        self.n = 0
+
+    def add(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.n += table.num_rows
+        if self.n >= self.rows:
+            whole = pa.concat_tables(self.pending)
+            full = self.n - self.n % self.rows
+            self.writer.write_table(whole.slice(0, full), row_group_size=self.rows)
+            self.pending, self.n = [whole.slice(full)], self.n - full
+
+    def close(self) -> None:
+        if self.n:
+            self.writer.write_table(pa.concat_tables(self.pending), row_group_size=self.rows)
 
 
 def ingest_protein2ipr(
@@ -499,8 +549,8 @@ def ingest_protein2ipr(
         return stored_result(out_path)
     acc = set(accessions) if accessions is not None else None
 
-    def fill(writer: pq.ParquetWriter) -> tuple[dict, list[dict]]:
-        return _stream_protein2ipr(src, writer, acc, max_rejects, block_size)
+    def fill(writer: pq.ParquetWriter) -> tuple[dict, list[dict], bool]:
+        return _stream_protein2ipr(src, writer, acc, max_rejects, block_size, batch_rows)
 
     try:
         return _write_sorted(out_path, IPR_SCHEMA, batch_rows, fill)

@@ -25,6 +25,7 @@ from esm3.data.interpro import (
     interpro_vocabulary,
     load_annotations,
     map_annotations,
+    parse_protein2ipr_line,
 )
 from esm3.data.structures.records import read_shard
 from esm3.data.structures.stages import StructureStageConfig, process_structure_shard
@@ -228,7 +229,13 @@ def _same_as_per_line(src, tmp_path, monkeypatch, block_size=1 << 10, **kw):
     new, old = pq.read_table(tmp_path / "new.parquet"), pq.read_table(tmp_path / "ref.parquet")
     assert new.schema.equals(IPR_SCHEMA) and new.to_pylist() == old.to_pylist()
     assert new.schema.metadata == old.schema.metadata
+    assert _row_groups(tmp_path / "new.parquet") == _row_groups(tmp_path / "ref.parquet")
     return ref
+
+
+def _row_groups(path) -> list[int]:
+    meta = pq.read_metadata(path)
+    return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
 
 
 @pytest.mark.parametrize("compress", [True, False], ids=["gzip", "plain"])
@@ -300,3 +307,49 @@ def test_files_the_stream_cannot_read_go_per_line(tmp_path, monkeypatch, first):
     assert len(calls) == 1
     assert got == per_line(src, tmp_path / "ref.parquet")
     assert pq.read_table(tmp_path / "new.parquet").equals(pq.read_table(tmp_path / "ref.parquet"))
+
+
+def _sorted_lines(n: int, seed: int = 3) -> list[bytes]:
+    """n lines sorted by accession, with the ODD lines that give no row among them."""
+    rng = np.random.default_rng(seed)
+    rows = sorted(P2IPR[i % len(P2IPR)].replace("\t", f"{i:05d}\t", 1) for i in range(n))
+    no_row = [
+        ln
+        for ln in ODD
+        if not isinstance(parse_protein2ipr_line(ln.decode(errors="replace")), tuple)
+    ]
+    return [no_row[rng.integers(len(no_row))] if rng.random() < 0.2 else r.encode() for r in rows]
+
+
+def _counted_sorts(monkeypatch) -> list:
+    import esm3.data.interpro as interpro
+
+    calls, sort = [], interpro._sort_by_accession
+    monkeypatch.setattr(interpro, "_sort_by_accession", lambda *a: calls.append(a) or sort(*a))
+    return calls
+
+
+def test_sorted_input_skips_the_sort(tmp_path, monkeypatch):
+    src = tmp_path / "p2i.dat.gz"
+    src.write_bytes(gzip.compress(b"\n".join(_sorted_lines(3000)) + b"\n"))
+    sorts = _counted_sorts(monkeypatch)
+    # batches of ~200 rows into row groups of 90
+    kw = {"batch_rows": 90, "block_size": 1 << 14}
+    summary, _ = _same_as_per_line(src, tmp_path, monkeypatch, **kw)
+    assert len(sorts) == 1  # the per-line reference's only
+    assert summary["rows"] > 2000 and len(_row_groups(tmp_path / "new.parquet")) > 20
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["sorted", "late-row"])
+@pytest.mark.parametrize("apart", [False, True], ids=["together", "one-row-a-batch"])
+def test_only_unsorted_input_is_sorted(tmp_path, monkeypatch, apart, late):
+    src = tmp_path / "p2i.dat"
+    lines = _sorted_lines(40 if apart else 3000)
+    if late:  # an accession before all others, last
+        lines.append(b"A0A000\tIPR003439\tABC transporter-like\tPF00005\t21\t170")
+    if apart:  # 1.5 KB of comments before each line: no 1 KB batch holds two rows
+        lines = [b"\n".join([b"#" * 99] * 15 + [ln]) for ln in lines]
+    src.write_bytes(b"\n".join(lines))
+    sorts = _counted_sorts(monkeypatch)
+    _same_as_per_line(src, tmp_path, monkeypatch, batch_rows=500)
+    assert len(sorts) == (2 if late else 1)  # the per-line reference always sorts
