@@ -1,8 +1,8 @@
 """Benchmark of the protein2ipr ingest: the streaming reader against the per-line reader.
 
 A synthetic protein2ipr.dat.gz of the real file's shape (10^7 lines, 2*10^5 with
-quick=True): proteins in accession order (Swiss-Prot-like P12345 and TrEMBL-like
-A0A0XXXXXX accessions), 1-12 matches each, IPR0xxxxx ids with their names (words and
+quick=True): proteins in accession order, as in the real file (TrEMBL-like A0A0123456, then
+Swiss-Prot-like P12345 accessions), 1-12 matches each, IPR0xxxxx ids with their names (words and
 spaces, some with commas, quotes or brackets), member-database signatures (PF, SM, cd,
 G3DSA, PS, PR, ...), 1 <= start < end. Written with gzip level 1 (the file's level changes
 the compressed size, hardly the cost of reading it).
@@ -11,8 +11,14 @@ Both ingests (`ingest_protein2ipr`, and `ingest_protein2ipr_lines` as the baseli
 side by side, each in a fresh child process pinned to one CPU (Arrow and DuckDB on one
 thread), from the .gz to the sorted Parquet: lines/s per core, the ratio streaming /
 per-line (higher is better), and each child's peak RSS (VmHWM). The two outputs' counts
-must agree. The figures include the DuckDB sort both share; `stream_stage` rows time the
-reading alone (rows to the temporary file, no sort).
+must agree. Rows:
+
+- `ingest`: the file as it comes, sorted by accession; the streaming ingest notices that
+  and skips the DuckDB sort, the per-line ingest sorts it.
+- `ingest_unsorted`: the same lines with proteins shuffled (within chunks of 10^5
+  proteins): both sort (DuckDB, one thread).
+- `read_stage`: the reading alone (sorted file; rows to a Parquet file as the temporary
+  file, no sort).
 """
 
 from __future__ import annotations
@@ -50,24 +56,26 @@ def _names(n: int, rng: np.random.Generator) -> np.ndarray:
     )
 
 
-def _accessions(first: int, n: int, rng: np.random.Generator) -> pa.Array:
-    """n sorted accessions (the file is sorted by accession): a tenth Swiss-Prot-like
-    ([OPQ] + 5 digits), the rest TrEMBL-like (A0A0 + 6 digits)."""
-    ids = pa.array(np.arange(first, first + n))
+def _accessions(first: int, n: int, swiss_from: int, shuffled: bool, rng) -> pa.Array:
+    """The accessions of proteins first..first+n-1, in accession order (as in the file)
+    unless `shuffled`: TrEMBL-like (A0A + 7 digits), then from protein `swiss_from` on
+    Swiss-Prot-like ([OPQ] + 5 digits)."""
+    i = np.arange(first, first + n)
     trembl = pc.binary_join_element_wise(
-        "A0A0", pc.utf8_lpad(pc.cast(ids, pa.string()), 6, "0"), ""
+        "A0A", pc.utf8_lpad(pc.cast(pa.array(i), pa.string()), 7, "0"), ""
     )
-    letter = pa.array(np.array(["O", "P", "Q"])[(np.arange(first, first + n) // 100_000) % 3])
-    digits = pc.utf8_lpad(pc.cast(pc.bit_wise_and(ids, 0xFFFF), pa.string()), 5, "0")
+    j = np.maximum(i - swiss_from, 0)
+    letter = pa.array(np.array(["O", "P", "Q"])[np.minimum(j // 100_000, 2)])
+    digits = pc.utf8_lpad(pc.cast(pa.array(j % 100_000), pa.string()), 5, "0")
     swiss = pc.binary_join_element_wise(letter, digits, "")
-    acc = pc.if_else(pa.array(rng.random(n) < 0.1), swiss, trembl)
-    return acc.take(pc.array_sort_indices(acc))
+    acc = pc.if_else(pa.array(i >= swiss_from), swiss, trembl)
+    return acc.take(rng.permutation(n)) if shuffled else acc
 
 
-def _chunk(first: int, n_proteins: int, names: np.ndarray, rng: np.random.Generator) -> bytes:
-    """The lines (bytes, newline-terminated) of `n_proteins` proteins."""
-    per = rng.integers(1, 13, size=n_proteins)
-    acc = _accessions(first, n_proteins, rng).take(np.repeat(np.arange(n_proteins), per))
+def _chunk(first: int, n_proteins: int, acc: pa.Array, names: np.ndarray, rng) -> bytes:
+    """The lines (bytes, newline-terminated) of `n_proteins` proteins, accessions `acc`."""
+    per = rng.integers(1, 13, size=n_proteins)  # 6.5 matches a protein on average
+    acc = acc.take(np.repeat(np.arange(n_proteins), per))
     n = len(acc)
     ipr_num = rng.zipf(1.3, size=n) % len(names)
     ipr = pc.binary_join_element_wise(
@@ -92,17 +100,21 @@ def _chunk(first: int, n_proteins: int, names: np.ndarray, rng: np.random.Genera
     return values.to_pybytes()[bounds[0] : bounds[1]]
 
 
-def write_protein2ipr(path: Path, n_lines: int, seed: int = 0) -> int:
-    """A synthetic protein2ipr.dat.gz of about `n_lines` lines; the number written."""
+def write_protein2ipr(path: Path, n_lines: int, shuffled: bool = False, seed: int = 0) -> int:
+    """A synthetic protein2ipr.dat.gz of `n_lines` lines, sorted by accession unless
+    `shuffled` (proteins in random order within each chunk); the number written."""
     rng = np.random.default_rng(seed)
     names = _names(40_000, rng)
+    swiss_from = int(0.9 * n_lines / 6.5)  # the last tenth of the proteins
     written, first = 0, 0
     with gzip.open(path, "wb", compresslevel=1) as f:
         while written < n_lines:
-            data = _chunk(first, CHUNK_PROTEINS, names, rng)
-            lines = data.split(b"\n")[: n_lines - written]
-            f.write(b"\n".join(lines) + b"\n")
-            written += len(lines)
+            acc = _accessions(first, CHUNK_PROTEINS, swiss_from, shuffled, rng)
+            data = _chunk(first, CHUNK_PROTEINS, acc, names, rng)
+            if written + data.count(b"\n") > n_lines:
+                data = b"".join(data.splitlines(keepends=True)[: n_lines - written])
+            f.write(data)
+            written += data.count(b"\n")
             first += CHUNK_PROTEINS
     return written
 
@@ -142,8 +154,8 @@ def _read_stage_child(reader: str, src: str, out: str, cpu: int) -> dict:
     t = time.perf_counter()
     with pq.ParquetWriter(out, interpro.IPR_SCHEMA, compression="zstd") as w:
         if reader == "streaming":
-            counts, _ = interpro._stream_protein2ipr(Path(src), w, None, 100_000,
-                                                     interpro._P2I_BLOCK)  # fmt: skip
+            counts, _, _ = interpro._stream_protein2ipr(Path(src), w, None, 100_000,
+                                                        interpro._P2I_BLOCK, 1_000_000)  # fmt: skip
         else:
             counts, _ = interpro._parse_lines(Path(src), w, interpro.IPR_SCHEMA,
                                               interpro.parse_protein2ipr_line, "interpro",
@@ -172,14 +184,19 @@ def run(quick: bool = False) -> list[dict]:
     """Rows of the `benchmarks` table; quick=True finishes in seconds."""
     tmp = Path(tempfile.mkdtemp(prefix="bench_interpro_"))
     try:
-        src = tmp / "protein2ipr.dat.gz"
-        n = write_protein2ipr(src, QUICK_LINES if quick else FULL_LINES)
         cpu = max(os.sched_getaffinity(0))
-        params = dict(input="synthetic protein2ipr.dat.gz", gzip_level=1, bytes=src.stat().st_size,
-                      written_lines=n)  # fmt: skip
-        return _side_by_side(
-            _ingest_child, "ingest", src, tmp, cpu, stage="read+sort", **params
-        ) + _side_by_side(_read_stage_child, "read_stage", src, tmp, cpu, stage="read", **params)
+        rows = []
+        for shuffled in (False, True):
+            src = tmp / f"protein2ipr{'_shuffled' if shuffled else ''}.dat.gz"
+            n = write_protein2ipr(src, QUICK_LINES if quick else FULL_LINES, shuffled)
+            params = dict(input=f"synthetic {src.name}", gzip_level=1, written_lines=n,
+                          bytes=src.stat().st_size, sorted_input=not shuffled)  # fmt: skip
+            name = "ingest_unsorted" if shuffled else "ingest"
+            rows += _side_by_side(_ingest_child, name, src, tmp, cpu, **params)
+            if not shuffled:
+                rows += _side_by_side(_read_stage_child, "read_stage", src, tmp, cpu, **params)
+            src.unlink()
+        return rows
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
