@@ -329,8 +329,8 @@ def _csv_batches(path: Path, block_size: int, on_invalid) -> Iterator[pa.RecordB
             )
             yield from reader
     except pa.ArrowInvalid as e:
-        # a line longer than a block, or one pyarrow could not hand to `on_invalid`
-        # (its text is not UTF-8): a parse error, not a fault of the file
+        # a line longer than a block, or one pyarrow could not hand to `on_invalid` (its
+        # text is not UTF-8): lines the per-line reader reads like any other
         if "CSV parse error" in str(e) or "straddl" in str(e):
             raise _NeedsPerLine(str(e)) from e
         raise
@@ -414,8 +414,7 @@ class _LineNumbers:
 class _Protein2iprStream:
     """Counts, rejects and rows of protein2ipr batches, equal to the per-line reader's."""
 
-    def __init__(self, src: Path, accessions: set[str] | None, max_rejects: int) -> None:
-        self.src = src
+    def __init__(self, accessions: set[str] | None, max_rejects: int) -> None:
         self.counts = _new_counts()
         self.rejects = _FirstRejects(max_rejects)
         self.numbers = _LineNumbers()
@@ -507,7 +506,7 @@ def _stream_protein2ipr(
     batch_rows: int,
 ) -> tuple[dict, list[dict], bool]:
     """Counts, rejects, and whether the rows came sorted (see _write_sorted)."""
-    stream = _Protein2iprStream(src, accessions, max_rejects)
+    stream = _Protein2iprStream(accessions, max_rejects)
     groups = _RowGroups(writer, batch_rows)
     for batch in _csv_batches(src, block_size, stream.refused):
         groups.add(stream.rows(batch))
