@@ -52,8 +52,8 @@ def test_stage_functions_connect_under_the_configured_limits(tmp_path, opened):
     reference.close()
     opened.clear()
     spill = tmp_path / "spill"
-    (tmp_path / "p2ipr.tsv").write_text(
-        "P1\tIPR000001\tname\tPF1\t1\t5\nP2\tIPR000002\tn\tPF2\t2\t3\n"
+    (tmp_path / "p2ipr.tsv").write_text(  # unsorted: sorted input needs no sort
+        "P2\tIPR000002\tn\tPF2\t2\t3\nP1\tIPR000001\tname\tPF1\t1\t5\n"
     )
     seqs = pa.table({"id": ["P1", "P2"], "dataset": ["d", "d"], "sequence": ["ACDEF", "GH"]})
     pq.write_table(seqs, tmp_path / "chains.parquet")

@@ -21,9 +21,11 @@ from esm3.data.interpro import (
     attach_annotations,
     ingest_interproscan,
     ingest_protein2ipr,
+    ingest_protein2ipr_lines,
     interpro_vocabulary,
     load_annotations,
     map_annotations,
+    parse_protein2ipr_line,
 )
 from esm3.data.structures.records import read_shard
 from esm3.data.structures.stages import StructureStageConfig, process_structure_shard
@@ -164,3 +166,194 @@ def test_structures_carry_function_labels_in_chain_coordinates(protein2ipr, tmp_
     # 5PTI residue 1 = P00974 position 36
     assert rows["5PTI_A"]["annotations"][0] == {"ipr": "IPR036880", "start": 1, "end": 58}
     assert rows["3PWP_C"]["annotations"] is None  # the peptide has no UniProt reference
+
+
+# Every kind of line the per-line reader treats specially, for the streaming reader to match:
+# comments and blanks (skipped, not counted), short and long lines, each malformed value,
+# values int() reads though they are not plain digits, quotes and invalid UTF-8 (kept).
+ODD = [
+    b"# protein2ipr, a comment",
+    b"#P00974\tIPR002223\tcommented out\tPF00014\t39\t89",
+    b"#a\tcomment with 2 columns",
+    b"",
+    b"   ",
+    b"\t\t\t\t\t",
+    b" \t \t\t \t\t ",
+    b"P61769\tIPR007110\tImmunoglobulin-like domain\tPS50835\t22",
+    b"P61769\tIPR007110\tImmunoglobulin-like domain\tPS50835\t22\t114\textra",
+    b"P61769",
+    b"\tIPR007110\tImmunoglobulin-like domain\tPS50835\t22\t114",
+    b"P61769\tIPRX\tImmunoglobulin-like domain\tPS50835\t22\t114",
+    b"P61769\tipr007110\tImmunoglobulin-like domain\tPS50835\t22\t114",
+    b"P61769\tIPR07110\tImmunoglobulin-like domain\tPS50835\t22\t114",
+    "P61769\tIPR٠٠٧١١٠\tArabic-Indic digits, \\d takes them\tPS50835\t22\t114".encode(),
+    b"P61769\tIPR007110\tImmunoglobulin-like domain\tPS50835\tten\t114",
+    b"P61769\tIPR007110\tImmunoglobulin-like domain\tPS50835\t22\t",
+    b"P61769\tIPR007110\tImmunoglobulin-like domain\tPS50835\t2.5\t114",
+    b"P61769\tIPR007110\tImmunoglobulin-like domain\tPS50835\t0x16\t114",
+    b"P61769\tIPR007110\tImmunoglobulin-like domain\tPS50835\t114\t22",
+    b"P61769\tIPR007110\tImmunoglobulin-like domain\tPS50835\t0\t22",
+    b"P61769\tIPR007110\tImmunoglobulin-like domain\tPS50835\t-5\t22",
+    b"P61769\tIPR007110\tImmunoglobulin-like domain\tPS50835\t22\t3000000000",
+    b"P61769\tIPR007110\tImmunoglobulin-like domain\tPS50835\t 22\t+114",
+    b"P61769\tIPR007110\tImmunoglobulin-like domain\tPS50835\t2_2\t0000000114",
+    "P61769\tIPR007110\tImmunoglobulin-like domain\tPS50835\t٢٢\t114".encode(),
+    b' P61769\tIPR007110\tA "quoted" name\tPS50835\t22\t114',
+    b'M4KW32\tIPR003439\t"ABC transporter\tPF00005\t21\t170',
+    b"M4KW32\tIPR003439\tnot UTF-8 \xff\xfe here\tPF00005\t21\t170",
+    b"M4KW32\tIPR003439\tcut short \xe2\x82\tPF00005\t21\t170",
+    b"M4KW32\tIPR003439\tABC transporter-like, ATP-binding domain\tPF00005\t21\t170 ",
+]
+
+
+def _mixed_lines(n: int, seed: int = 0) -> bytes:
+    """n lines: real protein2ipr rows with the ODD lines strewn among them, LF, CRLF and CR
+    endings, and no newline after the last line."""
+    rng = np.random.default_rng(seed)
+    good = [ln.encode() for ln in P2IPR]
+    lines = [ODD[i % len(ODD)] if rng.random() < 0.3 else good[rng.integers(len(good))]
+             for i in range(n)]  # fmt: skip
+    ends = rng.choice([b"\n", b"\r\n", b"\r"], size=n, p=[0.8, 0.15, 0.05])
+    return b"".join(ln + end for ln, end in zip(lines, ends, strict=True))[: -len(ends[-1])]
+
+
+def _same_as_per_line(src, tmp_path, monkeypatch, block_size=1 << 10, **kw):
+    """The streaming ingest of `src` (with no per-line fallback) and the per-line reference
+    give the same rows, counts, rejects and stored metadata."""
+    import esm3.data.interpro as interpro
+
+    ref = ingest_protein2ipr_lines(src, tmp_path / "ref.parquet", **kw)
+    monkeypatch.setattr(interpro, "ingest_protein2ipr_lines", None)  # no fallback
+    got = ingest_protein2ipr(src, tmp_path / "new.parquet", block_size=block_size, **kw)
+    assert got == ref
+    new, old = pq.read_table(tmp_path / "new.parquet"), pq.read_table(tmp_path / "ref.parquet")
+    assert new.schema.equals(IPR_SCHEMA) and new.to_pylist() == old.to_pylist()
+    assert new.schema.metadata == old.schema.metadata
+    assert _row_groups(tmp_path / "new.parquet") == _row_groups(tmp_path / "ref.parquet")
+    return ref
+
+
+def _row_groups(path) -> list[int]:
+    meta = pq.read_metadata(path)
+    return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["gzip", "plain"])
+def test_streaming_ingest_equals_per_line_reader(tmp_path, monkeypatch, compress):
+    data = _mixed_lines(4000)
+    src = tmp_path / ("p2i.dat.gz" if compress else "p2i.dat")
+    src.write_bytes(gzip.compress(data) if compress else data)
+    summary, rejects = _same_as_per_line(src, tmp_path, monkeypatch, block_size=1 << 12)
+    assert len(data) > 40 * (1 << 12)  # read in many batches
+    # the reference saw every kind of line
+    lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+    skipped = sum(not ln.strip() or ln.startswith(b"#") for ln in lines)
+    assert summary["lines"] == len(lines) - skipped and summary["malformed"] == len(rejects)
+    details = {r["detail"].split(" ")[0] for r in rejects}
+    assert {"1", "5", "7", "empty", "bad", "start/end", "end"} <= details
+    bad = [i + 1 for i, ln in enumerate(lines) if ln.startswith(b"P61769\tIPRX")]
+    assert [f"line {n}" for n in bad] == [r["record"] for r in rejects if "'IPRX'" in r["detail"]]
+    rows = pq.read_table(tmp_path / "new.parquet").to_pylist()
+    names = {r["name"] for r in rows}
+    assert {'A "quoted" name', '"ABC transporter', "not UTF-8 \ufffd\ufffd here"} <= names
+    # rows the vectorised checks leave to the per-line parser, which accepts them
+    assert "Arabic-Indic digits, \\d takes them" in names
+    assert {(r["start"], r["end"]) for r in rows if r["signature"] == "PS50835"} == {(22, 114)}
+
+
+def test_streaming_ingest_filters_and_caps_rejects_like_per_line(tmp_path, monkeypatch):
+    src = tmp_path / "p2i.dat.gz"
+    src.write_bytes(gzip.compress(_mixed_lines(3000, seed=1)))
+    summary, rejects = _same_as_per_line(src, tmp_path, monkeypatch, accessions={"P61769", "M4KW32"},
+                                         max_rejects=7, batch_rows=100)  # fmt: skip
+    assert len(rejects) == 7 and summary["malformed"] > 7 and summary["filtered"] > 0
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"\n\n", b"# only a comment\n", gzip.compress(b"\n"), b"P01892\tIPR001039"],
+    ids=["empty", "blank", "comment", "gzip-blank", "one-short-line"],
+)  # fmt: skip
+def test_streaming_ingest_of_files_without_rows(tmp_path, monkeypatch, data):
+    src = tmp_path / "p2i.dat"
+    src.write_bytes(data)
+    _same_as_per_line(src, tmp_path, monkeypatch)
+
+
+def test_streaming_ingest_reads_concatenated_gzip_members(tmp_path, monkeypatch):
+    src = tmp_path / "p2i.dat.gz"
+    data = _mixed_lines(500, seed=2)
+    half = data.index(b"\n", len(data) // 2) + 1
+    src.write_bytes(gzip.compress(data[:half]) + gzip.compress(data[half:]))
+    summary, _ = _same_as_per_line(src, tmp_path, monkeypatch)
+    assert summary["rows"] > 0
+
+
+# pyarrow cannot decode a short line that is not UTF-8 for its handler; it reports that as
+# an unraisable exception, then a parse error, and the file goes per-line
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize(
+    "first",
+    [b"\xef\xbb\xbfP00974", b"P61769\tnot UTF-8 \xff", b"P61769\t" + b"long " * 1000],
+    ids=["byte-order-mark", "short-line-not-utf8", "line-longer-than-a-block"],
+)
+def test_files_the_stream_cannot_read_go_per_line(tmp_path, monkeypatch, first):
+    import esm3.data.interpro as interpro
+
+    src = tmp_path / "p2i.dat"  # plain: pyarrow may read gzip input in larger blocks
+    rest = b"\n".join(ln.encode() for ln in P2IPR)
+    src.write_bytes(first + b"\tIPR002223\tx\tPF00014\t39\t89\n" + rest)
+    calls = []
+    per_line = interpro.ingest_protein2ipr_lines
+    monkeypatch.setattr(
+        interpro, "ingest_protein2ipr_lines", lambda *a: calls.append(a) or per_line(*a)
+    )
+    got = ingest_protein2ipr(src, tmp_path / "new.parquet", block_size=1 << 10)
+    assert len(calls) == 1
+    assert got == per_line(src, tmp_path / "ref.parquet")
+    assert pq.read_table(tmp_path / "new.parquet").equals(pq.read_table(tmp_path / "ref.parquet"))
+
+
+def _sorted_lines(n: int, seed: int = 3) -> list[bytes]:
+    """n lines sorted by accession, with the ODD lines that give no row among them."""
+    rng = np.random.default_rng(seed)
+    rows = sorted(P2IPR[i % len(P2IPR)].replace("\t", f"{i:05d}\t", 1) for i in range(n))
+    no_row = [
+        ln
+        for ln in ODD
+        if not isinstance(parse_protein2ipr_line(ln.decode(errors="replace")), tuple)
+    ]
+    return [no_row[rng.integers(len(no_row))] if rng.random() < 0.2 else r.encode() for r in rows]
+
+
+def _counted_sorts(monkeypatch) -> list:
+    import esm3.data.interpro as interpro
+
+    calls, sort = [], interpro._sort_by_accession
+    monkeypatch.setattr(interpro, "_sort_by_accession", lambda *a: calls.append(a) or sort(*a))
+    return calls
+
+
+def test_sorted_input_skips_the_sort(tmp_path, monkeypatch):
+    src = tmp_path / "p2i.dat.gz"
+    src.write_bytes(gzip.compress(b"\n".join(_sorted_lines(3000)) + b"\n"))
+    sorts = _counted_sorts(monkeypatch)
+    # batches of ~200 rows into row groups of 90
+    kw = {"batch_rows": 90, "block_size": 1 << 14}
+    summary, _ = _same_as_per_line(src, tmp_path, monkeypatch, **kw)
+    assert len(sorts) == 1  # the per-line reference's only
+    assert summary["rows"] > 2000 and len(_row_groups(tmp_path / "new.parquet")) > 20
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["sorted", "late-row"])
+@pytest.mark.parametrize("apart", [False, True], ids=["together", "one-row-a-batch"])
+def test_only_unsorted_input_is_sorted(tmp_path, monkeypatch, apart, late):
+    src = tmp_path / "p2i.dat"
+    lines = _sorted_lines(40 if apart else 3000)
+    if late:  # an accession before all others, last
+        lines.append(b"A0A000\tIPR003439\tABC transporter-like\tPF00005\t21\t170")
+    if apart:  # 1.5 KB of comments before each line: no 1 KB batch holds two rows
+        lines = [b"\n".join([b"#" * 99] * 15 + [ln]) for ln in lines]
+    src.write_bytes(b"\n".join(lines))
+    sorts = _counted_sorts(monkeypatch)
+    _same_as_per_line(src, tmp_path, monkeypatch, batch_rows=500)
+    assert len(sorts) == (2 if late else 1)  # the per-line reference always sorts
