@@ -657,6 +657,21 @@ def interpro_vocabulary(paths: Iterable[str | Path]) -> pa.Table:
     )
 
 
+def annotations_relation(con, files: list[str], wanted: list[str]):  # type: ignore[no-untyped-def]
+    """The rows of the ingested tables `files` whose accession is in `wanted`, in order.
+    The tables are sorted by accession, so DuckDB's join filter (the min and max of
+    `wanted`) skips every row group outside that range."""
+    con.register("wanted", pa.table({"accession": wanted}))
+    return con.sql(
+        """SELECT t.accession, t.ipr, t.start, t."end"
+           FROM read_parquet($files, filename = true, file_row_number = true) t
+           SEMI JOIN wanted w ON t.accession = w.accession
+           ORDER BY t.accession, t.start, t.ipr, list_position($files, t.filename),
+                    t.file_row_number""",
+        params={"files": files},
+    )
+
+
 def load_annotations(
     paths: Iterable[str | Path], accessions: Iterable[str]
 ) -> dict[str, list[Annotation]]:
@@ -669,15 +684,7 @@ def load_annotations(
         return {}
     con = connect()
     try:
-        con.register("wanted", pa.table({"accession": wanted}))
-        table = con.sql(
-            """SELECT t.accession, t.ipr, t.start, t."end"
-               FROM read_parquet($files, filename = true, file_row_number = true) t
-               SEMI JOIN wanted w ON t.accession = w.accession
-               ORDER BY t.accession, t.start, t.ipr, list_position($files, t.filename),
-                        t.file_row_number""",
-            params={"files": files},
-        ).to_arrow_table()
+        table = annotations_relation(con, files, wanted).to_arrow_table()
     finally:
         con.close()
     out: dict[str, list[Annotation]] = {}

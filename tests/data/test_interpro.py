@@ -9,15 +9,18 @@ M4KW32 (an ABC transporter from mmseqs2's example UniProt sequences).
 from __future__ import annotations
 
 import gzip
+import re
 import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from esm3.data.duck import connect
 from esm3.data.interpro import (
     IPR_SCHEMA,
     Annotation,
+    annotations_relation,
     attach_annotations,
     ingest_interproscan,
     ingest_protein2ipr,
@@ -357,3 +360,26 @@ def test_only_unsorted_input_is_sorted(tmp_path, monkeypatch, apart, late):
     sorts = _counted_sorts(monkeypatch)
     _same_as_per_line(src, tmp_path, monkeypatch, batch_rows=500)
     assert len(sorts) == (2 if late else 1)  # the per-line reference always sorts
+
+
+def test_a_shards_annotation_join_reads_only_the_row_groups_of_its_accessions(tmp_path):
+    """protein2ipr is ~1.4 x 10^9 lines: a structure shard's join must not read all of it."""
+    lines = [f"A{i:07d}\tIPR{i % 999_999:06d}\tname\tPF{i:05d}\t1\t{10 + i % 50}\n"
+             for i in range(0, 60_000, 3)][::-1]  # fmt: skip # unsorted: the ingest sorts it
+    src = tmp_path / "protein2ipr.dat"
+    src.write_text("".join(lines))
+    out = tmp_path / "ipr.parquet"
+    ingest_protein2ipr(src, out, batch_rows=1_000)
+    groups = pq.ParquetFile(out).num_row_groups
+    assert groups == 20
+    wanted = ["A0030000", "A0030003", "A0030300"]  # a shard's accessions, one narrow range
+    con = connect()
+    try:
+        plan = annotations_relation(con, [str(out)], wanted).explain(type="analyze")
+        got = annotations_relation(con, [str(out)], wanted).fetchall()
+    finally:
+        con.close()
+    assert [r[0] for r in got] == wanted
+    scanned = re.search(r"Row Groups Scanned: (\d+) / (\d+)", plan)
+    assert scanned and int(scanned.group(2)) == groups
+    assert int(scanned.group(1)) <= 2  # the groups holding that range, not all 20
