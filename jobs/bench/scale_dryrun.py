@@ -81,17 +81,21 @@ def _synthetic_listing(con, folder: Path, files: int, archives: int, stem: str) 
 
 
 def write_listings(ws: Path, config: Path, n: int) -> float:
-    """Every structure dataset's listing as the `list` stage leaves it (AFDB: `n` files);
-    seconds taken."""
+    """Every dataset's listing as the `list` stage leaves it: the structure datasets'
+    synthetic (AFDB: `n` files), the sequence datasets' walked; seconds taken by the
+    synthetic ones."""
     from jobs.stages.config import check_inputs, load_config
-    from jobs.stages.inventory import plan_list
+    from jobs.stages.inventory import list_task, plan_list
     from jobs.stages.runner import Layout
 
     cfg = load_config(config)
     lay = Layout.of(ws, cfg)
-    inputs = check_inputs(cfg, ws, {"structures"})
-    _, keys = plan_list(ws, "bench", cfg, inputs.patterns, inputs.metadata, lay)
+    inputs = check_inputs(cfg, ws, {"sequences", "structures"})
+    lister, keys = plan_list(ws, "bench", cfg, inputs.patterns, inputs.metadata, lay)
     sizes = {"afdb": (n, 0), **OTHER_LISTINGS}
+    for item in lister.items:  # the sequence datasets' few files: listed for real
+        if item[2] not in sizes:
+            list_task(*item)
     t0 = time.monotonic()
     con = connect()
     try:
