@@ -24,6 +24,12 @@ Cases (full sizes; --quick / quick=True uses ~1/100 of them):
                   MDAnalysisTests, repeated under distinct names) as one `ArchivePart`
                   -> `structure_task` (AFDB: filters, SASA, SS8 by mkdssp)
 
+Reading the figures: a case's peak includes its imports (~90-450 MB, the `imports_mb`
+param). DuckDB steps may grow up to the allocation's DuckDB limit (80% of ALLOCATION_MB)
+before they spill, so a ratio above FLAT there is bounded by the limit, not by the data;
+the rows' params say which task summary each figure belongs to. The purge at the paper's
+sensitivity (three prefilter steps up to -s 7) takes tens of minutes at 10^5 on two cores.
+
 Options (environment, as `make bench` passes none): ESM3_BENCH_SCALE_<CASE>=N1,N2 sets a
 case's sizes (e.g. ESM3_BENCH_SCALE_STRUCTURES=1000,4000; "1e6" is read too),
 ESM3_BENCH_SCALE_CASES=fasta_ingest,purge runs only those cases, ESM3_BENCH_SCRATCH=DIR is

@@ -117,8 +117,11 @@ def _children() -> dict[int, list[int]]:
     return kids
 
 
-def _hwm_mb(pid: int) -> float:
+def _hwm_mb(pid: int, own_exe: str) -> float:
+    """VmHWM of a tool process; 0 for a fork not yet exec'd (it shows its parent's pages)."""
     try:
+        if os.readlink(f"/proc/{pid}/exe") == own_exe:
+            return 0.0
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
@@ -131,8 +134,8 @@ def _hwm_mb(pid: int) -> float:
 class ToolPeak:
     """The largest peak RSS (VmHWM) of one process among this process's descendants (the
     tools it runs: mmseqs, mkdssp), sampled every `interval` seconds by a thread while in
-    the `with` block. Not RUSAGE_CHILDREN: a child exec'd after vfork carries the parent's
-    peak into it. A lower bound: growth in a tool's last `interval` is not seen."""
+    the `with` block. Not RUSAGE_CHILDREN: a child forked from this process carries this
+    process's peak into it. A lower bound: growth in a tool's last `interval` is not seen."""
 
     def __init__(self, interval: float = 0.2) -> None:
         self.interval, self.peak_mb = interval, 0.0
@@ -140,13 +143,13 @@ class ToolPeak:
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
-        me = os.getpid()
+        me, exe = os.getpid(), os.readlink("/proc/self/exe")
         while not self._stop.wait(self.interval):
             kids = _children()
             todo = list(kids.get(me, ()))
             while todo:
                 pid = todo.pop()
-                self.peak_mb = max(self.peak_mb, _hwm_mb(pid))
+                self.peak_mb = max(self.peak_mb, _hwm_mb(pid, exe))
                 todo += kids.get(pid, [])
 
     def __enter__(self) -> ToolPeak:
