@@ -29,6 +29,8 @@ param). DuckDB steps may grow up to the allocation's DuckDB limit (80% of ALLOCA
 before they spill, so a ratio above FLAT there is bounded by the limit, not by the data;
 the rows' params say which task summary each figure belongs to. The purge at the paper's
 sensitivity (three prefilter steps up to -s 7) takes tens of minutes at 10^5 on two cores.
+The structures at 10^4 take ~17 minutes (~0.1 s a structure, mkdssp most of it): the
+size is an option (below) for a shorter run.
 
 Options (environment, as `make bench` passes none): ESM3_BENCH_SCALE_<CASE>=N1,N2 sets a
 case's sizes (e.g. ESM3_BENCH_SCALE_STRUCTURES=1000,4000; "1e6" is read too),
