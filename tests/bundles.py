@@ -19,26 +19,9 @@ import numpy as np
 
 from esm3.data.structures.io import read_structure
 
-# the columns of an unpaired OAS unit, in OAS's order: AIRR rearrangement fields, then
-# Redundancy and the ANARCI numbering and status
-OAS_COLUMNS = (
-    "sequence,locus,stop_codon,vj_in_frame,v_frameshift,productive,rev_comp,complete_vdj,"
-    "v_call,d_call,j_call,sequence_alignment,germline_alignment,sequence_alignment_aa,"
-    "germline_alignment_aa,v_alignment_start,v_alignment_end,d_alignment_start,"
-    "d_alignment_end,j_alignment_start,j_alignment_end,v_sequence_alignment,"
-    "v_sequence_alignment_aa,v_germline_alignment,v_germline_alignment_aa,"
-    "d_sequence_alignment,d_sequence_alignment_aa,d_germline_alignment,"
-    "d_germline_alignment_aa,j_sequence_alignment,j_sequence_alignment_aa,"
-    "j_germline_alignment,j_germline_alignment_aa,fwr1,fwr1_aa,cdr1,cdr1_aa,fwr2,fwr2_aa,"
-    "cdr2,cdr2_aa,fwr3,fwr3_aa,fwr4,fwr4_aa,cdr3,cdr3_aa,junction,junction_length,"
-    "junction_aa,junction_aa_length,v_score,d_score,j_score,v_cigar,d_cigar,j_cigar,"
-    "v_support,d_support,j_support,v_identity,d_identity,j_identity,v_sequence_start,"
-    "v_sequence_end,v_germline_start,v_germline_end,d_sequence_start,d_sequence_end,"
-    "d_germline_start,d_germline_end,j_sequence_start,j_sequence_end,j_germline_start,"
-    "j_germline_end,fwr1_start,fwr1_end,cdr1_start,cdr1_end,fwr2_start,fwr2_end,cdr2_start,"
-    "cdr2_end,fwr3_start,fwr3_end,fwr4_start,fwr4_end,cdr3_start,cdr3_end,np1,np1_length,"
-    "np2,np2_length,c_region,Redundancy,ANARCI_numbering,ANARCI_status"
-).split(",")
+# the columns of an unpaired OAS unit, in OAS's order (shared with the scale benchmark)
+from jobs.bench.synthetic import OAS_UNPAIRED_COLUMNS as OAS_COLUMNS
+
 PAIRED_COLUMNS = (
     ["sequence_id_heavy"]
     + [f"{c}_heavy" for c in OAS_COLUMNS]

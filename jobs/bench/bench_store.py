@@ -32,14 +32,10 @@ deleted after it). `python -m jobs.bench.bench_store --help` runs the suite alon
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
-import os
-import queue as queue_mod
 import resource
 import shutil
 import tempfile
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,6 +44,18 @@ from typing import Any
 import numpy as np
 
 from jobs.bench import bench_row
+from jobs.bench.synthetic import (
+    LENGTH_MU,
+    LENGTH_SIGMA,
+    draw_lengths,
+    draw_sequences,
+    in_child,
+    proc_status_mb,
+    record_ids,
+    residue_table,
+    scratch_from_env,
+)
+from jobs.bench.synthetic import sizes_from_env as synthetic_sizes
 
 SUITE = "store"
 FULL_SIZES = (10**5, 10**6, 10**7)
@@ -59,16 +67,7 @@ CONTEXT = 512
 BUILD_MEMORY = "1GB"  # DuckDB memory limit of the store build
 ROWS_PER_SHARD = 500_000
 CHUNK_ROWS = 50_000  # records generated per step: the generator's memory
-CHILD_TIMEOUT_S = 3600
 
-# UniProtKB/Swiss-Prot amino-acid composition, percent
-AA_PERCENT = {
-    "A": 8.25, "R": 5.53, "N": 4.06, "D": 5.45, "C": 1.37, "Q": 3.93, "E": 6.75,
-    "G": 7.07, "H": 2.27, "I": 5.96, "L": 9.66, "K": 5.84, "M": 2.42, "F": 3.86,
-    "P": 4.70, "S": 6.56, "T": 5.34, "W": 1.08, "Y": 2.92, "V": 6.87,
-}  # fmt: skip
-# lognormal lengths: median ~270, mean ~330 residues (UniRef-like), clipped
-LENGTH_MU, LENGTH_SIGMA, LENGTH_MIN, LENGTH_MAX = 5.6, 0.65, 30, 4000
 CLUSTER_ZIPF, CLUSTER_MAX = 2.2, 10_000  # ~67% singletons, mean size ~3.7
 
 
@@ -87,45 +86,12 @@ class Synthetic:
     seconds: float
 
 
-def _residue_table() -> np.ndarray:
-    """1,000 residue codes (uint8) in Swiss-Prot proportions: a uniform draw of an index
-    into it is a residue of the real composition (to 0.1%)."""
-    letters = np.frombuffer("".join(AA_PERCENT).encode(), dtype=np.uint8)
-    counts = np.round(np.array(list(AA_PERCENT.values())) * 10).astype(int)
-    counts[np.argmax(counts)] += 1000 - counts.sum()
-    return np.repeat(letters, counts)
-
-
-def draw_lengths(rng: np.random.Generator, n: int) -> np.ndarray:
-    lengths = rng.lognormal(LENGTH_MU, LENGTH_SIGMA, n)
-    return np.clip(np.rint(lengths), LENGTH_MIN, LENGTH_MAX).astype(np.int32)
-
-
-def draw_sequences(rng: np.random.Generator, lengths: np.ndarray, table: np.ndarray) -> Any:
-    """A pyarrow string array of random sequences of the given lengths (no Python loop)."""
-    import pyarrow as pa
-
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    codes = table[rng.integers(0, len(table), int(offsets[-1]), dtype=np.uint16)]
-    return pa.StringArray.from_buffers(len(lengths), pa.py_buffer(offsets), pa.py_buffer(codes))
-
-
-def record_ids(rows: np.ndarray) -> Any:
-    """Ids `SYN000000042` of record rows, as a pyarrow string array."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    digits = pc.utf8_lpad(pc.cast(pa.array(rows), pa.string()), width=9, padding="0")
-    return pc.binary_join_element_wise("SYN", digits, "")
-
-
 def _write_records(out: Path, n: int, rng: np.random.Generator) -> tuple[list[str], int]:
     """Parquet shards of n records (id, sequence, length), chunk by chunk."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table, shards, residues = _residue_table(), [], 0
+    table, shards, residues = residue_table(), [], 0
     for first in range(0, n, ROWS_PER_SHARD):
         path = out / f"records-{first // ROWS_PER_SHARD:05d}.parquet"
         last = min(first + ROWS_PER_SHARD, n)
@@ -210,18 +176,6 @@ def write_synthetic(out: Path, n: int, seed: int = 0) -> Synthetic:
 # --- child processes ---------------------------------------------------------------------
 
 
-def proc_status_mb() -> dict[str, float]:
-    """This process's VmRSS, VmHWM, RssAnon and RssFile in MB (VmHWM rather than ru_maxrss:
-    a spawned child's ru_maxrss may carry its parent's)."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                out[key] = int(rest.split()[0]) / 1024
-    return out
-
-
 def _one_core() -> None:
     import pyarrow as pa
     import torch
@@ -229,40 +183,6 @@ def _one_core() -> None:
     torch.set_num_threads(1)
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
-
-
-def _child_main(fn: Callable[..., dict], args: tuple, results: Any) -> None:
-    try:
-        results.put(fn(*args))
-    except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
-        results.put({"error": traceback.format_exc()})
-
-
-def in_child(fn: Callable[..., dict], *args: Any) -> dict[str, Any]:
-    """fn(*args) in a fresh (spawned) process; its result dict, or RuntimeError with the
-    child's traceback or exit code (e.g. killed for memory)."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    p = ctx.Process(target=_child_main, args=(fn, args, results))
-    p.start()
-    deadline = time.monotonic() + CHILD_TIMEOUT_S
-    try:
-        while True:
-            try:
-                got = results.get(timeout=2)
-                break
-            except queue_mod.Empty:
-                if not p.is_alive():
-                    raise RuntimeError(f"{fn.__name__}: child exited {p.exitcode}") from None
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{fn.__name__}: no result in {CHILD_TIMEOUT_S}s") from None
-    finally:
-        p.join(timeout=30)
-        if p.is_alive():
-            p.kill()
-    if "error" in got:
-        raise RuntimeError(f"{fn.__name__} failed in the child:\n{got['error']}")
-    return got
 
 
 def _spec(data: Synthetic) -> Any:
@@ -386,14 +306,7 @@ def disk_estimate_bytes(n: int) -> float:
 
 
 def sizes_from_env(quick: bool) -> tuple[int, ...]:
-    raw = os.environ.get("ESM3_BENCH_STORE_SIZES", "")
-    if raw:
-        return tuple(int(float(s)) for s in raw.split(","))
-    return QUICK_SIZES if quick else FULL_SIZES
-
-
-def scratch_from_env() -> Path:
-    return Path(os.environ.get("ESM3_BENCH_SCRATCH") or tempfile.gettempdir())
+    return synthetic_sizes("ESM3_BENCH_STORE_SIZES", QUICK_SIZES if quick else FULL_SIZES)
 
 
 # --- rows and table ----------------------------------------------------------------------

@@ -9,6 +9,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.bench import bench_store as bs
+from jobs.bench import synthetic
 
 
 def test_synthetic_dataset_is_valid(tmp_path):
@@ -19,10 +20,10 @@ def test_synthetic_dataset_is_valid(tmp_path):
     assert len(pc.unique(records["id"])) == 3000
     lengths = records["length"].to_numpy()
     assert (lengths == pc.utf8_length(records["sequence"]).to_numpy()).all()
-    assert bs.LENGTH_MIN <= lengths.min() and lengths.max() <= bs.LENGTH_MAX
+    assert synthetic.LENGTH_MIN <= lengths.min() and lengths.max() <= synthetic.LENGTH_MAX
     assert 250 < lengths.mean() < 420 and int(lengths.sum()) == data.residues
     residues = "".join(records["sequence"].to_pylist()[:200])
-    assert set(residues) <= set(bs.AA_PERCENT)
+    assert set(residues) <= set(synthetic.AA_PERCENT)
     assert abs(residues.count("L") / len(residues) - 0.0966) < 0.01
     # every record is a member exactly once; a center is its cluster's first member
     assert sorted(clusters["member"].to_pylist()) == sorted(records["id"].to_pylist())
