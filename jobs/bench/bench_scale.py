@@ -23,6 +23,9 @@ Cases (full sizes; --quick / quick=True uses ~1/100 of them):
 - structures:     an AFDB-style tar of 10^3 and 10^4 members (real structures from
                   MDAnalysisTests, repeated under distinct names) as one `ArchivePart`
                   -> `structure_task` (AFDB: filters, SASA, SS8 by mkdssp)
+- site_dry_run:   `esm3 preprocess all --dry-run` of site-example.toml over listings of
+                  10^5 and 2 x 10^8 AFDB files (`jobs.bench.scale_dryrun`): the submitting
+                  process's seconds and peak RSS, the arrays and tasks of every stage
 
 Reading the figures: a case's peak includes its imports (~90-450 MB, the `imports_mb`
 param). DuckDB steps may grow up to the allocation's DuckDB limit (80% of ALLOCATION_MB)
@@ -198,6 +201,17 @@ def structures(work: Path, n: int) -> dict[str, dict]:
                          None, None)}  # fmt: skip
 
 
+def site_dry_run(work: Path, n: int) -> dict[str, dict]:
+    """`esm3 preprocess all --dry-run` of site-example.toml over listings with `n` AFDB
+    files (`jobs.bench.scale_dryrun`): the submitting process's seconds and peak RSS."""
+    from jobs.bench.scale_dryrun import rehearse
+
+    got = rehearse(n, scratch=str(work))
+    summary = {"stages": got["stages"], "inventory_write_s": round(got["inventory_write_s"], 1)}
+    return {"": {"seconds": got["seconds"], "peak_mb": got["peak_rss_mb"], "imports_mb": None,
+                 "tool_peak_mb": None, "summary": summary}}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -219,7 +233,7 @@ CASES = [
     Case("esmatlas_lookup", "metadata rows", (10**6, 10**7), esmatlas_lookup),
     Case("interpro_ingest", "lines", (10**6, 10**7), interpro_ingest),
     Case("structures", "structures", (10**3, 10**4), structures),
-    # planned: a dry run over an inventory of 2*10^8 files
+    Case("site_dry_run", "AFDB files", (10**5, 2 * 10**8), site_dry_run),
 ]
 
 
@@ -232,16 +246,20 @@ def _row(name: str, metric: str, value: float, unit: str, **kw: Any) -> dict[str
 
 
 def _per_record(case: Case, n: int, m: dict) -> tuple[str, float, str]:
-    """(metric, value, unit): time per record, or per shard for the lookup."""
+    """(metric, value, unit): time per record, or per shard for the lookup, or the plan's
+    seconds for the dry run."""
     if case.name == "esmatlas_lookup":
         return "s_per_shard", m["seconds"], "s"
+    if case.name == "site_dry_run":
+        return "plan_s", m["seconds"], "s"
     return "us_per_record", 1e6 * m["seconds"] / n, "us"
 
 
 def size_rows(case: Case, n: int, variant: str, m: dict) -> list[dict[str, Any]]:
     label = f"{case.name}{'_' + variant if variant else ''}_{n}"
     p = dict(case=case.name, variant=variant, size=n, unit_of_size=case.unit,
-             seconds=round(m["seconds"], 3), imports_mb=round(m["imports_mb"], 1),
+             seconds=round(m["seconds"], 3),
+             imports_mb=None if m["imports_mb"] is None else round(m["imports_mb"], 1),
              cpus=ALLOCATION_CPUS, memory_mb=ALLOCATION_MB, summary=m["summary"])  # fmt: skip
     metric, value, unit = _per_record(case, n, m)
     rows = [_row(label, "peak_rss", m["peak_mb"], "MB", **p), _row(label, metric, value, unit, **p)]

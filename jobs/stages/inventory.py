@@ -109,9 +109,11 @@ def list_task(
         counts = prefilter_files(folder / "files.parquet", folder / "selected.parquet", prefilter)
         doc |= {"files": "selected.parquet", "prefilter": counts}
     write_text_atomic(folder / "listing.json", json.dumps(doc, indent=1))
-    kept = doc.get("prefilter", {}).get("kept", s.files)
-    say("list", f"{dataset}: {s.files} files ({kept} after the metadata prefilter), "
-        f"{s.archives} archives, {s.bytes / 1e9:.2f} GB -> {folder}")  # fmt: skip
+    kept = (
+        f" ({doc['prefilter']['kept']} after the metadata prefilter)" if "prefilter" in doc else ""
+    )
+    say("list", f"{dataset}: {s.files} files{kept}, {s.archives} archives, "
+        f"{s.bytes / 1e9:.2f} GB -> {folder}")  # fmt: skip
     return doc
 
 
