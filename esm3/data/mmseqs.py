@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from esm3.data.duck import connect
 from esm3.data.fasta import fasta_bytes
-from esm3.data.shards import COMPRESSION, atomic_path, is_done, sql_path, write_table
+from esm3.data.shards import COMPRESSION, atomic_path, is_done, sql_path, streamed, write_table
 from esm3.tool import MMSEQS
 
 # paper, A.2.1: linclust flags; --min-seq-id is the clustering level
@@ -137,7 +137,7 @@ def createdb(shards: list[str | Path], db: str | Path, *, batch_rows: int = 1 <<
     batches = (
         fasta_bytes(batch)
         for s in shards
-        for batch in pq.ParquetFile(s).iter_batches(batch_rows, columns=["id", "sequence"])
+        for batch in streamed(s).iter_batches(batch_rows, columns=["id", "sequence"])
     )
     MMSEQS.feed(["createdb", "stdin", db, *CREATEDB_FLAGS], batches)
 

@@ -32,6 +32,12 @@ def parquet_writer(path: str | Path, schema: pa.Schema) -> pq.ParquetWriter:
     )
 
 
+def streamed(path: str | Path) -> pq.ParquetFile:
+    """A Parquet file to read batch by batch: without pyarrow's pre-buffering (its default),
+    which reads a whole row group's column chunks ahead, so memory follows the batch."""
+    return pq.ParquetFile(path, pre_buffer=False)
+
+
 def tmp_path(path: str | Path) -> Path:
     """A unique temporary sibling of `path` (same folder, so the rename is atomic)."""
     p = Path(path)

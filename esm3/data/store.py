@@ -40,6 +40,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from esm3.data.shards import streamed
+
 FORMAT = "esm3-training-store"
 VERSION = 1
 BATCH_ROWS = 1024
@@ -112,7 +114,7 @@ def _rebatch(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Record
 def _stream(files: Sequence[Path], columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
     for f in files:
         try:
-            pf = pq.ParquetFile(f)
+            pf = streamed(f)
             present = [c for c in columns if c in pf.schema_arrow.names]
             yield from pf.iter_batches(batch_size=READ_ROWS, columns=present)
         except (OSError, pa.ArrowException) as e:
@@ -161,7 +163,7 @@ def _write_pairs(files: Sequence[Path], columns: tuple[str, str], out: Path) -> 
     with pq.ParquetWriter(out, schema) as w:
         for f in files:
             try:
-                pf = pq.ParquetFile(f)
+                pf = streamed(f)
                 for b in pf.iter_batches(batch_size=READ_ROWS * 8, columns=list(columns)):
                     w.write_batch(
                         pa.record_batch(
@@ -360,7 +362,7 @@ def sources_fingerprint(sources: StoreSources, salt: str = "") -> str:
 
 
 def _self_clusters(tmp: Path) -> None:
-    t = pq.ParquetFile(tmp / "ids.parquet")
+    t = streamed(tmp / "ids.parquet")
     schema = pa.schema([("center", pa.string()), ("member", pa.string()), ("ord", pa.int64())])
     with pq.ParquetWriter(tmp / "clusters.parquet", schema) as w:
         for b in t.iter_batches(batch_size=READ_ROWS * 8):

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from esm3.data.archives import STRUCTURE_MEMBERS, ArchiveError, ArchivePart, WalkStats, iter_members
 from esm3.data.duck import connect
 from esm3.data.interpro import Annotation, load_annotations, map_annotations
-from esm3.data.shards import Source, duckdb_source
+from esm3.data.shards import Source, duckdb_source, streamed
 from esm3.data.structures.filters import (
     AFDBFilter,
     ESMAtlasFilter,
@@ -521,7 +520,7 @@ class ShardBackbones:
     def __iter__(self) -> Iterator[np.ndarray]:
         chains = residues = 0
         for path in self.paths:
-            with pq.ParquetFile(path) as pf:
+            with streamed(path) as pf:
                 for batch in pf.iter_batches(BACKBONE_BATCH_ROWS, columns=["coords"]):
                     for flat in batch.column(0).to_numpy(zero_copy_only=False):
                         bb = np.asarray(flat, dtype=np.float32).reshape(-1, 3, 3)
