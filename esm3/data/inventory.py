@@ -198,6 +198,22 @@ def iter_paths(path: str | Path) -> Iterable[str]:
         yield from pf.read_row_group(g, columns=["path"]).column(0).to_pylist()
 
 
+def sorted_metadata(src: str | Path, out: str | Path) -> int:
+    """A confidence table (CSV/TSV or Parquet, columns as `metadata_relation` reads them)
+    as Parquet (id, plddt, ptm) sorted by id: tasks then scan Parquet, not CSV, and a
+    task's ids in a narrow range skip the other row groups. Returns the rows."""
+    from esm3.data.structures.filters import metadata_relation
+
+    con = connect()
+    try:
+        rel = metadata_relation(con, src, need_ptm=False).order("id")
+        with atomic_path(Path(out)) as tmp:
+            rel.write_parquet(str(tmp), compression="zstd", row_group_size=ROW_GROUP // 10)
+        return count_rows(out)
+    finally:
+        con.close()
+
+
 @dataclass(frozen=True)
 class Prefilter:
     """Keep entries with metadata pLDDT >= min_plddt and (when `min_ptm` is set) pTM >=

@@ -18,7 +18,9 @@ Cases (full sizes; --quick / quick=True uses ~1/100 of them):
 - oas_ingest:     one unpaired OAS data unit of 10^5 and 10^6 rows -> `ingest_task`
 - esmatlas_lookup: ESMAtlas metadata of 10^6 and 10^7 rows, Parquet and CSV: the lookup
                   of one structure shard's ids (`read_esmatlas_metadata`, a DuckDB scan;
-                  ESMATLAS_SHARD_IDS ids, the datasets' default shard size), s per shard
+                  ESMATLAS_SHARD_IDS ids, the datasets' default shard size), s per shard.
+                  Tasks read Parquet: the `list` stage turns a CSV table into Parquet
+                  sorted by id once; the CSV row is what every task would pay without it
 - interpro_ingest: protein2ipr.dat.gz of 10^6 and 10^7 lines -> `ingest_protein2ipr`
 - structures:     an AFDB-style tar of 10^3 and 10^4 members (real structures from
                   MDAnalysisTests, repeated under distinct names) as one `ArchivePart`

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from esm3.data.inventory import (
@@ -27,6 +27,7 @@ from esm3.data.inventory import (
     iter_paths,
     prefilter_files,
     read_paths,
+    sorted_metadata,
     write_inventory,
 )
 from jobs.arrays import job_cpus
@@ -73,6 +74,12 @@ class Listing:
     n_archives: int
     summary: dict
 
+    @property
+    def metadata(self) -> str | None:
+        """The source's metadata table as Parquet sorted by id, when the listing made one."""
+        name = self.summary.get("metadata")
+        return str(Path(self.folder) / name) if name else None
+
     def archive(self, row: int) -> str:
         return read_paths(self.archives, row, row + 1)[0]
 
@@ -105,6 +112,11 @@ def list_task(
     s = write_inventory(patterns, folder, threads=threads, where=f"dataset '{dataset}'")
     doc = {"key": key, "dataset": dataset, "files": "files.parquet", "listed_files": s.files,
            "archives": s.archives, "bytes": s.bytes}  # fmt: skip
+    if prefilter is not None:  # the tasks' metadata: Parquet sorted by id, whatever the source
+        if not prefilter.metadata.endswith(".parquet"):
+            sorted_metadata(prefilter.metadata, folder / "metadata.parquet")
+            prefilter = replace(prefilter, metadata=str(folder / "metadata.parquet"))
+            doc["metadata"] = "metadata.parquet"
     if prefilter is not None and s.files:
         counts = prefilter_files(folder / "files.parquet", folder / "selected.parquet", prefilter)
         doc |= {"files": "selected.parquet", "prefilter": counts}

@@ -491,6 +491,9 @@ def plan_structures(
     budgets = token_budgets(cfg)
     for d in datasets:
         metadata = str(inputs.metadata[d.name]) if inputs.metadata.get(d.name) else None
+        listing = inputs.listings.get(d.name)
+        if listing is not None and listing.metadata:  # the `list` stage's sorted Parquet copy
+            metadata = listing.metadata
         if d.proxy_from_experimental:
             meta_out = lay.struct(d.name) / "derived-metadata.csv"
             if d.format == "esmatlas":

@@ -110,6 +110,9 @@ def test_structures_are_listed_once_and_prefiltered_before_any_is_opened(run):
     assert listed["listed_files"] == 4 and listed["archives"] == 0
     assert listed["prefilter"] == {"listed": 4, "kept": 3, "dropped": 1, "without_metadata": 1}
     inventory = ws / "data/preprocess/formats/inventory/esmatlas"
+    meta = pq.read_table(inventory / "metadata.parquet")  # the CSV as Parquet sorted by id
+    assert meta["id"].to_pylist() == sorted(meta["id"].to_pylist()) and meta.num_rows == 4
+    assert meta.column_names == ["id", "plddt", "ptm"] and max(meta["plddt"].to_pylist()) == 99
     assert pq.read_table(inventory / "selected.parquet")["id"].to_pylist() == [
         "MGYP000000000000", "MGYP000000000001", "MGYP000000000003"]  # fmt: skip
     # the dropped entry was never opened: 3 files in 2 shards, no reject of it
