@@ -705,9 +705,6 @@ def _drop_duplicate_ids(tmp: Path, source: str, rejects: list[dict]) -> tuple[Pa
     Keeps the first occurrence. If any id repeats, writes the shard again without the repeats
     and returns (that file, rows removed); extends `rejects` in place.
     """
-    ids = pq.read_table(tmp, columns=["id"]).column("id")
-    if pc.count_distinct(ids).as_py() == len(ids):  # the common case, without DuckDB
-        return None
     src = {"src": str(tmp)}
     repeats = """
         SELECT id, "offset", min("offset") OVER (PARTITION BY id) AS first_offset
@@ -716,6 +713,11 @@ def _drop_duplicate_ids(tmp: Path, source: str, rejects: list[dict]) -> tuple[Pa
         QUALIFY "offset" > first_offset"""
     con = connect()
     try:
+        # the common case first: one grouping pass, under the connection's memory limit
+        (unique,) = con.execute("SELECT count(*) = count(DISTINCT id) FROM read_parquet($src)",
+                                src).fetchone()  # fmt: skip
+        if unique:
+            return None
         dups = con.execute(repeats + ' ORDER BY "offset"', src).fetchall()
         if not dups:
             return None
