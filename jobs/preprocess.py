@@ -294,9 +294,13 @@ def summarize(ws: Path, run_id: str, results: dict[str, list[Any]], lay: Any) ->
 
     lines = [f"run {run_id}: data in {lay.root}"]
     for r in results.get("list", []):
-        kept = r.get("prefilter", {}).get("kept", r["listed_files"])
-        lines.append(f"  list {r['dataset']}: {r['listed_files']} files ({kept} kept by the "
-                     f"metadata prefilter), {r['archives']} archives")  # fmt: skip
+        kept = (
+            f" ({r['prefilter']['kept']} kept by the metadata prefilter)"
+            if "prefilter" in r
+            else ""
+        )
+        lines.append(f"  list {r['dataset']}: {r['listed_files']} files{kept}, "
+                     f"{r['archives']} archives")  # fmt: skip
     if "ingest" in results:
         r = results["ingest"]
         lines.append(f"  ingest: {_sum(r, 'records')} records -> {_sum(r, 'written')} sequences, "
