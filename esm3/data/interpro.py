@@ -159,12 +159,13 @@ def _ingest(
     out_path: Path,
     parse,
     stage: str,
-    accessions: set[str] | None,
+    accessions: Iterable[str] | None,
     batch_rows: int,
     max_rejects: int,
     schema: pa.Schema = IPR_SCHEMA,
 ) -> ShardResult:
     """The per-line reader: `parse` on every line that is not blank or a comment."""
+    accessions = set(accessions) if accessions is not None else None
     out_path = Path(out_path)
     if out_path.exists():
         return stored_result(out_path)
@@ -575,9 +576,14 @@ def ingest_protein2ipr_lines(
     """protein2ipr through the per-line reader: the reference of `ingest_protein2ipr`, and
     its way through a file that starts with a UTF-8 byte-order mark, has a line longer than
     a block, or a line without 6 columns that is not UTF-8."""
-    acc = set(accessions) if accessions is not None else None
     return _ingest(
-        Path(src), Path(out_path), parse_protein2ipr_line, "interpro", acc, batch_rows, max_rejects
+        Path(src),
+        Path(out_path),
+        parse_protein2ipr_line,
+        "interpro",
+        accessions,
+        batch_rows,
+        max_rejects,
     )
 
 
@@ -589,13 +595,12 @@ def ingest_interproscan(
     max_rejects: int = 100_000,
 ) -> ShardResult:
     """InterProScan TSV output into a Parquet file of IPR_SCHEMA rows (IPR matches only)."""
-    acc = set(accessions) if accessions is not None else None
     return _ingest(
         Path(src),
         Path(out_path),
         parse_interproscan_line,
         "interproscan",
-        acc,
+        accessions,
         batch_rows,
         max_rejects,
     )
@@ -609,9 +614,8 @@ def ingest_sites(
     max_rejects: int = 100_000,
 ) -> ShardResult:
     """Site features (accession, label, description, start, end TSV) into SITE_SCHEMA rows."""
-    acc = set(accessions) if accessions is not None else None
     return _ingest(
-        Path(src), Path(out_path), parse_site_line, "sites", acc, batch_rows, max_rejects,
+        Path(src), Path(out_path), parse_site_line, "sites", accessions, batch_rows, max_rejects,
         SITE_SCHEMA,
     )  # fmt: skip
 
