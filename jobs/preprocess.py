@@ -184,7 +184,8 @@ def run_preprocess(
             results = run_stages(ws, profile, run_id, [lister], progress=progress,
                                  timeout_s=timeout_s)  # fmt: skip
             if what != "list":
-                with_listings(cfg, inputs, lay, keys)
+                if lister.items:  # the listings just walked (the others were read above)
+                    with_listings(cfg, inputs, lay, keys)
                 walked = {item[2] for item in lister.items}
                 for name, got in inputs.listings.items():
                     if name not in walked:

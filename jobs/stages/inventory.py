@@ -26,7 +26,6 @@ from esm3.data.inventory import (
     count_rows,
     iter_paths,
     prefilter_files,
-    read_paths,
     sorted_metadata,
     write_inventory,
 )
@@ -79,9 +78,6 @@ class Listing:
         """The source's metadata table as Parquet sorted by id, when the listing made one."""
         name = self.summary.get("metadata")
         return str(Path(self.folder) / name) if name else None
-
-    def archive(self, row: int) -> str:
-        return read_paths(self.archives, row, row + 1)[0]
 
 
 def load_listing(folder: Path, key: str) -> Listing | None:

@@ -404,7 +404,7 @@ class StructureShards:
         return [ArchiveRow(self.listing.archives, row, part, self.split, self.members)]
 
     def out(self, i: int) -> str:
-        return str(Path(self.folder) / f"{i:05d}.parquet")
+        return self.paths()[i]
 
     def paths(self) -> ShardPaths:
         return ShardPaths(((self.folder, len(self)),))
