@@ -345,20 +345,24 @@ class ShardPaths(Sequence):
     def __len__(self) -> int:
         return sum(n for _, n in self.groups)
 
+    @staticmethod
+    def name(folder: str, k: int) -> str:
+        return str(Path(folder) / f"{k:05d}.parquet")
+
     def __getitem__(self, i):  # type: ignore[no-untyped-def]
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
         k = i + len(self) if i < 0 else i
         for folder, n in self.groups:
             if 0 <= k < n:
-                return str(Path(folder) / f"{k:05d}.parquet")
+                return self.name(folder, k)
             k -= n
         raise IndexError(i)
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         for folder, n in self.groups:
             for k in range(n):
-                yield str(Path(folder) / f"{k:05d}.parquet")
+                yield self.name(folder, k)
 
     def __add__(self, other: ShardPaths) -> ShardPaths:
         return ShardPaths(self.groups + other.groups)
@@ -404,7 +408,7 @@ class StructureShards:
         return [ArchiveRow(self.listing.archives, row, part, self.split, self.members)]
 
     def out(self, i: int) -> str:
-        return self.paths()[i]
+        return ShardPaths.name(self.folder, i)
 
     def paths(self) -> ShardPaths:
         return ShardPaths(((self.folder, len(self)),))
