@@ -49,7 +49,7 @@ class ModelConfig:
     context_length: int = 2048
     ffn_ratio: float = 8 / 3  # SwiGLU hidden = ffn_ratio * d_model, rounded up to ffn_multiple
     ffn_multiple: int = 64
-    geom_heads: int = 0  # 0: d_model // 64, at least 4
+    geom_heads: int = 0  # geometric ("v") heads; 0: d_model // 64, at least 4
     layer_pattern: str = "esm3"  # "esm3": first block mixed; "alternating": geometric/standard
     tracks: TrackSizes = field(default_factory=TrackSizes)
     heads: tuple[str, ...] = CATEGORICAL_TRACKS  # output heads (loss tracks)
@@ -95,20 +95,28 @@ class ModelConfig:
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
-        name="tiny", d_model=128, n_layers=4, d_head=32, tracks=TrackSizes.build(4096, 64, 64)
+        name="tiny", d_model=128, n_layers=4, d_head=32, tracks=TrackSizes.build(4096, 64)
     ),
     "bench_100m": ModelConfig(
         name="bench_100m", d_model=768, n_layers=12, d_head=64, ffn_multiple=256
     ),
+    # 256 geometric heads: esm's open 1.4B model (esm3-sm-open-v1). The paper gives no
+    # count for 7.7B and 98.5B; they keep the 1.4B's ratio, d_model / 6, rounded to a
+    # multiple of 64 (448, 1024): the layer is one block of many, so its cost stays small.
     "esm3_1.4b": ModelConfig(
-        name="esm3_1.4b", d_model=1536, n_layers=48, d_head=64, ffn_multiple=256
+        name="esm3_1.4b", d_model=1536, n_layers=48, d_head=64, ffn_multiple=256, geom_heads=256
     ),
     "esm3_7.7b": ModelConfig(
-        name="esm3_7.7b", d_model=2560, n_layers=96, d_head=64, ffn_multiple=256
+        name="esm3_7.7b", d_model=2560, n_layers=96, d_head=64, ffn_multiple=256, geom_heads=448
     ),
     "esm3_98.5b": ModelConfig(
-        name="esm3_98.5b", d_model=6144, n_layers=216, d_head=128, ffn_multiple=256
-    ),
+        name="esm3_98.5b",
+        d_model=6144,
+        n_layers=216,
+        d_head=128,
+        ffn_multiple=256,
+        geom_heads=1024,
+    ),  # fmt: skip
     "inverse_folding_200m": ModelConfig(
         name="inverse_folding_200m",
         d_model=1024,
@@ -128,34 +136,29 @@ def preset(name: str, **overrides: object) -> ModelConfig:
     return replace(PRESETS[name], **overrides)  # type: ignore[arg-type]
 
 
+def embedding_params(cfg: ModelConfig) -> int:
+    """Parameters of the embedding tables (lookups, no FLOPs): every track's rows x width
+    (the 8 function tables are d/8 wide each)."""
+    t = cfg.tracks
+    return cfg.d_model * (t.sequence + t.structure + t.ss8 + t.sasa + t.function + t.residue)
+
+
 def param_count(cfg: ModelConfig, *, embeddings: bool = True) -> int:
     """Parameter count from the config alone (matches `sum(p.numel())` of the torch model)."""
-    d, h = cfg.d_model, cfg.ffn_hidden
-    attn = d * 3 * d + d * d + 2 * d + 2 * d  # qkv, out, pre-LN weight+bias, q/k LN weights
-    geo = 2 * d + d * cfg.n_geom_heads * 15 + cfg.n_geom_heads * 3 * d + 2 * cfg.n_geom_heads
+    d, h, g = cfg.d_model, cfg.ffn_hidden, cfg.n_geom_heads
+    attn = 2 * d + d * 3 * d + d * d + 2 * d  # pre-LN weight+bias, qkv, out, q/k LN weights
+    geo = d + d * g * 15 + g * 3 * d + 2 * g  # LN weight, projection, output, 2 weights/head
     ffn = 2 * d + d * 2 * h + h * d
     per_kind = {"standard": attn + ffn, "mixed": attn + geo + ffn, "geometric": geo + ffn}
-    trunk = sum(per_kind[k] for k in cfg.layer_kinds()) + 2 * d  # final LN
+    trunk = sum(per_kind[k] for k in cfg.layer_kinds()) + d  # final LN (no bias)
     if not embeddings:
         return trunk
-    sizes = cfg.tracks
-    emb = d * sum(getattr(sizes, t) for t in CATEGORICAL_TRACKS)
+    plddt = 2 * (16 * d + d)
     heads = 0
     for t in cfg.heads:
-        out = _head_outputs(cfg, t)
+        out = cfg.tracks.head_outputs(t)
         heads += d * d + d + 2 * d + d * out + out
-    return trunk + emb + heads
-
-
-def _head_outputs(cfg: ModelConfig, track: str) -> int:
-    from esm3.tokenize.annotations import FIRST_LABEL, FUNCTION_DEPTH
-
-    size = getattr(cfg.tracks, track)
-    if track == "function":
-        return FUNCTION_DEPTH * size
-    if track == "residue":
-        return size - FIRST_LABEL
-    return size
+    return trunk + embedding_params(cfg) + plddt + heads
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
@@ -165,7 +168,5 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     the second term is attention's scores and weighted sum (PaLM's estimate, used for MFU).
     """
     T = seq_len or cfg.context_length
-    n = param_count(cfg, embeddings=True) - cfg.d_model * sum(
-        getattr(cfg.tracks, t) for t in CATEGORICAL_TRACKS
-    )
+    n = param_count(cfg, embeddings=True) - embedding_params(cfg)
     return 6.0 * n + 12.0 * cfg.n_layers * cfg.d_model * T

@@ -1,9 +1,11 @@
-"""The ESM3-style multi-track masked transformer (model math only; no distributed code).
+"""The ESM3 multi-track masked transformer (model math only; no distributed code).
 
-Per-track embeddings are summed; pre-LN blocks with layer norm on queries and keys, rotary
-position embeddings, SwiGLU feed-forward and branch outputs scaled by 1/sqrt(n_layers/36);
-geometric attention over backbone frames in the first block (or alternating, for inverse
-folding); one head per output track. `model.layers` is the per-block module list that an
+The architecture, inputs and token ids are those of EvolutionaryScale's `esm` ESM3, so
+weights cross both ways (`esm3.interop.esm`): per-track embeddings and pLDDT projections
+summed; pre-LN blocks with layer norm on queries and keys, rotary position embeddings,
+SwiGLU feed-forward and branch outputs divided by sqrt(n_layers/36); geometric attention
+over backbone frames in the first block (or alternating, for inverse folding); a final
+LayerNorm without bias; one head per output track. `model.layers` is the per-block module list that an
 FSDP / activation-checkpointing wrapper applies to from outside.
 """
 
@@ -17,10 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from esm3.model import backends as bk
-from esm3.model.config import ModelConfig, _head_outputs
-from esm3.model.geometry import GeometricAttention, backbone_frames, geometric_mask
-from esm3.tokenize.annotations import FUNCTION_DEPTH
-from esm3.tokenize.specials import MASK, N_SPECIAL, PAD
+from esm3.model.config import ModelConfig
+from esm3.model.geometry import GeometricAttention, backbone_frames, geometric_bias
+from esm3.tokenize.annotations import RESIDUE_DEPTH
+from esm3.tokenize.specials import PAD
+from esm3.tokenize.tracks import FUNCTION_DEPTH
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +75,21 @@ class _Context:
 
     positions: torch.Tensor  # (B, T) rotary positions
     attn_mask: torch.Tensor | None  # (B, 1, T, T) bool or None
-    sequence_id_for_attention: torch.Tensor | None  # (B, T), None when unpacked
+    sequence_id_for_attention: torch.Tensor | None  # (B, T), None: attend everything
     rot: torch.Tensor | None = None
     trans: torch.Tensor | None = None
-    geo_mask: torch.Tensor | None = None
+    present: torch.Tensor | None = None
+    geo_bias: torch.Tensor | None = None
 
 
 class Block(nn.Module):
-    """One transformer block: kind "standard", "mixed" (+ geometric) or "geometric"."""
+    """One transformer block: kind "standard", "mixed" (+ geometric) or "geometric".
+    Branch outputs are divided by sqrt(n_layers / 36) before they join the residual."""
 
     def __init__(self, cfg: ModelConfig, kind: str, backends: bk.Backends) -> None:
         super().__init__()
         self.kind = kind
-        self.scale = 1.0 / cfg.residual_scale
+        self.scale = cfg.residual_scale
         self.attn = SelfAttention(cfg, backends) if kind != "geometric" else None
         self.geom = (
             GeometricAttention(cfg.d_model, cfg.n_geom_heads) if kind != "standard" else None
@@ -93,10 +98,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: _Context) -> torch.Tensor:
         if self.attn is not None:
-            x = x + self.scale * self.attn(x, ctx)
+            x = x + self.attn(x, ctx) / self.scale
         if self.geom is not None:
-            x = x + self.scale * self.geom(x, ctx.rot, ctx.trans, ctx.geo_mask)
-        return x + self.scale * self.ffn(x)
+            x = x + self.geom(x, ctx.rot, ctx.trans, ctx.present, ctx.geo_bias) / self.scale
+        return x + self.ffn(x) / self.scale
 
 
 class Head(nn.Module):
@@ -112,10 +117,51 @@ class Head(nn.Module):
         return self.net(x)
 
 
+def plddt_rbf(values: torch.Tensor, n_bins: int = 16) -> torch.Tensor:
+    """(...,) pLDDT on [0, 1] -> (..., n_bins) Gaussian radial basis over [0, 1] (esm's)."""
+    centers = torch.linspace(0.0, 1.0, n_bins, device=values.device, dtype=values.dtype)
+    z = (values[..., None] - centers) * n_bins
+    return torch.exp(-(z**2))
+
+
+class InputEmbedding(nn.Module):
+    """The sum of every track's embedding (A.1.5, as `esm`): per-track tables; function
+    tokens through 8 per-slot tables of width d/8, concatenated; residue annotations
+    through a summed EmbeddingBag; pLDDT (average and per residue) through Linear(16, d)
+    of a 16-bin RBF. Padding id 0 of the function and residue tables is a zero vector."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d, t = cfg.d_model, cfg.tracks
+        if d % FUNCTION_DEPTH:
+            raise ValueError(f"model.d_model {d} must be a multiple of {FUNCTION_DEPTH}")
+        self.sequence = nn.Embedding(t.sequence, d)
+        self.structure = nn.Embedding(t.structure, d)
+        self.ss8 = nn.Embedding(t.ss8, d)
+        self.sasa = nn.Embedding(t.sasa, d)
+        self.function = nn.ModuleList(
+            nn.Embedding(t.function, d // FUNCTION_DEPTH, padding_idx=PAD)
+            for _ in range(FUNCTION_DEPTH)
+        )
+        self.residue = nn.EmbeddingBag(t.residue, d, mode="sum", padding_idx=PAD)
+        self.average_plddt = nn.Linear(16, d)
+        self.per_res_plddt = nn.Linear(16, d)
+
+    def forward(self, tok: dict[str, torch.Tensor], average_plddt, per_res_plddt) -> torch.Tensor:
+        x = self.sequence(tok["sequence"]) + self.structure(tok["structure"])
+        x = x + self.average_plddt(plddt_rbf(average_plddt)).expand_as(x)
+        x = x + self.per_res_plddt(plddt_rbf(per_res_plddt))
+        x = x + self.ss8(tok["ss8"]) + self.sasa(tok["sasa"])
+        slots = tok["function"].unbind(-1)
+        x = x + torch.cat([emb(s) for emb, s in zip(self.function, slots, strict=True)], -1)
+        B, T, D = tok["residue"].shape
+        return x + self.residue(tok["residue"].reshape(B * T, D)).view(B, T, -1)
+
+
 @dataclass
 class ESM3Output:
     """logits per head track: sequence/structure/ss8/sasa (B, T, V); function (B, T, 8, V);
-    residue (B, T, n_labels) (multi-label). embeddings: (B, T, d_model) after the final norm.
+    residue (B, T, V) (multi-label). embeddings: (B, T, d_model) after the final norm.
     max_attn_logit: (n_attention_layers,) float32, NaN where not tracked."""
 
     logits: dict[str, torch.Tensor]
@@ -135,12 +181,10 @@ class ESM3(nn.Module):
         self.backends = bk.resolve(cfg.backend, device)
         log.info("ESM3 %s: %s", cfg.name, self.backends.describe())
         d = cfg.d_model
-        self.embed = nn.ModuleDict(
-            {t: nn.Embedding(getattr(cfg.tracks, t), d) for t in TRACK_INPUTS}
-        )
+        self.embed = InputEmbedding(cfg)
         self.layers = nn.ModuleList([Block(cfg, kind, self.backends) for kind in cfg.layer_kinds()])
-        self.norm = nn.LayerNorm(d)
-        self.heads = nn.ModuleDict({t: Head(d, _head_outputs(cfg, t)) for t in cfg.heads})
+        self.norm = nn.LayerNorm(d, bias=False)
+        self.heads = nn.ModuleDict({t: Head(d, cfg.tracks.head_outputs(t)) for t in cfg.heads})
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -149,30 +193,37 @@ class ESM3(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
+            elif isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
                 nn.init.normal_(m.weight, std=0.02)
+                if m.padding_idx is not None:
+                    with torch.no_grad():
+                        m.weight[m.padding_idx].zero_()
 
-    def _embed(self, tracks: dict[str, torch.Tensor]) -> torch.Tensor:
-        seq = tracks["sequence"]
-        x = self.embed["sequence"](seq)
-        # a missing track is "not given": MASK at residues, the sequence's specials elsewhere
-        missing = torch.where((seq < N_SPECIAL) & (seq != MASK), seq, torch.full_like(seq, MASK))
-        for t in TRACK_INPUTS[1:]:
+    def filled_inputs(
+        self, B: int, T: int, device: torch.device, tracks: dict[str, torch.Tensor | None]
+    ) -> dict[str, torch.Tensor]:
+        """Every track's tokens, an absent one filled as `esm` fills it: sequence and
+        structure with their MASK, the others with `<pad>` (0); then, as `esm`, the
+        structure track takes BOS/EOS/PAD/chainbreak wherever the sequence has them."""
+        sizes = self.cfg.tracks
+        out = {}
+        for t in TRACK_INPUTS:
             tok = tracks.get(t)
-            w = self.embed[t].weight
-            if t in ("function", "residue"):
-                if tok is None:
-                    x = x + F.embedding(missing, w) * (FUNCTION_DEPTH if t == "function" else 16)
-                else:
-                    B, T, D = tok.shape
-                    x = x + F.embedding_bag(tok.reshape(B * T, D), w, mode="sum").view(B, T, -1)
-            else:
-                x = x + F.embedding(missing if tok is None else tok, w)
-        return x
+            if tok is None:
+                shape = (B, T, FUNCTION_DEPTH) if t == "function" else (B, T)
+                shape = (B, T, RESIDUE_DEPTH) if t == "residue" else shape
+                tok = torch.full(shape, sizes.specials(t).mask, dtype=torch.long, device=device)
+            out[t] = tok
+        seq, st = sizes.specials("sequence"), sizes.specials("structure")
+        s = out["structure"]
+        for which in ("bos", "pad", "eos", "chainbreak"):
+            s = s.masked_fill(out["sequence"] == getattr(seq, which), getattr(st, which))
+        out["structure"] = s
+        return out
 
     def forward(
         self,
-        sequence: torch.Tensor,
+        sequence: torch.Tensor | None = None,
         structure: torch.Tensor | None = None,
         ss8: torch.Tensor | None = None,
         sasa: torch.Tensor | None = None,
@@ -182,39 +233,49 @@ class ESM3(nn.Module):
         chain_id: torch.Tensor | None = None,
         sequence_id: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        average_plddt: torch.Tensor | None = None,
+        per_res_plddt: torch.Tensor | None = None,
         **_: object,
     ) -> ESM3Output:
         """Run the model.
 
-        Token tracks (B, T) int64 (function (B, T, 8), residue (B, T, 16)); a track left
-        None is "not given" (MASK). coords (B, T, 3, 3) Angstrom, NaN where not given
-        (None: no structure). chain_id (B, T): geometric attention stays within a chain.
-        sequence_id (B, T): packed sequences (-1 at padding); None: one sequence per row,
-        padding (PAD tokens) excluded. positions (B, T): rotary positions (default: index
-        within each packed sequence). Raises ValueError when T exceeds the context length.
+        Token tracks (B, T) int64 (function (B, T, 8), residue (B, T, 16)) with `esm`'s ids;
+        a track left None is "not given" and filled as `esm` does (`filled_inputs`).
+        coords (B, T, 3, 3) Angstrom, NaN where not given (None: no structure).
+        average_plddt (B,) or (B, T) and per_res_plddt (B, T) on [0, 1] (None: 1 and 0, esm's
+        defaults). chain_id (B, T): geometric attention stays within a chain (None: one
+        chain). sequence_id (B, T): attention stays within equal ids (packed rows; -1 at
+        padding); None: every position attends every other, as in `esm`. positions (B, T):
+        rotary positions (default: index within each run of equal sequence ids). Raises
+        ValueError when T exceeds the context length or no track is given.
         """
-        B, T = sequence.shape
+        given = {"sequence": sequence, "structure": structure, "ss8": ss8, "sasa": sasa}
+        given |= {"function": function, "residue": residue}
+        ref = next((v for v in (*given.values(), coords) if v is not None), None)
+        if ref is None:
+            raise ValueError("ESM3.forward needs at least one track or coordinates")
+        B, T = ref.shape[:2]
+        device = ref.device
         if T > self.cfg.context_length:
             raise ValueError(
                 f"input length {T} exceeds the model's context length {self.cfg.context_length}"
             )
-        packed = sequence_id is not None
-        if sequence_id is None:
-            pad = sequence == PAD
-            sequence_id = torch.where(pad, -1, 0) if bool(pad.any()) else None
+        tok = self.filled_inputs(B, T, device, given)
         if positions is None:
-            positions = _positions(sequence_id, B, T, sequence.device)
-        mask = bk.attention_mask(sequence_id)
-        ctx = _Context(positions, mask, sequence_id if (packed or mask is not None) else None)
+            positions = _positions(sequence_id, B, T, device)
+        ctx = _Context(positions, bk.attention_mask(sequence_id), sequence_id)
         if any(layer.geom is not None for layer in self.layers):
             if coords is None:
-                coords = torch.full((B, T, 3, 3), float("nan"), device=sequence.device)
-            ctx.rot, ctx.trans, present = backbone_frames(coords)
-            ctx.geo_mask = geometric_mask(present, chain_id, sequence_id)
-
-        tracks = {"sequence": sequence, "structure": structure, "ss8": ss8, "sasa": sasa}
-        tracks |= {"function": function, "residue": residue}
-        x = self._embed({k: v for k, v in tracks.items() if v is not None})
+                coords = torch.full((B, T, 3, 3), float("nan"), device=device)
+            ctx.rot, ctx.trans, ctx.present = backbone_frames(coords[..., :3, :])
+            chains = chain_id if chain_id is not None else torch.zeros_like(tok["sequence"])
+            ctx.geo_bias = geometric_bias(ctx.present, chains, sequence_id)
+        avg = torch.ones(B, device=device) if average_plddt is None else average_plddt.float()
+        avg = avg.view(B, 1) if avg.dim() == 1 else avg
+        per_res = (
+            torch.zeros(B, T, device=device) if per_res_plddt is None else per_res_plddt.float()
+        )
+        x = self.embed(tok, avg, per_res)
         with bk.fp8_autocast(self.backends):
             for layer in self.layers:
                 x = layer(x, ctx)

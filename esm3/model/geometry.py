@@ -1,21 +1,32 @@
-"""Geometric attention: attention over residues from their backbone frames.
+"""Geometric attention (A.1.6): attention over residues from their backbone frames, with
+`esm`'s parameter layout and math, so its weights load unchanged.
 
-Each residue with coordinates gets a frame (R, t) from N, CA, C (Gram-Schmidt: x along
-CA->C, y in the N-CA-C plane, z = x cross y; t = CA). Per head, a residue's features give
-local 3-vectors: a direction query/key, a distance query/key and a value. Rotated (and for
-distances translated) into the global frame, they score pairs by
-  w_dir * <R_i qd_i, R_j kd_j> - w_dist * |(R_i qp_i + t_i) - (R_j kp_j + t_j)|,
+Each residue with coordinates gets a frame (R, t) from N, CA, C by Gram-Schmidt: x along
+C->CA, y in the N-CA-C plane, z = x cross y; t = CA (as `esm`, after AlphaFold). Per head
+a residue's features give local 3-vectors: a rotation query/key and a value (rotated into
+the global frame) and a distance query/key (rotated and translated). A pair scores
+  softplus(w_rot) <R_i qr_i, R_j kr_j> / sqrt(3) - softplus(w_dist) |T_i qd_i - T_j kd_j| / sqrt(3),
 which a global rotation + translation leaves unchanged; values are summed in the global
-frame and rotated back into the query's local frame, so the output is invariant too.
-Pairs across chains, across packed sequences, or with a residue without coordinates are
-masked; a residue without coordinates gets zero output.
+frame and rotated back into the query's frame, so the output is invariant too.
+Keys without coordinates and pairs across chains are masked; a residue without
+coordinates gets zero output. As `esm`, pairs of one packed sequence get +1 on their score
+rather than a mask: the suite's batches give each packed sequence its own chain ids, so
+sequences never mix.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+_MAX_COORD = 1e6  # as esm: coordinates beyond this count as missing
+
+
+def _unit(v: torch.Tensor, eps: float) -> torch.Tensor:
+    return v / torch.sqrt((v * v).sum(-1, keepdim=True) + eps)
 
 
 def backbone_frames(coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -25,23 +36,25 @@ def backbone_frames(coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     Returns (rotations (B, T, 3, 3) with the frame axes as columns, translations (B, T, 3)
     = CA, present (B, T) bool). Missing residues get the identity frame at the origin.
     """
-    present = torch.isfinite(coords).all(dim=-1).all(dim=-1)
+    finite = torch.isfinite(coords) & (coords < _MAX_COORD)
+    present = finite.all(dim=-1).all(dim=-1)
     x = torch.where(present[..., None, None], coords, torch.zeros_like(coords)).float()
     n, ca, c = x[..., 0, :], x[..., 1, :], x[..., 2, :]
-    e1 = F.normalize(c - ca, dim=-1, eps=1e-6)
+    e1 = _unit(ca - c, 1e-10)
     u = n - ca
-    e2 = F.normalize(u - (u * e1).sum(-1, keepdim=True) * e1, dim=-1, eps=1e-6)
+    e2 = _unit(u - (e1 * u).sum(-1, keepdim=True) * e1, 1e-10)
     e3 = torch.cross(e1, e2, dim=-1)
     rot = torch.stack([e1, e2, e3], dim=-1)
     eye = torch.eye(3, device=coords.device, dtype=rot.dtype).expand_as(rot)
     rot = torch.where(present[..., None, None], rot, eye)
-    return rot, ca, present
+    return rot, torch.where(present[..., None], ca, torch.zeros_like(ca)), present
 
 
 def geometric_mask(
     present: torch.Tensor, chain_id: torch.Tensor | None, sequence_id: torch.Tensor | None
 ) -> torch.Tensor:
-    """(B, T, T) bool: i may attend j when both have coordinates, same chain, same sequence."""
+    """(B, T, T) bool: i may attend j when both have coordinates, same chain, same sequence
+    (a strict mask, for analysis; the layer itself scores as `geometric_bias`)."""
     ok = present[:, :, None] & present[:, None, :]
     if chain_id is not None:
         ok = ok & (chain_id[:, :, None] == chain_id[:, None, :])
@@ -50,50 +63,66 @@ def geometric_mask(
     return ok
 
 
+def geometric_bias(
+    present: torch.Tensor, chain_id: torch.Tensor, sequence_id: torch.Tensor | None
+) -> torch.Tensor:
+    """(B, 1, T, T) float32 bias added to the geometric scores, as `esm` builds it: +1 within
+    a packed sequence, the float32 minimum for keys without coordinates and across chains."""
+    B, T = present.shape
+    if sequence_id is None:
+        bias = present.new_ones((B, T, T), dtype=torch.float32)
+    else:
+        bias = (sequence_id[:, :, None] == sequence_id[:, None, :]).float()
+    lowest = torch.finfo(torch.float32).min
+    bias = bias.masked_fill(~present[:, None, :], lowest)
+    bias = bias.masked_fill(chain_id[:, :, None] != chain_id[:, None, :], lowest)
+    return bias[:, None]
+
+
 class GeometricAttention(nn.Module):
-    """Pre-LN geometric self-attention; (B, T, d) -> (B, T, d). Runs in float32."""
+    """Pre-LN geometric self-attention; (B, T, d) -> (B, T, d). Runs in float32.
+
+    `proj` gives, per residue, 3-vectors in this order: rotation queries, rotation keys and
+    values (n_heads each), then distance queries and keys (n_heads each)."""
 
     def __init__(self, d_model: int, n_heads: int) -> None:
         super().__init__()
         self.n_heads = n_heads
-        self.norm = nn.LayerNorm(d_model)
-        # per head: direction q/k, distance q/k, value: 5 three-vectors
+        self.norm = nn.LayerNorm(d_model, bias=False)
         self.proj = nn.Linear(d_model, n_heads * 15, bias=False)
         self.out = nn.Linear(n_heads * 3, d_model, bias=False)
-        self.dir_weight = nn.Parameter(torch.zeros(n_heads))
         self.dist_weight = nn.Parameter(torch.zeros(n_heads))
+        self.rot_weight = nn.Parameter(torch.zeros(n_heads))
 
     def forward(
         self,
         x: torch.Tensor,
         rot: torch.Tensor,
         trans: torch.Tensor,
-        mask: torch.Tensor,
+        present: torch.Tensor,
+        bias: torch.Tensor,
     ) -> torch.Tensor:
-        """x (B, T, d); rot (B, T, 3, 3); trans (B, T, 3) Angstrom; mask (B, T, T) bool."""
+        """x (B, T, d); rot (B, T, 3, 3); trans (B, T, 3) Angstrom; present (B, T) bool;
+        bias (B, 1, T, T) from `geometric_bias`."""
         B, T, _ = x.shape
         H = self.n_heads
         with torch.autocast(device_type=x.device.type, enabled=False):
-            vec = self.proj(self.norm(x).float()).view(B, T, H, 5, 3)
-            # local -> global: v_glob = R v_loc  (R's columns are the frame axes)
-            glob = torch.einsum("btij,bthkj->bthki", rot, vec)
-            q_dir, k_dir, q_pos, k_pos, val = glob.unbind(dim=3)  # each (B, T, H, 3)
-            q_pos = q_pos + trans[:, :, None]
-            k_pos = k_pos + trans[:, :, None]
-            qd, kd = q_dir.transpose(1, 2), k_dir.transpose(1, 2)  # (B, H, T, 3)
-            qp, kp = q_pos.transpose(1, 2), k_pos.transpose(1, 2)
-            dots = qd @ kd.transpose(-1, -2)
-            d2 = (qp * qp).sum(-1)[..., :, None] + (kp * kp).sum(-1)[..., None, :]
-            d2 = d2 - 2.0 * (qp @ kp.transpose(-1, -2))
-            dist = torch.sqrt(d2.clamp_min(1e-6))
-            w_dir = F.softplus(self.dir_weight)[None, :, None, None] / 3**0.5
-            w_dist = F.softplus(self.dist_weight)[None, :, None, None] / 3**0.5
-            logits = w_dir * dots - w_dist * dist
-            allowed = mask[:, None]
-            logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
-            attn = torch.softmax(logits, dim=-1) * allowed  # rows with nothing allowed -> 0
+            vec = self.proj(self.norm(x).float()).view(B, T, 5 * H, 3)
+            glob = torch.einsum("btij,bthj->bthi", rot, vec)  # local -> global: R v
+            q_rot, k_rot, val, q_dist, k_dist = glob.split(H, dim=2)  # each (B, T, H, 3)
+            q_dist = q_dist + trans[:, :, None]
+            k_dist = k_dist + trans[:, :, None]
+            qr, kr = q_rot.transpose(1, 2), k_rot.transpose(1, 2)  # (B, H, T, 3)
+            qd, kd = q_dist.transpose(1, 2), k_dist.transpose(1, 2)
+            rot_term = qr @ kr.transpose(-1, -2) / math.sqrt(3)
+            # exact pairwise distances without a (B, H, T, T, 3) difference tensor
+            dist = torch.cdist(qd, kd, compute_mode="donot_use_mm_for_euclid_dist")
+            dist_term = dist / math.sqrt(3)
+            w_rot = F.softplus(self.rot_weight)[:, None, None]
+            w_dist = F.softplus(self.dist_weight)[:, None, None]
+            attn = torch.softmax(rot_term * w_rot - dist_term * w_dist + bias, dim=-1)
             agg = attn @ val.transpose(1, 2)  # (B, H, T, 3), global frame
-            # global -> query's local frame: R_i^T v
-            local = torch.einsum("btji,bhtj->bthi", rot, agg)
+            local = torch.einsum("btji,bhtj->bthi", rot, agg)  # global -> query's frame
+            local = local.masked_fill(~present[:, :, None, None], 0.0)
             out = self.out(local.reshape(B, T, H * 3))
         return out.to(x.dtype)

@@ -1,14 +1,13 @@
-"""Function tokens and residue annotations: multi-label per residue, stored as token slots.
+"""Residue annotations (and the label vocabulary of the function track's source terms):
+multi-label per residue, stored as token slots with `esm`'s ids.
 
-Scheme (ours, documented; ESM3 itself hashes TF-IDF vectors of InterPro terms with LSH):
-the caller gives a vocabulary, a list of label ids (e.g. InterPro accessions "IPR000001").
-Label `vocab[k]` is token `FIRST_LABEL + k`. Each residue has `depth` slots; slot s holds
-the s-th label (in vocabulary order) whose span covers the residue, or `NONE` when the
-residue has fewer than s+1 labels. Labels beyond `depth` at one residue are dropped, as are
-ids absent from the vocabulary (a vocabulary usually keeps only frequent terms).
-
-Function tokens use depth 8 and a cross-entropy per slot; residue annotations use depth 16
-and a multi-label (binary cross-entropy) loss over the vocabulary.
+Ids (as `esm`'s residue-annotation tokenizer): `<pad>` 0, `<motif>` 1, `<unk>` 2,
+`<none>` 3, then label `vocab[k]` is token `FIRST_LABEL + k`. Each residue has `depth`
+slots: its labels (in vocabulary order, at most `depth`), then `<pad>`; a residue without
+a label has `<none>` in its first slot. Ids absent from the vocabulary are dropped (a
+vocabulary keeps only frequent labels). The model embeds the slots with a summed
+EmbeddingBag whose padding id is 0, and predicts them with a multi-label head (binary
+cross-entropy over the labels).
 """
 
 from __future__ import annotations
@@ -19,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from esm3.tokenize.specials import N_SPECIAL, SPECIAL_NAMES
+from esm3.tokenize.specials import PAD, SHARED_SPECIAL_NAMES
 
-NONE = N_SPECIAL  # "no (further) label in this slot"
-FIRST_LABEL = N_SPECIAL + 1
+NONE = 3  # "this residue has no label"
+FIRST_LABEL = 4
 FUNCTION_DEPTH = 8
 RESIDUE_DEPTH = 16
 
@@ -49,7 +48,7 @@ class AnnotationVocab:
 
     @property
     def tokens(self) -> tuple[str, ...]:
-        return SPECIAL_NAMES + ("<none>",) + self.labels
+        return SHARED_SPECIAL_NAMES + ("<none>",) + self.labels
 
     def encode(
         self, annotations: Iterable[Annotation], length: int, *, record: str = ""
@@ -59,7 +58,8 @@ class AnnotationVocab:
         Spans are 1-based inclusive and must lie in [1, length] with start <= end
         (ValueError naming the record otherwise). Unknown labels are skipped.
         """
-        out = np.full((length, self.depth), NONE, dtype=np.int64)
+        out = np.full((length, self.depth), PAD, dtype=np.int64)
+        out[:, 0] = NONE
         ks, starts, ends = [], [], []
         for label, start, end in annotations:
             if not (1 <= start <= end <= length):

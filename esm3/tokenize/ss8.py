@@ -1,24 +1,25 @@
-"""Eight-class secondary structure (DSSP) vocabulary: `GHITEBSC`.
+"""Eight-class secondary structure (DSSP) vocabulary, `esm`'s: `<pad>` 0, `<motif>` 1,
+`<unk>` 2, then `GHITEBSC` 3..10.
 
 DSSP 4 also writes ' ' (no assignment) and 'P' (polyproline II); both map to 'C' (coil),
-as the paper's vocabulary has neither. '-' or '?' mean "unknown": MASK, no target.
+as the paper's vocabulary has neither. '-' or '?' mean "unknown": `<pad>`, no target.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from esm3.tokenize.specials import MASK, N_SPECIAL, SPECIAL_NAMES
+from esm3.tokenize.specials import N_SHARED_SPECIAL, PAD, SHARED_SPECIAL_NAMES
 
 SS8_CLASSES = "GHITEBSC"
-VOCAB: tuple[str, ...] = SPECIAL_NAMES + tuple(SS8_CLASSES)
+VOCAB: tuple[str, ...] = SHARED_SPECIAL_NAMES + tuple(SS8_CLASSES)
 VOCAB_SIZE = len(VOCAB)
 
 _LUT = np.full(256, -1, dtype=np.int64)
 for _i, _c in enumerate(SS8_CLASSES):
-    _LUT[ord(_c)] = N_SPECIAL + _i
-_LUT[ord(" ")] = _LUT[ord("P")] = N_SPECIAL + SS8_CLASSES.index("C")
-_LUT[ord("-")] = _LUT[ord("?")] = MASK
+    _LUT[ord(_c)] = N_SHARED_SPECIAL + _i
+_LUT[ord(" ")] = _LUT[ord("P")] = N_SHARED_SPECIAL + SS8_CLASSES.index("C")
+_LUT[ord("-")] = _LUT[ord("?")] = PAD
 
 
 def encode_ss8(ss8: str, *, record: str = "") -> np.ndarray:

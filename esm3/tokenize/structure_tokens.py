@@ -1,22 +1,22 @@
 """Vocabulary of the structure-token track (the codebook itself lives in `structure.py`).
 
-Codebook index c (0 <= c < codebook_size) is token `N_SPECIAL + c`; -1 in a sample
-(no coordinates for that residue) becomes MASK: the residue's structure is "not given"
-and never a target.
+As `esm`: codebook index c (0 <= c < codebook_size) is token c, and the five specials
+follow (`esm3.tokenize.specials.structure_specials`); -1 in a sample (no coordinates for
+that residue) becomes MASK: the residue's structure is "not given" and never a target.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from esm3.tokenize.specials import MASK, N_SPECIAL
+from esm3.tokenize.specials import N_STRUCTURE_SPECIAL, structure_specials
 
 DEFAULT_CODEBOOK_SIZE = 4096
 
 
 def structure_vocab_size(codebook_size: int = DEFAULT_CODEBOOK_SIZE) -> int:
-    """Number of token ids of the structure track: specials + codebook entries."""
-    return N_SPECIAL + codebook_size
+    """Number of token ids of the structure track: codebook entries + specials."""
+    return codebook_size + N_STRUCTURE_SPECIAL
 
 
 def encode_structure_tokens(
@@ -33,4 +33,4 @@ def encode_structure_tokens(
             f"{where}structure token out of range [-1, {codebook_size}): "
             f"min {codes.min()}, max {codes.max()}"
         )
-    return np.where(codes < 0, MASK, codes + N_SPECIAL)
+    return np.where(codes < 0, structure_specials(codebook_size).mask, codes)

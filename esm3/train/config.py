@@ -425,12 +425,12 @@ class TrainConfig:
         output heads. Real use is higher (attention, FFN, workers), so a config over this
         bound cannot run.
         """
-        from esm3.model.config import _head_outputs, param_count
+        from esm3.model.config import param_count
 
         mc = self.model_config()
         states = 16 * param_count(mc) // max(1, world_size)
         tokens = self.tokens_per_rank(world_size)
         ids = tokens * 8 * len(TRACKS)
         residual = tokens * mc.d_model * mc.n_layers * 2
-        logits = tokens * sum(_head_outputs(mc, t) for t in mc.heads) * 2
+        logits = tokens * sum(mc.tracks.head_outputs(t) for t in mc.heads) * 2
         return states + ids + residual + logits

@@ -1,0 +1,1 @@
+"""Exchange with other implementations (EvolutionaryScale's `esm`), by tensors only."""
