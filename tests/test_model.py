@@ -11,10 +11,11 @@ import torch
 from esm3.model import backends as bk
 from esm3.model.config import PRESETS, BackendConfig, flops_per_token, param_count, preset
 from esm3.model.esm3 import ESM3
-from esm3.model.geometry import GeometricAttention, backbone_frames, geometric_mask
+from esm3.model.geometry import GeometricAttention, backbone_frames, geometric_bias
 from esm3.model.loss import LossConfig, track_losses
+from esm3.tokenize.annotations import FIRST_LABEL, NONE
 from esm3.tokenize.sequence import encode_sequence
-from esm3.tokenize.specials import BOS, EOS, MASK, PAD
+from esm3.tokenize.specials import PAD, SEQUENCE_BOS, SEQUENCE_EOS, SEQUENCE_PAD
 from tests.test_tasks_augment import real_protein
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -30,7 +31,9 @@ def _rotation(seed: int) -> torch.Tensor:
 
 def _real_inputs(name: str = "5PTI.cif.gz", chain: int = 0):
     p = real_protein(name, chain)
-    seq = torch.tensor(np.concatenate([[BOS], encode_sequence(p.sequence), [EOS]]))[None]
+    seq = torch.tensor(
+        np.concatenate([[SEQUENCE_BOS], encode_sequence(p.sequence), [SEQUENCE_EOS]])
+    )[None]
     co = np.concatenate([np.full((1, 3, 3), np.nan), p.coords, np.full((1, 3, 3), np.nan)])
     return seq, torch.tensor(co, dtype=torch.float32)[None]
 
@@ -79,13 +82,14 @@ def test_geometric_attention_invariant_to_rotation_and_translation():
     seq, co = _real_inputs("adk_open.pdb")
     geo = GeometricAttention(64, 8)
     with torch.no_grad():
-        geo.dir_weight.fill_(1.0)
+        geo.rot_weight.fill_(1.0)
         geo.dist_weight.fill_(1.0)
     x = torch.randn(1, seq.shape[1], 64)
+    one_chain = torch.zeros(seq.shape, dtype=torch.long)
 
     def run(c):
         rot, trans, present = backbone_frames(c)
-        return geo(x, rot, trans, geometric_mask(present, None, None))
+        return geo(x, rot, trans, present, geometric_bias(present, one_chain, None))
 
     out = run(co)
     moved = co @ _rotation(3).T + torch.tensor([30.0, -12.0, 7.5])
@@ -119,7 +123,7 @@ def test_no_information_across_chains_in_geometric_layer():
 
     def run(c, feats, chain_id):
         rot, trans, present = backbone_frames(c)
-        return geo(feats, rot, trans, geometric_mask(present, chain_id, None))
+        return geo(feats, rot, trans, present, geometric_bias(present, chain_id, None))
 
     base = run(co, x, chain)
     co2, x2 = co.clone(), x.clone()
@@ -134,6 +138,8 @@ def test_no_information_across_chains_in_geometric_layer():
 
 
 def test_packed_rows_equal_separate_rows_and_padding_is_ignored():
+    """Packed as the suite's batches pack them: a sequence id per sample (self-attention)
+    and chain ids offset per sample (geometric attention, which esm confines by chain)."""
     m = _tiny()
     s1, c1 = _real_inputs("5PTI.cif.gz")
     s2, c2 = _real_inputs("1BD2.cif.gz", 1)
@@ -141,27 +147,34 @@ def test_packed_rows_equal_separate_rows_and_padding_is_ignored():
         a = m(s1, coords=c1).logits["sequence"]
         b = m(s2, coords=c2).logits["sequence"]
         n1, n2 = s1.shape[1], s2.shape[1]
-        seq = torch.cat([s1, s2, torch.full((1, 5), PAD)], dim=1)
+        seq = torch.cat([s1, s2, torch.full((1, 5), SEQUENCE_PAD)], dim=1)
         co = torch.cat([c1, c2, torch.full((1, 5, 3, 3), float("nan"))], dim=1)
         sid = torch.tensor([[0] * n1 + [1] * n2 + [-1] * 5])
-        packed = m(seq, coords=co, sequence_id=sid).logits["sequence"]
+        packed = m(seq, coords=co, sequence_id=sid, chain_id=sid).logits["sequence"]
         padded = m(
-            torch.cat([s1, torch.full((1, 7), PAD)], 1),
+            torch.cat([s1, torch.full((1, 7), SEQUENCE_PAD)], 1),
             coords=torch.cat([c1, torch.full((1, 7, 3, 3), float("nan"))], 1),
+            sequence_id=torch.tensor([[0] * n1 + [-1] * 7]),
         ).logits["sequence"]
     assert torch.allclose(packed[0, :n1], a[0], atol=1e-4)
     assert torch.allclose(packed[0, n1 : n1 + n2], b[0], atol=1e-4)
     assert torch.allclose(padded[0, :n1], a[0], atol=1e-4)
 
 
-def test_missing_track_is_the_same_as_all_mask():
+def test_missing_track_is_filled_as_esm_fills_it():
+    """An absent SS8 track is all <pad>; an absent structure track is all MASK, with the
+    sequence's BOS/EOS carried over as structure BOS/EOS (as esm's forward does)."""
     m = _tiny()
     seq, co = _real_inputs()
-    ss8 = torch.where((seq == BOS) | (seq == EOS), seq, torch.full_like(seq, MASK))
+    sp = m.cfg.tracks.specials("structure")
+    structure = torch.full_like(seq, sp.mask)
+    structure[0, 0], structure[0, -1] = sp.bos, sp.eos
     with torch.no_grad():
         a = m(seq, coords=co).logits["sequence"]
-        b = m(seq, coords=co, ss8=ss8).logits["sequence"]
-    assert torch.allclose(a, b, atol=1e-6)
+        b = m(seq, coords=co, ss8=torch.full_like(seq, PAD), structure=structure)
+        c = m(seq, coords=co, ss8=torch.full_like(seq, 3)).logits["sequence"]  # all 'G'
+    assert torch.allclose(a, b.logits["sequence"], atol=1e-6)
+    assert not torch.allclose(a, c, atol=1e-3)  # control: a given track does change it
 
 
 def test_context_length_error_and_max_logit():
@@ -176,7 +189,8 @@ def test_context_length_error_and_max_logit():
     # the first layer's value equals a direct computation from its q and k
     layer = m.layers[0].attn
     with torch.no_grad():
-        x = m._embed({"sequence": seq})
+        tok = m.filled_inputs(1, seq.shape[1], seq.device, {"sequence": seq})
+        x = m.embed(tok, torch.ones(1, 1), torch.zeros(seq.shape))
         q, k, _ = layer.qkv(layer.norm(x)).chunk(3, dim=-1)
         q, k = layer.q_norm(q), layer.k_norm(k)
         from esm3.model.esm3 import rotary
@@ -202,16 +216,17 @@ def test_losses_per_track_match_manual_cross_entropy():
     torch.manual_seed(0)
     B, T = 2, 6
     logits = {
-        "sequence": torch.randn(B, T, 30),
-        "ss8": torch.randn(B, T, 13),
-        "residue": torch.randn(B, T, 3),
+        "sequence": torch.randn(B, T, 64),
+        "ss8": torch.randn(B, T, 11),
+        "residue": torch.randn(B, T, FIRST_LABEL + 3),
     }
     targets = {
-        "sequence": torch.randint(5, 30, (B, T)),
-        "ss8": torch.randint(5, 13, (B, T)),
-        "residue": torch.full((B, T, 16), 5),
+        "sequence": torch.randint(4, 29, (B, T)),
+        "ss8": torch.randint(3, 11, (B, T)),
+        "residue": torch.full((B, T, 16), PAD),
     }
-    targets["residue"][0, 1, 0] = 7  # label 1 at one position
+    targets["residue"][..., 0] = NONE
+    targets["residue"][0, 1, 0] = FIRST_LABEL + 1  # label 1 at one position
     masks = {k: torch.zeros(B, T, dtype=torch.bool) for k in logits}
     masks["sequence"][0, :3] = True
     masks["residue"][0, 1] = True
@@ -222,6 +237,8 @@ def test_losses_per_track_match_manual_cross_entropy():
     assert per["sequence"].item() == pytest.approx(ref.item(), rel=1e-6)
     assert "ss8" not in per and counts["ss8"] == 0  # nothing masked: no loss
     hot = torch.tensor([0.0, 1.0, 0.0])
-    ref_r = torch.nn.functional.binary_cross_entropy_with_logits(logits["residue"][0, 1], hot)
+    ref_r = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits["residue"][0, 1, FIRST_LABEL:], hot
+    )
     assert per["residue"].item() == pytest.approx(ref_r.item(), rel=1e-6)
     assert total.item() == pytest.approx(2 * ref.item() + ref_r.item(), rel=1e-6)

@@ -12,7 +12,13 @@ from esm3.tasks.config import TaskConfig, TrackNoise
 from esm3.tasks.corrupt import CATEGORICAL, corrupt, inverse_folding_corrupt
 from esm3.tasks.sample import Protein
 from esm3.tasks.schedules import cdf
-from esm3.tokenize.specials import BOS, CHAINBREAK, EOS, MASK, PAD
+from esm3.tokenize.specials import (
+    SEQUENCE_BOS,
+    SEQUENCE_CHAINBREAK,
+    SEQUENCE_EOS,
+    SEQUENCE_MASK,
+    SEQUENCE_PAD,
+)
 from tests.test_tasks_augment import real_protein, real_proteins
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -33,7 +39,8 @@ def _decorated(p: Protein, seed: int = 0) -> Protein:
     )
 
 
-CFG = TaskConfig(function_labels=("IPR000001", "IPR000002"), residue_labels=("site",))
+CFG = TaskConfig(residue_labels=("site",))
+MASK = {t: CFG.track_sizes().specials(t).mask for t in CATEGORICAL}
 
 
 def test_from_record_structure_and_sequence_layouts():
@@ -71,13 +78,13 @@ def test_masked_positions_never_leak_and_shapes():
         p = _decorated(real_proteins()[seed % 4], seed)
         inp, tgt, lm = corrupt(p, rng, CFG)
         T = inp["sequence"].shape[0]
-        assert inp["sequence"][0] == BOS and inp["sequence"][-1] == EOS
+        assert inp["sequence"][0] == SEQUENCE_BOS and inp["sequence"][-1] == SEQUENCE_EOS
         for t in CATEGORICAL:
             x, y, m = inp[t], tgt[t], lm[t]
             assert x.shape[0] == T and m.shape == (T,)
             xm = x if x.ndim == 1 else x[:, 0]
-            assert (xm[m] == MASK).all()  # every loss position is hidden in the input
-            given = xm != MASK
+            assert (xm[m] == MASK[t]).all()  # every loss position is hidden in the input
+            given = xm != MASK[t]
             assert (x[given] == y[given]).all()  # what is given is the truth
         assert inp["coords"].shape == (T, 3, 3)
         assert inp["chain_id"].shape == (T,) and inp["residue_index"].shape == (T,)
@@ -104,7 +111,7 @@ def test_chains_chainbreaks_and_gaps():
     seen_multi = 0
     for _ in range(100):
         inp, tgt, _ = corrupt(p, rng, cfg)
-        breaks = np.flatnonzero(tgt["sequence"] == CHAINBREAK)
+        breaks = np.flatnonzero(tgt["sequence"] == SEQUENCE_CHAINBREAK)
         n_chains = breaks.size + 1
         assert n_chains <= 9
         assert inp["chain_id"].max() == n_chains - 1
@@ -120,7 +127,7 @@ def test_interface_task_two_chains():
     cfg = dataclasses.replace(CFG, interface_prob=1.0)
     p = real_protein("adk_open.pdb")
     inp, tgt, _ = corrupt(p, np.random.default_rng(3), cfg)
-    assert (tgt["sequence"] == CHAINBREAK).sum() == 1
+    assert (tgt["sequence"] == SEQUENCE_CHAINBREAK).sum() == 1
     assert set(inp["chain_id"].tolist()) == {0, 1}
 
 
@@ -145,7 +152,7 @@ def test_track_dropout_rates():
         res = inp["residue_index"] >= 0
         for t in CATEGORICAL:
             x = inp[t] if inp[t].ndim == 1 else inp[t][:, 0]
-            dropped[t] += bool((x[res] == MASK).all())
+            dropped[t] += bool((x[res] == MASK[t]).all())
     grid = np.linspace(0, 1, 100001)
     for t in CATEGORICAL:
         noise = getattr(cfg, t)
@@ -160,14 +167,22 @@ def test_sequence_only_protein_has_no_structure_loss():
     inp, _, lm = corrupt(p, np.random.default_rng(0), CFG)
     res = inp["residue_index"] >= 0
     assert np.isnan(inp["coords"]).all()
-    assert (inp["structure"][res] == MASK).all() and not lm["structure"].any()
+    assert (inp["structure"][res] == MASK["structure"]).all() and not lm["structure"].any()
     assert not lm["ss8"].any() and not lm["function"].any()
 
 
-def test_long_protein_cropped_to_max_length():
+def test_long_protein_cropped_to_a_fragment_without_bos_eos():
     cfg = dataclasses.replace(CFG, max_length=100, gap_chain_p=1.0)
-    inp, _, _ = corrupt(real_protein("adk_open.pdb"), np.random.default_rng(0), cfg)
-    assert inp["sequence"].shape[0] == 100
+    p = real_protein("adk_open.pdb")
+    inp, tgt, _ = corrupt(p, np.random.default_rng(0), cfg)
+    assert inp["sequence"].shape[0] == 100 and (inp["residue_index"] >= 0).all()
+    assert not np.isin(tgt["sequence"], [SEQUENCE_BOS, SEQUENCE_EOS]).any()
+    start = inp["residue_index"][0]
+    assert (inp["residue_index"] == np.arange(start, start + 100)).all()
+    # a protein that fits keeps both ends
+    short = dataclasses.replace(cfg, max_length=len(p) + 2)
+    inp, tgt, _ = corrupt(p, np.random.default_rng(0), short)
+    assert tgt["sequence"][0] == SEQUENCE_BOS and tgt["sequence"][-1] == SEQUENCE_EOS
 
 
 def test_bad_inputs():
@@ -201,7 +216,7 @@ def test_inverse_folding_task():
     p = _decorated(real_protein("5PTI.cif.gz"))
     inp, tgt, lm = inverse_folding_corrupt(p, np.random.default_rng(0), CFG)
     res = inp["residue_index"] >= 0
-    assert (inp["sequence"][res] == MASK).all() and lm["sequence"][res].all()
+    assert (inp["sequence"][res] == SEQUENCE_MASK).all() and lm["sequence"][res].all()
     assert not any(lm[t].any() for t in CATEGORICAL if t != "sequence")
     assert np.isfinite(inp["coords"][res]).all(axis=(1, 2)).mean() > 0.95
     with pytest.raises(ValueError, match="needs coordinates"):
@@ -216,7 +231,12 @@ def test_batching_bucketed_and_packed():
     B, T = padded.inputs["sequence"].shape
     assert (B, T) == (4, max(lengths))
     assert padded.padding_fraction == pytest.approx(1 - sum(lengths) / (B * T))
-    assert (padded.inputs["sequence"][padded.inputs["sequence_id"] < 0] == PAD).all()
+    pad = padded.inputs["sequence_id"] < 0
+    assert (padded.inputs["sequence"][pad] == SEQUENCE_PAD).all()
+    assert (padded.inputs["structure"][pad] == CFG.track_sizes().specials("structure").pad).all()
+    assert (padded.inputs["average_plddt"][pad] == 1).all() and (
+        padded.inputs["chain_id"][pad] == -1
+    ).all()
     rows = pack_rows(lengths, 300)
     assert sorted(i for r in rows for i in r) == [0, 1, 2, 3]
     assert all(sum(lengths[i] for i in r) <= 300 for r in rows)
@@ -225,6 +245,10 @@ def test_batching_bucketed_and_packed():
     assert packed.n_tokens == sum(lengths)
     sid, pos = packed.inputs["sequence_id"], packed.inputs["positions"]
     assert (pos[sid >= 0] < max(lengths)).all() and (pos[:, 0] == 0).all()
+    chain = packed.inputs["chain_id"]
+    for b in range(len(rows)):  # each packed sample's chains are its own
+        spans = [set(chain[b][sid[b] == j].tolist()) for j in range(len(rows[b]))]
+        assert all(not (x & y) for i, x in enumerate(spans) for y in spans[i + 1 :])
     with pytest.raises(ValueError, match="more than a row"):
         pack_rows([10, 400], 300)
     batches = bucket_rows([5, 50, 7, 52, 6], max_tokens=110)

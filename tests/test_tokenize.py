@@ -12,25 +12,25 @@ from esm3.tokenize.structure_tokens import encode_structure_tokens, structure_vo
 from esm3.tokenize.tracks import TrackSizes
 
 
-def test_specials_shared_by_all_vocabularies():
-    for vocab in (sequence.VOCAB, ss8.VOCAB, sasa.VOCAB, AnnotationVocab(["IPR1"], 8).tokens):
-        assert vocab[: specials.N_SPECIAL] == specials.SPECIAL_NAMES
-    assert (specials.PAD, specials.MASK, specials.BOS, specials.EOS, specials.CHAINBREAK) == (
-        0,
-        1,
-        2,
-        3,
-        4,
-    )
+def test_specials_of_each_track():
+    for vocab in (ss8.VOCAB, sasa.VOCAB, AnnotationVocab(["IPR1"], 8).tokens):
+        assert vocab[: specials.N_SHARED_SPECIAL] == ("<pad>", "<motif>", "<unk>")
+    sp = TrackSizes().specials("sequence")
+    assert (sp.bos, sp.pad, sp.eos, sp.chainbreak, sp.mask) == (0, 1, 2, 31, 32)
+    sp = TrackSizes().specials("structure")
+    assert (sp.mask, sp.eos, sp.bos, sp.pad, sp.chainbreak) == (4096, 4097, 4098, 4099, 4100)
+    for track in ("ss8", "sasa", "function", "residue"):
+        sp = TrackSizes().specials(track)
+        assert {sp.pad, sp.mask, sp.bos, sp.eos, sp.chainbreak} == {0}, track
 
 
 def test_sequence_vocabulary_and_round_trip():
-    assert sequence.VOCAB_SIZE == 5 + 25
+    assert sequence.VOCAB_SIZE == 64 and len(sequence.VOCAB) == 33
     assert set("ACDEFGHIKLMNPQRSTVWYXBUZO") == set(sequence.LETTERS)
     s = "MKTAYIAKQR|XBUZO"
     tok = sequence.encode_sequence(s)
-    assert tok[10] == specials.CHAINBREAK
-    assert tok.min() >= specials.N_SPECIAL - 1 and sequence.decode_sequence(tok) == s
+    assert tok[10] == specials.SEQUENCE_CHAINBREAK
+    assert tok.min() >= 4 and sequence.decode_sequence(tok) == s
 
 
 def test_sequence_unknown_letter_error_names_record_and_position():
@@ -46,10 +46,10 @@ def test_sequence_unknown_letter_error_names_record_and_position():
 
 def test_ss8_dssp4_letters_map_to_coil():
     tok = ss8.encode_ss8("GHITEBSC P-")
-    c = specials.N_SPECIAL + ss8.SS8_CLASSES.index("C")
-    assert tok[:8].tolist() == list(range(5, 13))
+    c = specials.N_SHARED_SPECIAL + ss8.SS8_CLASSES.index("C")
+    assert tok[:8].tolist() == list(range(3, 11))
     assert tok[8] == c and tok[9] == c  # ' ' and 'P' (PPII) are coil
-    assert tok[10] == specials.MASK  # '-' unknown
+    assert tok[10] == specials.PAD  # '-' unknown
     with pytest.raises(ValueError, match="unknown SS8 letter 'X' at position 2"):
         ss8.encode_ss8("HX")
 
@@ -59,7 +59,7 @@ def test_sasa_bins_at_documented_edges():
     v = np.array([0.0, 0.79, 0.8, 4.0, 151.39, 151.4, 1e4, np.nan])
     tok = sasa.encode_sasa(v)
     bins = (tok - sasa.FIRST_BIN).tolist()
-    assert bins[:7] == [0, 0, 1, 2, 14, 15, 15]
+    assert bins[:7] == [0, 0, 0, 1, 14, 14, 15]  # an edge belongs to the bin below it
     assert tok[7] == sasa.SASA_NAN
     with pytest.raises(ValueError, match=">= 0"):
         sasa.encode_sasa(np.array([-1.0]))
@@ -70,8 +70,8 @@ def test_sasa_bins_at_documented_edges():
 def test_structure_tokens_offset_and_missing():
     assert structure_vocab_size(4096) == 4101
     tok = encode_structure_tokens(np.array([-1, 0, 4095]))
-    assert tok.tolist() == [specials.MASK, 5, 4100]
-    assert encode_structure_tokens(np.array([7]), codebook_size=8).tolist() == [12]
+    assert tok.tolist() == [4096, 0, 4095]
+    assert encode_structure_tokens(np.array([-1, 7]), codebook_size=8).tolist() == [8, 7]
     with pytest.raises(ValueError, match=r"record 'x': structure token out of range \[-1, 4096\)"):
         encode_structure_tokens(np.array([4096]), record="x")
     assert TrackSizes.build(codebook_size=64).structure == 69
@@ -85,8 +85,8 @@ def test_annotation_slots_sorted_by_vocabulary_and_truncated():
     # residue 3 is covered by IPR2, IPR3, IPR1 -> the first two in vocabulary order
     assert vocab.decode(slots)[2] == {"IPR3", "IPR1"}
     assert slots[2].tolist() == [FIRST_LABEL + 0, FIRST_LABEL + 1]
-    assert vocab.decode(slots)[0] == {"IPR2"} and slots[0, 1] == NONE
-    assert slots[5].tolist() == [NONE, NONE]  # unknown IPR9 skipped, nothing else there
+    assert vocab.decode(slots)[0] == {"IPR2"} and slots[0, 1] == specials.PAD
+    assert slots[5].tolist() == [NONE, specials.PAD]  # unknown IPR9 skipped: no label
     hot = multi_hot(slots, vocab.size)
     assert hot.shape == (6, 3) and hot[2].tolist() == [True, True, False]
     with pytest.raises(

@@ -32,7 +32,8 @@ def track_losses(
     logits: model outputs per track; targets: true tokens (B, T) (function (B, T, 8),
     residue (B, T, 16) slots); loss_masks: (B, T) bool. Categorical tracks use
     cross-entropy (function: per slot); residue annotations use binary cross-entropy
-    against the multi-hot of their slots, averaged over positions and labels. A track
+    against the multi-hot of their slots over the label ids (from FIRST_LABEL), averaged
+    over positions and labels. A track
     with no masked position contributes nothing. Returns (total, {track: mean loss
     (detached)}, {track: number of positions in the loss}).
     """
@@ -50,12 +51,12 @@ def track_losses(
         if n == 0:
             continue
         tgt = targets[track]
-        if track == "residue":
-            n_labels = lg.shape[-1]
+        if track == "residue":  # multi-label over the label ids (specials and <none> aside)
             slots = tgt[m]  # (n, 16)
-            hot = torch.zeros(n, n_labels + FIRST_LABEL, device=lg.device, dtype=lg.dtype)
+            hot = torch.zeros(n, lg.shape[-1], device=lg.device, dtype=torch.float32)
             hot.scatter_(1, slots, 1.0)
-            loss = F.binary_cross_entropy_with_logits(lg[m].float(), hot[:, FIRST_LABEL:].float())
+            sel = lg[m][:, FIRST_LABEL:].float()
+            loss = F.binary_cross_entropy_with_logits(sel, hot[:, FIRST_LABEL:])
         elif track == "function":
             sel = lg[m]  # (n, 8, V)
             loss = F.cross_entropy(sel.reshape(-1, sel.shape[-1]).float(), tgt[m].reshape(-1))

@@ -2,8 +2,10 @@
 
 A sample is the (inputs, targets, loss_masks) triple of `corrupt`. A row holds one sample
 (bucketed) or several (packed, each with its own `sequence_id`, so attention is
-block-diagonal). Rows are right-padded with PAD tokens, NaN coordinates and
-sequence_id -1 to the longest row.
+block-diagonal; its chain ids are offset past the row's earlier samples, so geometric
+attention, which `esm` confines by chain, never joins two samples). Rows are right-padded
+with each track's `<pad>` id, NaN coordinates, esm's default pLDDT (1 and 0), chain and
+sequence id -1 to the longest row.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from esm3.tokenize.specials import PAD
+from esm3.tokenize.tracks import CATEGORICAL_TRACKS, TrackSizes
 
 Sample = tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]
 
@@ -85,13 +87,26 @@ def pack_rows(lengths: list[int], row_length: int) -> list[list[int]]:
     return rows
 
 
+_FLOAT_FILLS = {"coords": np.nan, "average_plddt": 1.0, "per_res_plddt": 0.0}
+_INT_FILLS = {"residue_index": -1, "chain_id": -1}
+
+
+def _fills(sizes: TrackSizes) -> dict[str, object]:
+    return {t: sizes.specials(t).pad for t in CATEGORICAL_TRACKS} | _FLOAT_FILLS | _INT_FILLS
+
+
 def collate(
-    samples: list[Sample], rows: list[list[int]] | None = None, width: int | None = None
+    samples: list[Sample],
+    rows: list[list[int]] | None = None,
+    width: int | None = None,
+    *,
+    sizes: TrackSizes | None = None,
 ) -> Batch:
     """Stack samples into a padded batch; `rows` lists the samples of each row (default:
     one per row; a row may be empty: all padding). `width`: pad every row to this many
-    positions (a fixed shape; default the longest row). Adds `sequence_id` (B, T) and
-    `positions` (B, T) to the inputs."""
+    positions (a fixed shape; default the longest row). `sizes`: the track sizes the
+    samples were tokenized for (their pad ids; default ESM3's). Adds `sequence_id` (B, T)
+    and `positions` (B, T) to the inputs."""
     rows = rows if rows is not None else [[i] for i in range(len(samples))]
     row_len = [sum(samples[i][0]["sequence"].shape[0] for i in r) for r in rows]
     B, T = len(rows), max(row_len) if width is None else width
@@ -102,24 +117,23 @@ def collate(
     def empty(ref: np.ndarray, fill: object) -> np.ndarray:
         return np.full((B, T) + ref.shape[1:], fill, dtype=ref.dtype)
 
-    fills_in = {
-        k: (np.nan if v.dtype.kind == "f" else (-1 if k == "residue_index" else PAD))
-        for k, v in ref_in.items()
-    }
-    fills_in["chain_id"] = 0
-    inputs = {k: empty(v, fills_in[k]) for k, v in ref_in.items()}
-    targets = {k: empty(v, PAD) for k, v in ref_tg.items()}
+    fills = _fills(sizes or TrackSizes())
+    inputs = {k: empty(v, fills.get(k, 0)) for k, v in ref_in.items()}
+    targets = {k: empty(v, fills.get(k, 0)) for k, v in ref_tg.items()}
     masks = {k: empty(v, False) for k, v in ref_lm.items()}
     inputs["sequence_id"] = np.full((B, T), -1, dtype=np.int64)
     inputs["positions"] = np.zeros((B, T), dtype=np.int64)
     for b, r in enumerate(rows):
-        pos = 0
+        pos = chains = 0
         for j, i in enumerate(r):
             s_in, s_tg, s_lm = samples[i]
             n = s_in["sequence"].shape[0]
             sl = slice(pos, pos + n)
             for k, v in s_in.items():
                 inputs[k][b, sl] = v
+            if "chain_id" in s_in:
+                inputs["chain_id"][b, sl] += chains
+                chains += int(s_in["chain_id"].max()) + 1
             for k, v in s_tg.items():
                 targets[k][b, sl] = v
             for k, v in s_lm.items():

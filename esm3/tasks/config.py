@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from esm3.tokenize.annotations import FIRST_LABEL, FUNCTION_DEPTH, RESIDUE_DEPTH, AnnotationVocab
+from esm3.tokenize.annotations import FIRST_LABEL, RESIDUE_DEPTH, AnnotationVocab
 from esm3.tokenize.structure_tokens import DEFAULT_CODEBOOK_SIZE, structure_vocab_size
 from esm3.tokenize.tracks import TrackSizes
 
@@ -48,14 +49,19 @@ class TaskConfig:
     gap_max_chains: int = 9
     gap_min: int = 10  # residues dropped between two chains, at least
     gap_dirichlet_alpha: float = 1.0
-    # sample size: residues beyond max_length - 2 (bos, eos) are cropped to a random window
+    # sample size: a protein of more than max_length - 2 residues becomes a random window
+    # of max_length residues without BOS/EOS (A.1.3: their absence marks a fragment)
     max_length: int = 2048
-    # vocabularies (training reads the labels from preprocessing's vocabulary file,
-    # `data.vocabulary`; the model's embedding and head sizes follow from them)
+    # function tokens (A.1.8): keywords, and whole annotations, dropped during training
+    keyword_dropout: float = 0.15
+    annotation_dropout: float = 0.15
+    # vocabularies (training reads them from preprocessing's vocabulary file,
+    # `data.vocabulary`; the model's embedding and head sizes follow from them).
+    # function_files: the function tokenizer's files (esm3.tokenize.function_tokens
+    # .FunctionFiles); None: no function track.
     codebook_size: int = DEFAULT_CODEBOOK_SIZE
-    function_labels: tuple[str, ...] = ()
+    function_files: Any = None
     residue_labels: tuple[str, ...] = ()
-    function_vocab: AnnotationVocab = field(init=False, repr=False, compare=False)
     residue_vocab: AnnotationVocab = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -72,6 +78,8 @@ class TaskConfig:
             "coordination_neighbor_prob",
             "interface_prob",
             "betalinear_beta_fraction",
+            "keyword_dropout",
+            "annotation_dropout",
         ):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
@@ -80,8 +88,16 @@ class TaskConfig:
             raise ValueError(f"tasks.gap_chain_p must be in (0, 1], got {self.gap_chain_p}")
         if self.max_length < 3:
             raise ValueError(f"tasks.max_length must be >= 3, got {self.max_length}")
-        self.function_vocab = AnnotationVocab(self.function_labels, FUNCTION_DEPTH)
         self.residue_vocab = AnnotationVocab(self.residue_labels, RESIDUE_DEPTH)
+
+    @property
+    def function_tokenizer(self) -> Any:
+        """The function tokenizer of `function_files` (loaded once per process), or None."""
+        if self.function_files is None:
+            return None
+        from esm3.tokenize.function_tokens import load_function_tokenizer
+
+        return load_function_tokenizer(self.function_files)
 
     def track_sizes(self) -> TrackSizes:
         """Token-id counts of every track as this recipe's tokenizers write them: the one
@@ -89,6 +105,5 @@ class TaskConfig:
         one unused label id, so its head still has an output."""
         return TrackSizes(
             structure=structure_vocab_size(self.codebook_size),
-            function=max(self.function_vocab.size, FIRST_LABEL + 1),
             residue=max(self.residue_vocab.size, FIRST_LABEL + 1),
         )

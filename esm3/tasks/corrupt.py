@@ -1,14 +1,19 @@
 """The whole corruption recipe of ESM3 pre-training: Protein -> (inputs, targets, loss masks).
 
-Conventions (all categorical tracks share the specials of `esm3.tokenize.specials`):
-- A sample is `bos, chain 1, chainbreak, chain 2, ..., eos`; T positions in all.
-- An input position holding MASK means "not given": masked by the track's noise schedule,
-  the whole track dropped, or the value absent from the data. The loss of a track covers
-  exactly the positions the corruption set to MASK and whose true value is known.
-- A track absent from the data (no coordinates, no SS8, an empty annotation list ...) is
-  all MASK in the input and has no loss.
+Conventions (token ids are `esm`'s, per track: `esm3.tokenize.specials`):
+- A sample is `bos, chain 1, chainbreak, chain 2, ..., eos`; T positions in all. A protein
+  longer than `max_length - 2` residues becomes a random window of `max_length` residues
+  without BOS/EOS (A.1.3: their absence marks a fragment).
+- An input position holding its track's mask id means "not given": masked by the track's
+  noise schedule, the whole track dropped, or the value absent from the data (the mask is
+  `<mask>` for sequence and structure, `<pad>` (0) for SS8, SASA, function and residue
+  annotations, as `esm` fills them). The loss of a track covers exactly the positions the
+  corruption masked and whose true value is known.
+- A track absent from the data (no coordinates, no SS8, no annotations ...) is all mask in
+  the input and has no loss.
 - Coordinates are input only (their target is the structure-token track): hidden
-  residues are NaN, shown ones carry Gaussian noise.
+  residues are NaN, shown ones carry Gaussian noise. pLDDT conditioning: a predicted
+  structure's mean and per-residue pLDDT; otherwise `esm`'s defaults (1 and 0).
 """
 
 from __future__ import annotations
@@ -23,100 +28,156 @@ from esm3.tasks.schedules import rate_from_uniform, sample_mask_rate
 from esm3.tokenize.coordinates import validate_coordinates
 from esm3.tokenize.sasa import SASA_NAN, encode_sasa
 from esm3.tokenize.sequence import encode_sequence
-from esm3.tokenize.specials import BOS, CHAINBREAK, EOS, MASK, N_SPECIAL
+from esm3.tokenize.specials import PAD, TrackSpecials
 from esm3.tokenize.ss8 import encode_ss8
 from esm3.tokenize.structure_tokens import encode_structure_tokens
+from esm3.tokenize.tracks import FUNCTION_DEPTH
 
 CATEGORICAL = ("sequence", "structure", "ss8", "sasa", "function", "residue")
 Arrays = dict[str, np.ndarray]
+BOS_AT, EOS_AT, CHAINBREAK_AT = 0, 1, 2  # kinds of special position, as `assemble` marks them
 
 
-def tokenize_protein(protein: Protein, cfg: TaskConfig) -> tuple[Arrays, dict[str, bool]]:
+def _function_tokens(protein: Protein, cfg: TaskConfig, rng: np.random.Generator | None):
+    tok = cfg.function_tokenizer
+    L = len(protein)
+    if tok is None or not protein.function:
+        return np.full((L, FUNCTION_DEPTH), PAD, dtype=np.int64)
+    return tok.encode(
+        protein.function, L, rng=rng, record=protein.id,
+        keyword_dropout=cfg.keyword_dropout if rng is not None else 0.0,
+        annotation_dropout=cfg.annotation_dropout if rng is not None else 0.0,
+    )  # fmt: skip
+
+
+def _residue_tokens(protein: Protein, cfg: TaskConfig) -> np.ndarray:
+    L = len(protein)
+    vocab = cfg.residue_vocab
+    if not protein.residue_annotations or not vocab.labels:
+        return np.full((L, vocab.depth), PAD, dtype=np.int64)
+    return vocab.encode(protein.residue_annotations, L, record=protein.id)
+
+
+def tokenize_protein(
+    protein: Protein, cfg: TaskConfig, rng: np.random.Generator | None = None
+) -> tuple[Arrays, dict[str, bool]]:
     """Per-residue arrays of every track, uncorrupted, without bos/eos.
 
     Returns (arrays, present): arrays hold sequence/structure/ss8/sasa (L,), function (L, 8),
-    residue (L, 16), coords (L, 3, 3) float32 (NaN: missing), has_coords (L,) bool;
-    present says which tracks the data provides.
+    residue (L, 16), coords (L, 3, 3) float32 (NaN: missing), has_coords (L,) bool, plddt
+    (L,) float32 (NaN: none); present says which tracks the data provides. With `rng`,
+    function tokens get the training-time keyword and annotation dropout.
     """
     L, rid = len(protein), protein.id
+    sizes = cfg.track_sizes()
     seq = encode_sequence(protein.sequence, record=rid)
     full = lambda v: np.full(L, v, dtype=np.int64)  # noqa: E731
     if protein.coords is not None:
         coords, has = validate_coordinates(protein.coords, L, record=rid)
     else:
         coords, has = np.full((L, 3, 3), np.nan, np.float32), np.zeros(L, bool)
+    function = _function_tokens(protein, cfg, rng)
+    residue = _residue_tokens(protein, cfg)
     arrays = {
         "sequence": seq,
-        "structure": full(MASK)
+        "structure": full(sizes.specials("structure").mask)
         if protein.structure_tokens is None
         else encode_structure_tokens(protein.structure_tokens, cfg.codebook_size, record=rid),
-        "ss8": full(MASK) if protein.ss8 is None else encode_ss8(protein.ss8, record=rid),
+        "ss8": full(PAD) if protein.ss8 is None else encode_ss8(protein.ss8, record=rid),
         "sasa": full(SASA_NAN) if protein.sasa is None else encode_sasa(protein.sasa, record=rid),
-        "function": cfg.function_vocab.encode(protein.function, L, record=rid),
-        "residue": cfg.residue_vocab.encode(protein.residue_annotations, L, record=rid),
+        "function": function,
+        "residue": residue,
         "coords": coords,
         "has_coords": has,
+        "plddt": np.full(L, np.nan, np.float32) if protein.plddt is None else protein.plddt,
     }
     present = {
         "sequence": True,
         "structure": protein.structure_tokens is not None,
         "ss8": protein.ss8 is not None,
         "sasa": protein.sasa is not None,
-        "function": len(protein.function) > 0 and len(cfg.function_vocab.labels) > 0,
-        "residue": len(protein.residue_annotations) > 0 and len(cfg.residue_vocab.labels) > 0,
+        "function": bool((function[:, 0] != PAD).any()),
+        "residue": bool((residue[:, 0] != PAD).any()),
         "coords": bool(has.any()),
     }
     return arrays, present
 
 
-def assemble(segments: list[tuple[int, int]], offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def assemble(
+    segments: list[tuple[int, int]], offset: int = 0, *, ends: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Positions of a sample built from residue segments.
 
-    Returns (index (T,) residue index or -1 at specials, special (T,) the special token at
-    -1 positions) for `bos, seg 1, chainbreak, seg 2, ..., eos`; `offset` is added to
-    residue indices (the crop start).
+    Returns (index (T,) residue index or -1 at specials, special (T,) the kind of special
+    position (BOS_AT, EOS_AT, CHAINBREAK_AT) at -1 positions) for `bos, seg 1, chainbreak,
+    seg 2, ..., eos` (without bos and eos when `ends` is False: a fragment); `offset` is
+    added to residue indices (the crop start).
     """
-    parts, specs = [np.array([-1])], [np.array([BOS])]
+    parts = [np.array([-1])] if ends else []
+    specs = [np.array([BOS_AT])] if ends else []
     for c, (s, e) in enumerate(segments):
         if c:
             parts.append(np.array([-1]))
-            specs.append(np.array([CHAINBREAK]))
+            specs.append(np.array([CHAINBREAK_AT]))
         parts.append(np.arange(s + offset, e + offset))
         specs.append(np.full(e - s, -1))
-    parts.append(np.array([-1]))
-    specs.append(np.array([EOS]))
+    if ends:
+        parts.append(np.array([-1]))
+        specs.append(np.array([EOS_AT]))
     return np.concatenate(parts), np.concatenate(specs)
 
 
-def _chain_ids(segments: list[tuple[int, int]]) -> np.ndarray:
+def _chain_ids(segments: list[tuple[int, int]], ends: bool = True) -> np.ndarray:
     lens = [e - s for s, e in segments]
     # bos and chain 1 -> 0; each chainbreak and the chain after it -> c; eos -> last chain
-    reps = [1 + lens[0]] + [1 + n for n in lens[1:]] + [1]
-    ids = list(range(len(segments))) + [len(segments) - 1]
+    reps = [int(ends) + lens[0]] + [1 + n for n in lens[1:]] + ([1] if ends else [])
+    ids = list(range(len(segments))) + ([len(segments) - 1] if ends else [])
     return np.repeat(np.asarray(ids, dtype=np.int64), reps)
 
 
-_SPECIAL_TAIL = np.arange(N_SPECIAL, dtype=np.int64)
+def _special_rows(sp: TrackSpecials) -> np.ndarray:
+    """The track's ids at a BOS, EOS and chainbreak position, in `assemble`'s kind order."""
+    return np.array([sp.bos, sp.eos, sp.chainbreak], dtype=np.int64)
 
 
-def _with_special_tail(tokens: np.ndarray) -> np.ndarray:
-    """tokens with rows for the special ids appended, so that `tail[L + s]` is special s."""
+def _with_special_tail(tokens: np.ndarray, sp: TrackSpecials) -> np.ndarray:
+    """tokens with rows for the special positions appended (`tail[L + kind]`); the 2-D
+    tracks (function, residue) hold the special in every slot."""
+    rows = _special_rows(sp)
     if tokens.ndim == 1:
-        return np.concatenate([tokens, _SPECIAL_TAIL])
-    return np.concatenate([tokens, np.repeat(_SPECIAL_TAIL[:, None], tokens.shape[1], axis=1)])
+        return np.concatenate([tokens, rows])
+    return np.concatenate([tokens, np.repeat(rows[:, None], tokens.shape[1], axis=1)])
 
 
-def _crop(L: int, cfg: TaskConfig, rng: np.random.Generator) -> int:
-    keep = cfg.max_length - 2
-    return int(rng.integers(0, L - keep + 1)) if L > keep else 0
+def _crop(L: int, cfg: TaskConfig, rng: np.random.Generator) -> tuple[int, int, bool]:
+    """(start, residues kept, with bos/eos): a protein that does not fit with its BOS and
+    EOS becomes a window of max_length residues without them."""
+    if L <= cfg.max_length - 2:
+        return 0, L, True
+    n = min(L, cfg.max_length)
+    return int(rng.integers(0, L - n + 1)), n, False
 
 
-def _valid_target(name: str, tokens: np.ndarray, is_res: np.ndarray) -> np.ndarray:
-    if name == "structure" or name == "ss8":
-        return is_res & (tokens != MASK)
-    if name == "sasa":
-        return is_res & (tokens != SASA_NAN)
-    return is_res
+def _valid_target(
+    name: str, tokens: np.ndarray, is_res: np.ndarray, sp: TrackSpecials
+) -> np.ndarray:
+    if tokens.ndim == 2:  # function, residue: a protein's annotated residues
+        return is_res & (tokens[:, 0] != PAD)
+    if name == "sequence":
+        return is_res
+    return is_res & (tokens != sp.mask)  # structure without coordinates; SS8/SASA unknown
+
+
+def _plddt_inputs(plddt: np.ndarray, gather: np.ndarray, is_res: np.ndarray) -> Arrays:
+    """average_plddt and per_res_plddt (T,) float32: a predicted structure's mean pLDDT at
+    every position and its per-residue pLDDT at residues; esm's 1 and 0 without one."""
+    T = gather.size
+    if not np.isfinite(plddt).any():
+        return {"average_plddt": np.ones(T, np.float32), "per_res_plddt": np.zeros(T, np.float32)}
+    mean = np.float32(np.nanmean(plddt))
+    per_res = np.concatenate([plddt, np.zeros(3, np.float32)])[gather]
+    per_res = np.where(is_res & np.isfinite(per_res), per_res, np.float32(0))
+    return {"average_plddt": np.full(T, mean, np.float32), "per_res_plddt": per_res}
 
 
 def corrupt(
@@ -124,7 +185,8 @@ def corrupt(
 ) -> tuple[Arrays, Arrays, Arrays]:
     """Apply the full pre-training corruption to one protein.
 
-    Order: tokenize; crop to `cfg.max_length - 2` residues (random window); tertiary
+    Order: tokenize; crop (a random window of `cfg.max_length` residues, without BOS/EOS,
+    when the protein does not fit with them); tertiary
     interface sampling (structure present, `interface_prob`) or else residue gap
     augmentation; per-track noise and track dropout (Table S6); coordinates by atomic
     coordination sampling (`coordination_prob`) or else dropout / span or i.i.d. masking;
@@ -133,15 +195,16 @@ def corrupt(
     Returns (inputs, targets, loss_masks):
       inputs: sequence, structure, ss8, sasa (T,) int64; function (T, 8), residue (T, 16)
         int64; coords (T, 3, 3) float32 Angstrom (NaN: not given); chain_id (T,) int64;
-        residue_index (T,) int64 (-1 at specials).
+        residue_index (T,) int64 (-1 at specials); average_plddt, per_res_plddt (T,) float32.
       targets: the six categorical tracks, uncorrupted, same shapes as the inputs.
       loss_masks: the six categorical tracks, (T,) bool.
     """
-    arrays, present = tokenize_protein(protein, cfg)
+    arrays, present = tokenize_protein(protein, cfg, rng)
     L = len(protein)
-    tails = {name: _with_special_tail(arrays[name]) for name in CATEGORICAL}
-    start = _crop(L, cfg, rng)
-    n = min(L, cfg.max_length - 2)
+    sizes = cfg.track_sizes()
+    specials = {name: sizes.specials(name) for name in CATEGORICAL}
+    tails = {name: _with_special_tail(arrays[name], specials[name]) for name in CATEGORICAL}
+    start, n, ends = _crop(L, cfg, rng)
     coords_raw = arrays["coords"][start : start + n]
     has_raw = arrays["has_coords"][start : start + n]
 
@@ -165,7 +228,7 @@ def corrupt(
             min_gap=cfg.gap_min,
             alpha=cfg.gap_dirichlet_alpha,
         )
-    index, special = assemble(segments, start)
+    index, special = assemble(segments, start, ends=ends)
     is_res = index >= 0
     gather = np.where(is_res, index, L + special)  # specials sit in the arrays' tail
     T = index.size
@@ -189,14 +252,15 @@ def corrupt(
                     noise.schedule, draws[k, 1], rng, beta_fraction=cfg.betalinear_beta_fraction
                 )
                 corrupted = is_res & (keep[k] < rate)
-            loss = corrupted & _valid_target(name, tokens, is_res)
+            loss = corrupted & _valid_target(name, tokens, is_res, specials[name])
         targets[name] = tokens
-        inputs[name] = np.where(corrupted[:, None] if tokens.ndim == 2 else corrupted, MASK, tokens)
+        hide = corrupted[:, None] if tokens.ndim == 2 else corrupted
+        inputs[name] = np.where(hide, specials[name].mask, tokens)
         loss_masks[name] = loss
 
-    coords = np.concatenate([arrays["coords"], np.full((N_SPECIAL, 3, 3), np.nan, np.float32)])
+    coords = np.concatenate([arrays["coords"], np.full((3, 3, 3), np.nan, np.float32)])
     coords = coords[gather]
-    has = np.concatenate([arrays["has_coords"], np.zeros(N_SPECIAL, bool)])[gather]
+    has = np.concatenate([arrays["has_coords"], np.zeros(3, bool)])[gather]
     shown = np.zeros(T, dtype=bool)
     if present["coords"]:
         picked = None
@@ -223,8 +287,9 @@ def corrupt(
         cfg.coord_noise_sd
     )
     inputs["coords"] = np.where(shown[:, None, None], noisy, np.float32(np.nan))
-    inputs["chain_id"] = _chain_ids(segments)
+    inputs["chain_id"] = _chain_ids(segments, ends)
     inputs["residue_index"] = index
+    inputs |= _plddt_inputs(arrays["plddt"], gather, is_res)
     return inputs, targets, loss_masks
 
 
@@ -234,38 +299,36 @@ def inverse_folding_corrupt(
     """The inverse folding task: sequence from structure, loss on sequence only.
 
     All residues with coordinates are shown (with Gaussian noise); the sequence and every
-    other track are MASK. Same output layout as `corrupt`. Raises ValueError when the
+    other track are masked. Same output layout as `corrupt`. Raises ValueError when the
     protein has no coordinates.
     """
     arrays, present = tokenize_protein(protein, cfg)
     if not present["coords"]:
         raise ValueError(f"protein {protein.id!r}: inverse folding needs coordinates")
     L = len(protein)
-    start = _crop(L, cfg, rng)
-    n = min(L, cfg.max_length - 2)
-    index, special = assemble([(0, n)], start)
+    sizes = cfg.track_sizes()
+    start, n, ends = _crop(L, cfg, rng)
+    index, special = assemble([(0, n)], start, ends=ends)
     is_res = index >= 0
-    gather = np.where(is_res, index, 0)
+    gather = np.where(is_res, index, L + special)
     inputs: Arrays = {}
     targets: Arrays = {}
     loss_masks: Arrays = {}
     for name in CATEGORICAL:
-        tokens = arrays[name][gather]
-        if tokens.ndim == 2:
-            tokens[~is_res] = special[~is_res, None]
-        else:
-            tokens = np.where(is_res, tokens, special)
+        sp = sizes.specials(name)
+        tokens = _with_special_tail(arrays[name], sp)[gather]
         targets[name] = tokens
         inp = tokens.copy()
-        inp[is_res] = MASK
+        inp[is_res] = sp.mask
         inputs[name] = inp
         loss_masks[name] = is_res.copy() if name == "sequence" else np.zeros(index.size, bool)
-    coords = arrays["coords"][gather]
-    shown = is_res & arrays["has_coords"][gather]
+    coords = np.concatenate([arrays["coords"], np.full((3, 3, 3), np.nan, np.float32)])[gather]
+    shown = is_res & np.concatenate([arrays["has_coords"], np.zeros(3, bool)])[gather]
     noisy = coords + rng.standard_normal(coords.shape, dtype=np.float32) * np.float32(
         cfg.coord_noise_sd
     )
     inputs["coords"] = np.where(shown[:, None, None], noisy, np.float32(np.nan))
     inputs["chain_id"] = np.zeros(index.size, dtype=np.int64)
     inputs["residue_index"] = index
+    inputs |= _plddt_inputs(arrays["plddt"], gather, is_res)
     return inputs, targets, loss_masks

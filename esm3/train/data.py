@@ -314,7 +314,8 @@ class BatchBuilder:
         by_ds = dict.fromkeys(self.names, 0)
         for i in used:
             by_ds[named[i][0]] += sample_length(named[i][1])
-        b = collate([s for _, s in named], rows, width)
+        sizes = self.task_config(stage).track_sizes()
+        b = collate([s for _, s in named], rows, width, sizes=sizes)
         inputs, targets, masks = b.to_torch()
         return TrainBatch(
             step,

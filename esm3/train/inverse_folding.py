@@ -22,7 +22,7 @@ from esm3.tasks.config import TaskConfig
 from esm3.tasks.corrupt import inverse_folding_corrupt
 from esm3.tasks.sample import Protein
 from esm3.tokenize.sequence import AMINO_ACIDS
-from esm3.tokenize.specials import N_SPECIAL
+from esm3.tokenize.sequence import FIRST_LETTER
 from esm3.train import checkpoint as ckpt
 
 #: Sequences per structure by dataset (the paper: 5 for AFDB and ESMAtlas, 64 for PDB).
@@ -38,7 +38,7 @@ GENERATED_SCHEMA = pa.schema(
     ]
 )
 
-_AA_TOKENS = np.array([N_SPECIAL + i for i in range(len(AMINO_ACIDS))])
+_AA_TOKENS = np.array([FIRST_LETTER + i for i in range(len(AMINO_ACIDS))])
 
 
 @torch.no_grad()

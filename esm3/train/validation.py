@@ -299,7 +299,8 @@ class Evaluator:
         rows = None
         if self.cfg.data.pack:
             rows = pack_rows([s[0]["sequence"].shape[0] for s in samples], stage.context_length)
-        inputs, targets, masks = collate(samples, rows).to_torch()
+        sizes = self.cfg.tasks.track_sizes()
+        inputs, targets, masks = collate(samples, rows, sizes=sizes).to_torch()
 
         def move(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             return {k: v.to(self.device, non_blocking=True) for k, v in d.items()}

@@ -12,7 +12,7 @@ import torch
 
 from esm3.model.backends import _seqlens
 from esm3.model.esm3 import ESM3
-from esm3.tokenize.specials import BOS, EOS, PAD
+from esm3.tokenize.specials import SEQUENCE_BOS, SEQUENCE_EOS, SEQUENCE_PAD
 from esm3.train.config import TrainConfigError
 from esm3.train.data import BatchBuilder, TrainBatch, batches, load_datasets
 from esm3.train.token_batches import CHUNK, draw_stream, fill_rows
@@ -67,17 +67,22 @@ def test_every_step_fills_90_to_100_percent_of_its_tokens(token_setup, world):
             seq_id = batch.inputs["sequence_id"]
             assert tuple(seq_id.shape) == (per_rank // ctx, ctx)
             real = int((seq_id >= 0).sum())  # counted from the tensors, not the builder
-            assert real == int((batch.inputs["sequence"] != PAD).sum()) == batch.n_tokens
+            assert real == int((batch.inputs["sequence"] != SEQUENCE_PAD).sum()) == batch.n_tokens
             assert 0.9 * per_rank <= real <= per_rank, (rank, step, real)
             assert sum(batch.tokens_by_dataset.values()) == real
             assert batch.padding_fraction == pytest.approx(1 - real / per_rank)
-            # every row: whole samples (bos ... eos) side by side, positions restarting at 0
+            # every row: whole samples (bos ... eos, or neither: a cropped fragment) side
+            # by side, positions restarting at 0
             for row in range(seq_id.shape[0]):
                 runs = _runs(seq_id[row])
                 assert [int(seq_id[row, s]) for s, _ in runs] == list(range(len(runs)))
                 for s, e in runs:
-                    assert batch.targets["sequence"][row, s] == BOS
-                    assert batch.targets["sequence"][row, e - 1] == EOS
+                    ends = (
+                        batch.targets["sequence"][row, s],
+                        batch.targets["sequence"][row, e - 1],
+                    )
+                    fragment = not ({int(x) for x in ends} & {SEQUENCE_BOS, SEQUENCE_EOS})
+                    assert ends == (SEQUENCE_BOS, SEQUENCE_EOS) or fragment
                     assert batch.inputs["positions"][row, s:e].tolist() == list(range(e - s))
 
 
