@@ -21,8 +21,7 @@ from esm3.model.esm3 import ESM3
 from esm3.tasks.config import TaskConfig
 from esm3.tasks.corrupt import inverse_folding_corrupt
 from esm3.tasks.sample import Protein
-from esm3.tokenize.sequence import AMINO_ACIDS
-from esm3.tokenize.sequence import FIRST_LETTER
+from esm3.tokenize.sequence import AMINO_ACIDS, FIRST_LETTER
 from esm3.train import checkpoint as ckpt
 
 #: Sequences per structure by dataset (the paper: 5 for AFDB and ESMAtlas, 64 for PDB).
