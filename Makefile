@@ -27,7 +27,7 @@ tools:  ## install (Debian, root) or check the system tools: mmseqs2, mkdssp, SL
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml tests/requirements-esm.txt | $(BIN)/python
 	@# torch first: CPU build unless a CUDA torch is already importable in this venv
 	@if ! $(BIN)/python -c "import torch" 2>/dev/null; then \
 	  $(BIN)/pip install -q "$(TORCH_SPEC)" 2>/dev/null || \
@@ -35,6 +35,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[dev]"
 	@# real PDB/mmCIF test structures; --no-deps keeps MDAnalysis itself out
 	$(BIN)/pip install -q --no-deps MDAnalysisTests
+	@# EvolutionaryScale's esm, the reference of the parity tests; --no-deps keeps the CPU torch
+	$(BIN)/pip install -q --no-deps "esm==3.2.1.post1" "transformers==4.48.1"
+	$(BIN)/pip install -q -r tests/requirements-esm.txt
 	@touch $@
 
 setup: tools $(VENV)/.installed  ## system tools + .venv with the project and dev extras
