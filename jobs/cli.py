@@ -197,8 +197,8 @@ def cmd_dashboard(a: argparse.Namespace) -> int:
 
 # --- parser -------------------------------------------------------------------------------
 
-# the modules that add a stage command (`add_parser(subparsers, COMMON)`)
-STAGE_MODULES = ("jobs.preprocess", "jobs.train.cli")
+# the modules that add a command of their own (`add_parser(subparsers, COMMON)`)
+STAGE_MODULES = ("jobs.preprocess", "jobs.train.cli", "jobs.convert")
 
 
 class _Common:

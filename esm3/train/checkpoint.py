@@ -32,7 +32,7 @@ import re
 import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +92,30 @@ def fingerprint(model_cfg: Any) -> dict[str, Any]:
     out = {k: d[k] for k in keep if k in d}
     if hasattr(model_cfg, "ffn_hidden"):
         out["ffn_hidden"] = model_cfg.ffn_hidden
+    if hasattr(model_cfg, "n_geom_heads"):
+        out["geom_heads"] = model_cfg.n_geom_heads
     return json.loads(json.dumps(out, default=list))
+
+
+def model_config(state: dict[str, Any], name: str = "from-checkpoint") -> Any:
+    """The ModelConfig a checkpoint's fingerprint describes: enough to rebuild the module
+    its weights load into (checkpoints before geometric heads were recorded: the default)."""
+    from esm3.model.config import ModelConfig
+    from esm3.tokenize.tracks import TrackSizes
+
+    fp = state.get("model")
+    if not isinstance(fp, dict):
+        raise CheckpointMismatch(f"no model fingerprint in {STATE_FILE}")
+    d, hidden = fp["d_model"], fp["ffn_hidden"]
+    cfg = ModelConfig(
+        name=name, d_model=d, n_layers=fp["n_layers"], d_head=fp["d_head"],
+        layer_pattern=fp["layer_pattern"], heads=tuple(fp["heads"]),
+        tracks=TrackSizes(**fp["tracks"]), geom_heads=fp.get("geom_heads", 0),
+        ffn_ratio=8 / 3, ffn_multiple=256,
+    )  # fmt: skip
+    if cfg.ffn_hidden != hidden:  # another rounding: a ratio and multiple that give it exactly
+        cfg = replace(cfg, ffn_ratio=hidden / d, ffn_multiple=hidden)
+    return cfg
 
 
 def check_compatible(state: dict[str, Any], expected: dict[str, Any], where: str) -> None:

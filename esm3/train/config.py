@@ -61,12 +61,14 @@ class ModelSection:
     n_layers: int | None = None
     d_head: int | None = None
     context_length: int | None = None
+    geom_heads: int | None = None  # geometric attention heads (esm's "v_heads")
+    ffn_multiple: int | None = None  # SwiGLU width rounded up to this (esm: 256)
     attention: Literal["sdpa", "xformers"] = "sdpa"
     linear: Literal["torch", "te"] = "torch"
 
     def check(self) -> None:
         """The size overrides in range (before the model config divides by them)."""
-        for k in ("d_model", "n_layers", "d_head"):
+        for k in ("d_model", "n_layers", "d_head", "geom_heads", "ffn_multiple"):
             if getattr(self, k) is not None:
                 _at_least(f"model.{k}", getattr(self, k), 1)
         if self.context_length is not None:
@@ -77,7 +79,14 @@ class ModelSection:
         preset's vocabulary sizes."""
         over: dict[str, object] = {
             k: getattr(self, k)
-            for k in ("d_model", "n_layers", "d_head", "context_length")
+            for k in (
+                "d_model",
+                "n_layers",
+                "d_head",
+                "context_length",
+                "geom_heads",
+                "ffn_multiple",
+            )
             if getattr(self, k) is not None
         }
         over["backend"] = BackendConfig(attention=self.attention, linear=self.linear, fp8=fp8)

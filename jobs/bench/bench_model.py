@@ -14,7 +14,7 @@ import torch
 
 from esm3.model.config import flops_per_token, param_count, preset
 from esm3.model.esm3 import ESM3, _Context
-from esm3.model.geometry import backbone_frames, geometric_mask
+from esm3.model.geometry import backbone_frames, geometric_bias
 from esm3.tasks.config import TaskConfig
 from esm3.tasks.corrupt import corrupt
 from esm3.tasks.sample import Protein
@@ -68,9 +68,8 @@ def _model_rows(name: str, B: int, T: int, reps: int) -> list[dict]:
     ]
     # per layer: each block's forward + backward on its own
     rot, trans, present = backbone_frames(co)
-    ctx = _Context(
-        torch.arange(T).expand(B, T), None, None, rot, trans, geometric_mask(present, None, None)
-    )
+    bias = geometric_bias(present, torch.zeros(B, T, dtype=torch.long), None)
+    ctx = _Context(torch.arange(T).expand(B, T), None, None, rot, trans, present, bias)
     x0 = torch.randn(B, T, cfg.d_model)
     for i, layer in enumerate(model.layers):
         if i >= 3 and layer.kind == "standard":
@@ -156,7 +155,7 @@ def _naive_corrupt(p: Protein, rng: np.random.Generator) -> dict:
 
 def _task_rows(L: int, n: int) -> list[dict]:
     rng = np.random.default_rng(0)
-    cfg = TaskConfig(function_labels=("IPR000001", "IPR000002"))
+    cfg = TaskConfig(residue_labels=("site",))
     prots = [_protein(L, rng) for _ in range(8)]
     t = time.perf_counter()
     for i in range(n):
