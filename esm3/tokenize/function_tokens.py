@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +94,7 @@ class FunctionFiles:
 
     def relative_to(self, folder: str | Path) -> dict[str, str]:
         """File names relative to `folder` (for a document that travels with them)."""
-        return {k: str(Path(getattr(self, k)).relative_to(folder)) for k in self.__annotations__}
+        return {f.name: str(Path(getattr(self, f.name)).relative_to(folder)) for f in fields(self)}
 
 
 def _bad(path: Path, record: str, reason: str) -> ValueError:
@@ -195,6 +195,8 @@ class FunctionTokenizer:
         if self.idf.shape != (len(self.keywords),):
             raise ValueError(f"IDF shape {self.idf.shape} differs from the "
                              f"{len(self.keywords)} keywords")  # fmt: skip
+        if any("," in w for w in self.keywords):  # the .csv joins keywords with commas
+            raise ValueError(f"keyword {next(w for w in self.keywords if ',' in w)!r} has a comma")
         want = (FUNCTION_DEPTH, LSH_BITS, len(self.keywords))
         if np.shape(hyperplanes) != want:
             raise ValueError(f"hyperplanes shape {np.shape(hyperplanes)}, expected {want}")
