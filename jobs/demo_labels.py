@@ -4,15 +4,22 @@ there is no network): how jobs/configs/preprocess/demo-labels/*.tsv.gz were made
 - protein2ipr-standin.tsv.gz (protein2ipr format): one "family" per 70%-identity mmseqs2
   cluster of the mmseqs2-examples UniProt sequences (the demo preprocessing's
   clusters/uniref/level-0.7.parquet), spanning each member's whole sequence, so every
-  sequence has a label; the vocabulary keeps the families of enough proteins
-  (`interpro.min_function_proteins`), as a real one drops rare InterPro entries. Ids
+  sequence has a label (only the families of entry-standin.list get function tokens, as
+  a real table leaves out rare InterPro entries). Ids
   IPR900000 and up are NOT InterPro entries (real ones are far below).
 - sites-standin.tsv.gz (the site-features format of `esm3.data.interpro`): matches of
   three real PROSITE patterns (P-loop PS00017, cAMP/cGMP kinase site PS00004, RGD PS00016)
   found here by regular expression, not InterPro's site annotations.
+- entry-standin.list (InterPro's entry.list format, after "#" lines saying what it is):
+  the stand-in families of 5+ members, each named by its cluster representative's UniProt
+  protein name from the FASTA header (real text, e.g. "Genome polyprotein"), so the
+  function token tables (`esm3.data.function_keywords`) have keywords to hash. Not InterPro
+  entries or names.
 
-Both are deterministic functions of those inputs:
+All are deterministic functions of those inputs:
   python -m jobs.demo_labels FASTA CLUSTERS OUT_DIR
+and the entry list alone from the family file already made:
+  python -m jobs.demo_labels --entries FASTA OUT_DIR
 """
 
 from __future__ import annotations
@@ -25,7 +32,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from esm3.data.function_keywords import ENTRY_COLUMNS
+
 FIRST_STANDIN_ID = 900_000
+MIN_LISTED_MEMBERS = 5  # as the demo's vocabulary kept families of 5+ proteins
 SITE_PATTERNS = {  # PROSITE accession: (pattern as a regular expression, description)
     "PS00017": ("[AG].{4}GK[ST]", "ATP/GTP-binding site motif A (P-loop)"),
     "PS00004": ("[RK]{2}.[ST]", "cAMP- and cGMP-dependent protein kinase phosphorylation site"),
@@ -60,6 +70,39 @@ def families(clusters: Path, min_members: int = 1) -> list[tuple[str, list[str]]
     return sorted(keep, key=lambda x: (-len(x[1]), x[0]))
 
 
+def read_names(path: Path) -> dict[str, str]:
+    """accession -> protein name of a UniProt FASTA (the header text before " OS=")."""
+    names = {}
+    with gzip.open(path, "rt") as f:
+        for line in f:
+            if line.startswith(">"):
+                head, _, rest = line[1:].rstrip("\n").partition(" ")
+                acc = head.split("|")[1] if head.count("|") >= 2 else head
+                names[acc] = rest.split(" OS=")[0].strip()
+    return names
+
+
+def entry_rows(family_file: Path, names: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(stand-in id, "Family", representative's protein name) of the families in the
+    protein2ipr stand-in with at least MIN_LISTED_MEMBERS members, by id."""
+    members: dict[str, int] = defaultdict(int)
+    rep_of = {}
+    with gzip.open(family_file, "rt") as f:
+        for line in f:
+            if not line.startswith("#"):
+                _, ipr, _, rep, *_ = line.split("\t")
+                members[ipr] += 1
+                rep_of[ipr] = rep.removeprefix("STANDIN:")
+    return [(ipr, "Family", names[rep_of[ipr]]) for ipr in sorted(members)
+            if members[ipr] >= MIN_LISTED_MEMBERS]  # fmt: skip
+
+
+def write_entry_list(path: Path, rows: list[tuple[str, str, str]]) -> None:
+    lines = ["\t".join(ENTRY_COLUMNS)] + ["\t".join(r) for r in rows]
+    what = "families of 5+ members named by their representative's UniProt protein name"
+    path.write_text(HEADER.format(what=what) + "\n".join(lines) + "\n", encoding="utf-8")
+
+
 def family_lines(seqs: dict[str, str], fams: list[tuple[str, list[str]]]) -> list[str]:
     lines = []
     for k, (rep, members) in enumerate(fams):
@@ -87,6 +130,12 @@ def write_gz(path: Path, header: str, lines: list[str]) -> None:
         gz.write((header + "\n".join(lines) + "\n").encode())
 
 
+def entries_main(fasta: str, out_dir: str) -> None:
+    out = Path(out_dir)
+    rows = entry_rows(out / "protein2ipr-standin.tsv.gz", read_names(Path(fasta)))
+    write_entry_list(out / "entry-standin.list", rows)
+
+
 def main(fasta: str, clusters: str, out_dir: str) -> None:
     seqs = read_fasta(Path(fasta))
     fams = families(Path(clusters))
@@ -97,7 +146,11 @@ def main(fasta: str, clusters: str, out_dir: str) -> None:
     write_gz(out / "sites-standin.tsv.gz",
              HEADER.format(what="sites = PROSITE pattern matches by regular expression"),
              site_lines(seqs))  # fmt: skip
+    entries_main(fasta, out_dir)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    if sys.argv[1] == "--entries":
+        entries_main(*sys.argv[2:4])
+    else:
+        main(*sys.argv[1:4])

@@ -13,7 +13,8 @@ preprocessing and training (DESIGN.md, "Data at scale").
     generated_offsets.npy    int64 (N + 1,): the inverse-folded sequences of record r are rows
     generated.arrow          [generated_offsets[r], generated_offsets[r + 1]) of this file
     codebook.npz, vocab.json the structure codebook and annotation vocabularies it was built
-                             with (when the preprocessing had them)
+                             with (when the preprocessing had them), and the function token
+                             tables vocab.json names (function-tokens/)
 
 `write_store` works out of core: records stream through pyarrow batch by batch; the
 id -> row join, the grouping of members by center and the generated sequences' CSR run in
@@ -316,6 +317,8 @@ def write_store(
         for src, dst in ((sources.codebook, "codebook.npz"), (sources.vocab, "vocab.json")):
             if src is not None:
                 shutil.copyfile(src, part / dst)
+        if sources.vocab is not None:
+            _copy_function_tables(Path(sources.vocab), part)
         meta = {
             "format": FORMAT,
             "version": VERSION,
@@ -343,6 +346,16 @@ def write_store(
     except BaseException:
         shutil.rmtree(part, ignore_errors=True)
         raise
+
+
+def _copy_function_tables(vocab: Path, part: Path) -> None:
+    """The function token tables the vocabulary names (relative to it), copied to the same
+    relative places, so the store's vocab.json reads as the original does."""
+    names = json.loads(vocab.read_text()).get("function_files") or {}
+    for name in names.values():
+        dst = part / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(vocab.parent / name, dst)
 
 
 def sources_fingerprint(sources: StoreSources, salt: str = "") -> str:

@@ -18,8 +18,9 @@ import torch
 from esm3.model.config import ModelConfig
 from esm3.model.esm3 import ESM3
 from esm3.tokenize import sequence as seq_vocab
+from esm3.tokenize.function_tokens import FUNCTION_VOCAB_SIZE
 from esm3.tokenize.specials import N_STRUCTURE_SPECIAL
-from esm3.tokenize.tracks import CATEGORICAL_TRACKS, FUNCTION_DEPTH, TrackSizes
+from esm3.tokenize.tracks import CATEGORICAL_TRACKS, TrackSizes
 
 #: esm's output names of the suite's head tracks
 OUTPUT_NAMES = {
@@ -123,7 +124,7 @@ def _check_convertible(cfg: ModelConfig) -> None:
         why.append(f"heads {sorted(cfg.heads)} (esm's ESM3 has all six)")
     if cfg.backend.linear != "torch":
         why.append("TransformerEngine layers (convert a checkpoint, which holds torch names)")
-    if cfg.tracks.sequence != seq_vocab.VOCAB_SIZE or cfg.tracks.function != 260:
+    if cfg.tracks.sequence != seq_vocab.VOCAB_SIZE or cfg.tracks.function != FUNCTION_VOCAB_SIZE:
         why.append(f"track sizes {cfg.tracks}")
     if why:
         raise IncompatibleWeights(f"model {cfg.name!r} cannot become esm's ESM3: " + "; ".join(why))
@@ -242,5 +243,5 @@ def forward_like_esm(model: ESM3, **kwargs: torch.Tensor | None) -> dict[str, to
     return {OUTPUT_NAMES[t]: v for t, v in out.logits.items()}
 
 
-__all__ = ["FUNCTION_DEPTH", "IncompatibleWeights", "esm_config", "forward_like_esm",
+__all__ = ["IncompatibleWeights", "esm_config", "forward_like_esm",
            "from_esm_state_dict", "to_esm_state_dict"]  # fmt: skip

@@ -21,8 +21,8 @@ from esm3.model import backends as bk
 from esm3.model.config import ModelConfig
 from esm3.model.geometry import GeometricAttention, backbone_frames, geometric_bias
 from esm3.tokenize.annotations import RESIDUE_DEPTH
+from esm3.tokenize.function_tokens import FUNCTION_DEPTH
 from esm3.tokenize.specials import PAD
-from esm3.tokenize.tracks import FUNCTION_DEPTH
 
 log = logging.getLogger(__name__)
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from functools import lru_cache
 
 from esm3.tokenize.annotations import FIRST_LABEL, RESIDUE_DEPTH, AnnotationVocab
+from esm3.tokenize.function_tokens import FunctionFiles, FunctionTokenizer
 from esm3.tokenize.structure_tokens import DEFAULT_CODEBOOK_SIZE, structure_vocab_size
 from esm3.tokenize.tracks import TrackSizes
 
@@ -57,10 +58,10 @@ class TaskConfig:
     annotation_dropout: float = 0.15
     # vocabularies (training reads them from preprocessing's vocabulary file,
     # `data.vocabulary`; the model's embedding and head sizes follow from them).
-    # function_files: the function tokenizer's files (esm3.tokenize.function_tokens
-    # .FunctionFiles); None: no function track.
+    # function_files: the folder of the function token tables (ours or esm's file names,
+    # `FunctionFiles.in_folder`); "": no function track.
     codebook_size: int = DEFAULT_CODEBOOK_SIZE
-    function_files: Any = None
+    function_files: str = ""
     residue_labels: tuple[str, ...] = ()
     residue_vocab: AnnotationVocab = field(init=False, repr=False, compare=False)
 
@@ -91,13 +92,9 @@ class TaskConfig:
         self.residue_vocab = AnnotationVocab(self.residue_labels, RESIDUE_DEPTH)
 
     @property
-    def function_tokenizer(self) -> Any:
+    def function_tokenizer(self) -> FunctionTokenizer | None:
         """The function tokenizer of `function_files` (loaded once per process), or None."""
-        if self.function_files is None:
-            return None
-        from esm3.tokenize.function_tokens import load_function_tokenizer
-
-        return load_function_tokenizer(self.function_files)
+        return _function_tokenizer(str(self.function_files)) if self.function_files else None
 
     def track_sizes(self) -> TrackSizes:
         """Token-id counts of every track as this recipe's tokenizers write them: the one
@@ -107,3 +104,9 @@ class TaskConfig:
             structure=structure_vocab_size(self.codebook_size),
             residue=max(self.residue_vocab.size, FIRST_LABEL + 1),
         )
+
+
+@lru_cache(maxsize=4)
+def _function_tokenizer(folder: str) -> FunctionTokenizer:
+    """Tables read once per process (a worker re-reads them: they stay out of pickles)."""
+    return FunctionTokenizer.from_files(FunctionFiles.in_folder(folder))

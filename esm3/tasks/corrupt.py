@@ -26,12 +26,12 @@ from esm3.tasks.masking import iid_mask, span_mask
 from esm3.tasks.sample import Protein
 from esm3.tasks.schedules import rate_from_uniform, sample_mask_rate
 from esm3.tokenize.coordinates import validate_coordinates
+from esm3.tokenize.function_tokens import FUNCTION_DEPTH
 from esm3.tokenize.sasa import SASA_NAN, encode_sasa
 from esm3.tokenize.sequence import encode_sequence
 from esm3.tokenize.specials import PAD, TrackSpecials
 from esm3.tokenize.ss8 import encode_ss8
 from esm3.tokenize.structure_tokens import encode_structure_tokens
-from esm3.tokenize.tracks import FUNCTION_DEPTH
 
 CATEGORICAL = ("sequence", "structure", "ss8", "sasa", "function", "residue")
 Arrays = dict[str, np.ndarray]

@@ -13,20 +13,21 @@ cross-entropy over the labels).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
+from esm3.tokenize import function_tokens
+from esm3.tokenize.function_tokens import FunctionFiles
 from esm3.tokenize.specials import PAD, SHARED_SPECIAL_NAMES
 
 NONE = 3  # "this residue has no label"
 FIRST_LABEL = 4
-FUNCTION_DEPTH = 8
 RESIDUE_DEPTH = 16
 
 Annotation = tuple[str, int, int]  # (label id, start, end), 1-based inclusive
-VOCABULARY_SCHEME = "interpro-slots-v1"  # this module's scheme (label k -> FIRST_LABEL + k)
 
 
 class AnnotationVocab:
@@ -102,24 +103,43 @@ def multi_hot(slots: np.ndarray, vocab_size: int) -> np.ndarray:
     return out
 
 
+VOCABULARY_SCHEME = "function-lsh-residue-slots-v1"  # the vocabulary file's layout
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """What a vocabulary file gives training: the function token tables (None: none were
+    made) and the residue-annotation labels in token order."""
+
+    function_files: FunctionFiles | None
+    residue_labels: tuple[str, ...]
+
+
 def vocabulary_document(
-    function_labels: Sequence[str], residue_labels: Sequence[str], **about: object
+    function_files: Mapping[str, str] | None, residue_labels: Sequence[str], **about: object
 ) -> dict:
-    """The vocabulary file preprocessing writes and training reads (JSON): the labels of
-    both tracks in token order, their depths, token-id counts and the scheme."""
+    """The vocabulary file preprocessing writes and training reads (JSON): the function
+    token tables (`function_files`: FunctionFiles field -> file name relative to the
+    vocabulary file, or None), the residue labels in token order, depths and token-id
+    counts, and the scheme."""
+    if function_files is not None and set(function_files) != set(_FUNCTION_FILE_KEYS):
+        raise ValueError(f"function_files keys {sorted(function_files)}, "
+                         f"expected {_FUNCTION_FILE_KEYS}")  # fmt: skip
     return {
         "scheme": VOCABULARY_SCHEME,
-        "function": {"depth": FUNCTION_DEPTH, "size": FIRST_LABEL + len(function_labels),
-                     "labels": list(function_labels)},
+        "function": {"depth": function_tokens.FUNCTION_DEPTH,
+                     "size": function_tokens.FUNCTION_VOCAB_SIZE},
+        "function_files": dict(function_files) if function_files is not None else None,
         "residue": {"depth": RESIDUE_DEPTH, "size": FIRST_LABEL + len(residue_labels),
                     "labels": list(residue_labels)},
         **about,
     }  # fmt: skip
 
 
-def read_vocabulary(path: str | Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(function labels, residue labels) of a vocabulary file; ValueError naming the file
-    and the reason when it is unreadable or of another scheme."""
+def read_vocabulary(path: str | Path) -> Vocabulary:
+    """The function token files (resolved next to the vocabulary file, each checked to
+    exist) and residue labels of a vocabulary file; ValueError naming the file and the
+    reason when it is unreadable, of another scheme or names a missing file."""
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -127,13 +147,28 @@ def read_vocabulary(path: str | Path) -> tuple[tuple[str, ...], tuple[str, ...]]
     if not isinstance(doc, dict) or doc.get("scheme") != VOCABULARY_SCHEME:
         got = doc.get("scheme") if isinstance(doc, dict) else None
         raise ValueError(f"vocabulary file {path}: scheme {got!r}, expected {VOCABULARY_SCHEME!r}")
-    out = []
-    for track, depth in (("function", FUNCTION_DEPTH), ("residue", RESIDUE_DEPTH)):
-        sec = doc.get(track)
-        if not isinstance(sec, dict) or not isinstance(sec.get("labels"), list):
-            raise ValueError(f"vocabulary file {path}: no '{track}.labels' list")
-        if sec.get("depth") != depth:
-            raise ValueError(f"vocabulary file {path}: {track} depth {sec.get('depth')}, "
-                             f"this tokenizer uses {depth}")  # fmt: skip
-        out.append(tuple(str(x) for x in sec["labels"]))
-    return out[0], out[1]
+    sec = doc.get("residue")
+    if not isinstance(sec, dict) or not isinstance(sec.get("labels"), list):
+        raise ValueError(f"vocabulary file {path}: no 'residue.labels' list")
+    if sec.get("depth") != RESIDUE_DEPTH:
+        raise ValueError(f"vocabulary file {path}: residue depth {sec.get('depth')}, "
+                         f"this tokenizer uses {RESIDUE_DEPTH}")  # fmt: skip
+    residue = tuple(str(x) for x in sec["labels"])
+    return Vocabulary(_function_files(doc.get("function_files"), Path(path)), residue)
+
+
+_FUNCTION_FILE_KEYS = tuple(f.name for f in fields(FunctionFiles))
+
+
+def _function_files(names: object, path: Path) -> FunctionFiles | None:
+    if names is None:
+        return None
+    if not isinstance(names, dict) or set(names) != set(_FUNCTION_FILE_KEYS):
+        raise ValueError(f"vocabulary file {path}: 'function_files' must map "
+                         f"{', '.join(_FUNCTION_FILE_KEYS)} to file names")  # fmt: skip
+    files = FunctionFiles(**{k: path.parent / str(names[k]) for k in _FUNCTION_FILE_KEYS})
+    for k in _FUNCTION_FILE_KEYS:
+        if not getattr(files, k).is_file():
+            raise ValueError(f"vocabulary file {path}: function_files.{k} {getattr(files, k)} "
+                             "does not exist")  # fmt: skip
+    return files

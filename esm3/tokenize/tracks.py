@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from esm3.tokenize import sasa, sequence, ss8
 from esm3.tokenize.annotations import FIRST_LABEL
+from esm3.tokenize.function_tokens import FUNCTION_DEPTH, FUNCTION_VOCAB_SIZE
 from esm3.tokenize.specials import (
     N_STRUCTURE_SPECIAL,
     PAD_SPECIALS,
@@ -14,9 +15,6 @@ from esm3.tokenize.specials import (
     structure_specials,
 )
 from esm3.tokenize.structure_tokens import DEFAULT_CODEBOOK_SIZE, structure_vocab_size
-
-FUNCTION_VOCAB_SIZE = 260  # per slot: <pad> <motif> <unk> <none> + 2^8 LSH tokens
-FUNCTION_DEPTH = 8
 
 #: Categorical tracks in a fixed order (embedding, heads, losses and metrics use it).
 CATEGORICAL_TRACKS = ("sequence", "structure", "ss8", "sasa", "function", "residue")

@@ -30,6 +30,7 @@ from typing import Literal
 from esm3.data.archives import is_archive
 from esm3.data.fasta import HeaderFormat
 from esm3.data.structures.filters import AFDBFilter, ESMAtlasFilter, PDBFilter
+from esm3.tokenize.function_tokens import FunctionFiles
 from jobs.config import ConfigError, load
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "preprocess"
@@ -216,15 +217,30 @@ class InterproConfig:
     protein2ipr: list[str] = field(default_factory=list)  # protein2ipr.dat(.gz)
     interproscan: list[str] = field(default_factory=list)  # InterProScan TSV files
     sites: list[str] = field(default_factory=list)  # site features TSV (residue annotations)
-    # a label enters the vocabulary when this many distinct proteins carry it
-    min_function_proteins: int = 1
+    # a site label enters the vocabulary when this many distinct proteins carry it
     min_site_proteins: int = 10
     note: str = ""  # what the inputs are (the demo's are labelled stand-ins)
+    # Function token tables (ESM3 A.1.8), one of: built from InterPro's entry.list (with
+    # interpro2go and go-basic.obo for GO names), or a folder of esm's own files used as
+    # they are (esm's or our file names; see esm3.tokenize.function_tokens.FunctionFiles)
+    entry_list: str = ""
+    interpro2go: str = ""
+    go_obo: str = ""
+    function_files: str = ""
+    min_keyword_entries: int = 1  # a keyword enters the tables when this many entries have it
 
     def validate(self) -> None:
-        for key in ("min_function_proteins", "min_site_proteins"):
+        for key in ("min_site_proteins", "min_keyword_entries"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"interpro.{key} {getattr(self, key)} must be >= 1")
+        if self.function_files and self.entry_list:
+            raise ConfigError("interpro.function_files and interpro.entry_list both set: "
+                              "give esm's files or InterPro's entry.list, not both")  # fmt: skip
+        for key in ("interpro2go", "go_obo"):
+            if getattr(self, key) and not self.entry_list:
+                raise ConfigError(f"interpro.{key} needs interpro.entry_list (its entries)")
+        if self.go_obo and not self.interpro2go:
+            raise ConfigError("interpro.go_obo needs interpro.interpro2go (which GO terms)")
 
     @property
     def any(self) -> bool:
@@ -346,6 +362,9 @@ class Inputs:
     interproscan: list[Path]
     sites: list[Path] = field(default_factory=list)
     patterns: dict[str, list[str]] = field(default_factory=dict)
+    # the function token tables' source: resolved interpro.entry_list / interpro2go / go_obo
+    # or interpro.function_files (a folder), by key; empty when none
+    function_source: dict[str, str] = field(default_factory=dict)
     listings: dict = field(default_factory=dict)  # dataset -> jobs.stages.inventory.Listing
 
     def has(self, dataset: str) -> bool:
@@ -379,11 +398,27 @@ def check_inputs(cfg: PreprocessConfig, workspace: Path, kinds: set[str]) -> Inp
     p2i: list[Path] = []
     ips: list[Path] = []
     sites: list[Path] = []
+    function: dict[str, str] = {}
     if kinds & {"interpro", "structures", "sequences"}:
         p2i = resolve_paths(cfg.interpro.protein2ipr, workspace, "interpro.protein2ipr")
         ips = resolve_paths(cfg.interpro.interproscan, workspace, "interpro.interproscan")
         sites = resolve_paths(cfg.interpro.sites, workspace, "interpro.sites")
-    return Inputs(datasets, metadata, p2i, ips, sites, patterns)
+        function = function_source(cfg.interpro, workspace)
+    return Inputs(datasets, metadata, p2i, ips, sites, patterns, function_source=function)
+
+
+def function_source(ic: InterproConfig, workspace: Path) -> dict[str, str]:
+    """The resolved inputs of the function token tables (see InterproConfig); ConfigError
+    naming the key when a file is missing or the folder lacks one of esm's files."""
+    if ic.function_files:
+        folder = Path(expand_path(ic.function_files, workspace)).resolve()
+        try:
+            FunctionFiles.in_folder(folder)
+        except ValueError as e:
+            raise ConfigError(f"interpro.function_files: {e}") from e
+        return {"function_files": str(folder)}
+    keys = [k for k in ("entry_list", "interpro2go", "go_obo") if getattr(ic, k)]
+    return {k: str(resolve_paths([getattr(ic, k)], workspace, f"interpro.{k}")[0]) for k in keys}
 
 
 OAS_SUFFIXES = (".csv.gz", ".csv")

@@ -3,7 +3,7 @@ and structures -> codebook -> tokenize.
 
 Array tasks (module-level, run in the job process):
 - interpro:        one task per protein2ipr / InterProScan file -> Parquet; rejects
-- interpro-vocab:  one task: the vocabulary of InterPro terms
+- interpro-vocab:  one task: the vocabulary file (function token tables, residue labels)
 - derive:          demo only, one task per dataset marked `proxy_from_experimental`
 - structures:      one task per `shard_size` files, or per part of a tar bundle (`split` parts
                    each, read in place): parse, filter, SASA, SS8, annotations
@@ -19,16 +19,17 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from esm3.data.archives import ArchivePart, is_archive
+from esm3.data.function_keywords import build_function_tokenizer
 from esm3.data.interpro import (
-    IPR_SCHEMA,
     SITE_SCHEMA,
     frequent_labels,
     ingest_interproscan,
@@ -48,6 +49,7 @@ from esm3.data.structures.stages import (
 )
 from esm3.data.token_stats import cluster_table, token_stats_row
 from esm3.tokenize.annotations import vocabulary_document
+from esm3.tokenize.function_tokens import OUR_NAMES, FunctionFiles, FunctionTokenizer
 from jobs.arrays import IndexedItems, JoinedItems
 from jobs.errors import UserError
 from jobs.stages.config import DatasetConfig, Inputs, PreprocessConfig
@@ -87,26 +89,58 @@ def vocabulary_task(
     out: str,
     sites: list[str] | None = None,
     vocabulary: str | None = None,
-    min_function_proteins: int = 1,
     min_site_proteins: int = 1,
     note: str = "",
+    function_source: dict[str, str] | None = None,
+    min_keyword_entries: int = 1,
+    seed: int = 0,
 ) -> dict:
     """The InterPro terms table (`out`) and the vocabulary file training reads
-    (`vocabulary`): function labels are the InterPro entries, residue labels the site
-    labels, each kept when at least its minimum of distinct proteins carries it."""
+    (`vocabulary`): the function token tables (written to function-tokens/ beside it, from
+    `function_source`, see `function_tables`) and the residue labels, the site labels
+    carried by at least `min_site_proteins` distinct proteins."""
     if paths and not Path(out).exists():
         write_table(interpro_vocabulary(paths), out)
-    function = frequent_labels(paths, "ipr", IPR_SCHEMA, min_function_proteins)
     residue = frequent_labels(sites or [], "label", SITE_SCHEMA, min_site_proteins)
+    tables = "no function token tables"
     if vocabulary:
+        folder = Path(vocabulary).parent
+        files = function_tables(function_source or {}, folder / FUNCTION_TABLES,
+                                min_keyword_entries, seed)  # fmt: skip
         doc = vocabulary_document(
-            function, residue, note=note, min_function_proteins=min_function_proteins,
-            min_site_proteins=min_site_proteins, sources=sorted(paths + (sites or [])),
+            files.relative_to(folder) if files else None, residue, note=note,
+            min_site_proteins=min_site_proteins, function_source=function_source or None,
+            sources=sorted(paths + (sites or [])),
         )  # fmt: skip
         write_text_atomic(Path(vocabulary), json.dumps(doc, indent=1))
-    say("interpro-vocab", f"{len(function)} function labels, {len(residue)} residue labels "
-        f"-> {vocabulary or out}")  # fmt: skip
-    return {"terms": len(function), "residue_labels": len(residue)}
+        tables = f"function token tables in {files.keywords.parent}" if files else tables
+    say("interpro-vocab", f"{tables}, {len(residue)} residue labels -> {vocabulary or out}")
+    return {"residue_labels": len(residue), "function_tables": tables}
+
+
+FUNCTION_TABLES = "function-tokens"  # the folder beside vocabulary.json
+
+
+def function_tables(
+    source: dict[str, str], folder: Path, min_keyword_entries: int = 1, seed: int = 0
+) -> FunctionFiles | None:
+    """The function token tables written to `folder` (None without a source): esm's files
+    (`function_files`) checked by loading them and copied byte for byte under our names, or
+    tables built from InterPro's `entry_list` (+ `interpro2go`, `go_obo`)."""
+    if "function_files" in source:
+        given = FunctionFiles.in_folder(source["function_files"])
+        FunctionTokenizer.from_files(given)  # one clear error now, not in training
+        folder.mkdir(parents=True, exist_ok=True)
+        files = FunctionFiles(*(folder / name for name in OUR_NAMES))
+        for src, dst in zip(astuple(given), astuple(files), strict=True):
+            shutil.copyfile(src, dst)
+        return files
+    if "entry_list" in source:
+        tok = build_function_tokenizer(source["entry_list"], source.get("interpro2go"),
+                                       source.get("go_obo"), min_entries=min_keyword_entries,
+                                       seed=seed)  # fmt: skip
+        return tok.write(folder)
+    return None
 
 
 def _proxy_plddt(bfactor: np.ndarray) -> np.ndarray:
@@ -460,8 +494,8 @@ def plan_interpro(ws: Path, run_id: str, cfg: PreprocessConfig, inputs: Inputs, 
     sites = [it[3] for it in items if it[4] == "sites"]
     ic = cfg.interpro
     vocab = [(w, run_id, paths, str(lay.interpro / "vocabulary.parquet"), sites,
-              str(lay.vocabulary), ic.min_function_proteins, ic.min_site_proteins,
-              ic.note)] if items else []  # fmt: skip
+              str(lay.vocabulary), ic.min_site_proteins, ic.note, inputs.function_source,
+              ic.min_keyword_entries, cfg.seed)] if items else []  # fmt: skip
     stages = [
         Stage("interpro", interpro_task, items, [], stage_resources(cfg, "interpro")),
         Stage("interpro-vocab", vocabulary_task, vocab, ["interpro"], None),

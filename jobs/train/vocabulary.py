@@ -1,7 +1,7 @@
-"""The function and residue-annotation vocabularies of a training run, read from the file
-preprocessing wrote (`data.vocabulary`, named in the preprocessing manifest as
-`vocabulary`). The task config gets its label lists from it, and the model its track sizes
-from the task config (`TaskConfig.track_sizes`), so data, tokenizer and model agree.
+"""The function token tables and residue-annotation vocabulary of a training run, read from
+the file preprocessing wrote (`data.vocabulary`, named in the preprocessing manifest as
+`vocabulary`). The task config gets them from it, and the model its track sizes from the
+task config (`TaskConfig.track_sizes`), so data, tokenizer and model agree.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from esm3.tokenize.annotations import read_vocabulary
+from esm3.tokenize.function_tokens import FunctionFiles
 from jobs.config import ConfigError
 
 
@@ -24,21 +25,39 @@ def vocabulary_path(cfg: Any, data_root: str | Path) -> Path | None:
 
 
 def with_vocabulary(cfg: Any, data_root: str | Path) -> Any:
-    """`cfg` with tasks.function_labels / tasks.residue_labels from its vocabulary file
-    (unchanged when `data.vocabulary` is unset). ConfigError, one line naming the key and
-    the file, when the file is missing or unreadable, or when the config also lists labels
-    that differ from the file's."""
+    """`cfg` with tasks.function_files / tasks.residue_labels from its vocabulary file
+    (unchanged when `data.vocabulary` is unset). tasks.function_files is the folder of the
+    four function token tables (`FunctionFiles.in_folder` reads it; "" when preprocessing
+    made none); a folder of esm's own files may be given there directly instead. ConfigError,
+    one line naming the key and the file, when the file is missing or unreadable, or when
+    the config also gives values that differ from the file's."""
     path = vocabulary_path(cfg, data_root)
     if path is None:
         return cfg
     try:
-        function, residue = read_vocabulary(path)
+        vocab = read_vocabulary(path)
     except ValueError as e:
         raise ConfigError(f"config key 'data.vocabulary': {e}") from e
+    folder = _function_folder(vocab.function_files, path)
     t = cfg.tasks
-    for key, given, read in (("function_labels", t.function_labels, function),
-                             ("residue_labels", t.residue_labels, residue)):  # fmt: skip
-        if given and tuple(given) != read:
-            raise ConfigError(f"config key 'tasks.{key}': {len(given)} labels given that differ "
-                              f"from the {len(read)} of data.vocabulary ({path}); give one of them")  # fmt: skip
-    return replace(cfg, tasks=replace(t, function_labels=function, residue_labels=residue))
+    if t.function_files and Path(t.function_files).resolve() != Path(folder).resolve():
+        raise ConfigError(f"config key 'tasks.function_files': {t.function_files} differs from "
+                          f"the tables of data.vocabulary ({path}): {folder or 'none'}; give one of them")  # fmt: skip
+    if t.residue_labels and tuple(t.residue_labels) != vocab.residue_labels:
+        raise ConfigError(f"config key 'tasks.residue_labels': {len(t.residue_labels)} labels given "
+                          f"that differ from the {len(vocab.residue_labels)} of data.vocabulary "
+                          f"({path}); give one of them")  # fmt: skip
+    return replace(
+        cfg, tasks=replace(t, function_files=folder, residue_labels=vocab.residue_labels)
+    )
+
+
+def _function_folder(files: FunctionFiles | None, path: Path) -> str:
+    """The one folder holding the vocabulary's four function tables ("" for none)."""
+    if files is None:
+        return ""
+    folder = files.keywords.parent
+    if FunctionFiles.in_folder(folder) != files:
+        raise ConfigError(f"config key 'data.vocabulary': {path}: the function token tables "
+                          f"must be the four files of one folder ({folder})")  # fmt: skip
+    return str(folder)

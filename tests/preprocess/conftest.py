@@ -98,7 +98,7 @@ sasa_points = 100
 [interpro]
 protein2ipr = ["{{package:jobs}}/configs/preprocess/demo-labels/protein2ipr-standin.tsv.gz"]
 sites = ["{{package:jobs}}/configs/preprocess/demo-labels/sites-standin.tsv.gz"]
-min_function_proteins = 5
+entry_list = "{{package:jobs}}/configs/preprocess/demo-labels/entry-standin.list"
 min_site_proteins = 1
 [resources.cluster]
 cpus_per_task = 2

@@ -24,6 +24,7 @@ from esm3.data.structures.stages import structure_dataset_stats
 from esm3.data.token_stats import cluster_table, dataset_stats_row, token_stats_row
 from esm3.metrics.catalog import checked_table, query
 from esm3.tokenize.annotations import read_vocabulary
+from esm3.tokenize.function_tokens import FunctionFiles, FunctionTokenizer
 from jobs.cli import main as cli_main
 from jobs.clusters import load_profile
 from jobs.preprocess import run_preprocess
@@ -184,10 +185,12 @@ def test_sequence_records_carry_labels_and_the_manifest_names_the_vocabulary(ref
     ws, _, res = reference
     root = ws / DATA
     manifest = json.loads((root / "manifest.json").read_text())
-    function, residue = read_vocabulary(manifest["vocabulary"])
+    vocab = read_vocabulary(manifest["vocabulary"])
     assert manifest["vocabulary"] == str(root / "vocabulary.json")
-    assert residue == ("PS00004", "PS00016", "PS00017")  # every site label, min 1 protein
-    assert function and all(f >= "IPR900000" for f in function)  # stand-in families of 5+
+    assert vocab.residue_labels == ("PS00004", "PS00016", "PS00017")  # every site, min 1 protein
+    assert vocab.function_files == FunctionFiles.in_folder(root / "function-tokens")
+    entries = FunctionTokenizer.from_files(vocab.function_files).entries
+    assert len(entries) == 587 and all(f >= "IPR900000" for f in entries)  # families of 5+
     jobs = query(ws, "SELECT count(*) AS n FROM jobs WHERE run_id = ? AND stage = 'annotate'",
                  [res.run_id])  # fmt: skip
     assert jobs.n[0] == 3  # one task per final shard: uniref's 2, jgi's 1

@@ -30,6 +30,7 @@ from esm3.data.structures.stages import (
 )
 from esm3.model.esm3 import ESM3
 from esm3.tokenize.annotations import FIRST_LABEL, read_vocabulary, vocabulary_document
+from esm3.tokenize.function_tokens import FUNCTION_VOCAB_SIZE, FunctionFiles, FunctionTokenizer
 from esm3.tokenize.tracks import CATEGORICAL_TRACKS, VocabularyMismatch
 from esm3.train import checkpoint as ckpt
 from esm3.train.data import load_datasets
@@ -76,7 +77,8 @@ def labelled(train_data, tmp_path_factory) -> Path:
     ingest_protein2ipr(DEMO_LABELS / "protein2ipr-standin.tsv.gz", ipr)
     ingest_sites(DEMO_LABELS / "sites-standin.tsv.gz", sites)
     vocabulary_task(str(root), "t", [str(ipr)], str(root / "interpro" / "terms.parquet"),
-                    [str(sites)], str(root / "vocabulary.json"), 5, 10, "stand-in")  # fmt: skip
+                    [str(sites)], str(root / "vocabulary.json"), 10, "stand-in",
+                    {"entry_list": str(DEMO_LABELS / "entry-standin.list")})  # fmt: skip
     src = train_data / "real" / "sequences" / "uniprot-00000.parquet"
     annotated = root / "annotated.parquet"
     annotate_sequence_shard(src, annotated, [ipr], [sites])
@@ -99,17 +101,23 @@ def _config(tmp_path: Path, root: Path, *overrides: str):
     return load_config(path, over)
 
 
-def test_vocabulary_file_gives_labels_and_model_sizes(labelled, tmp_path):
+def test_vocabulary_file_names_function_tables_and_residue_labels(labelled):
     doc = json.loads((labelled / "vocabulary.json").read_text())
-    function, residue = read_vocabulary(labelled / "vocabulary.json")
-    assert residue == ("PS00004", "PS00016", "PS00017") and len(function) == len(set(function))
-    assert doc["function"]["size"] == FIRST_LABEL + len(function) and doc["note"] == "stand-in"
+    vocab = read_vocabulary(labelled / "vocabulary.json")
+    assert vocab.residue_labels == ("PS00004", "PS00016", "PS00017") and doc["note"] == "stand-in"
+    assert vocab.function_files == FunctionFiles.in_folder(labelled / "function-tokens")
+    assert doc["function"] == {"depth": 8, "size": FUNCTION_VOCAB_SIZE}
+    assert len(FunctionTokenizer.from_files(vocab.function_files).entries) == 587  # 5+ members
+
+
+def test_vocabulary_file_gives_tables_and_model_sizes(labelled, tmp_path):
     cfg = with_vocabulary(_config(tmp_path, labelled), "/")
-    assert cfg.tasks.function_labels == function and cfg.tasks.residue_labels == residue
+    assert cfg.tasks.function_files == str(labelled / "function-tokens")
+    assert cfg.tasks.residue_labels == ("PS00004", "PS00016", "PS00017")
     # the model's embeddings and heads come from the tokenizer's sizes, in one place
     tracks = cfg.model_config().tracks
     assert tracks == cfg.tasks.track_sizes()
-    assert (tracks.function, tracks.residue) == (FIRST_LABEL + len(function), FIRST_LABEL + 3)
+    assert (tracks.function, tracks.residue) == (FUNCTION_VOCAB_SIZE, FIRST_LABEL + 3)
     model = ESM3(cfg.model_config())
     out = model(torch.full((1, 5), 4), function=torch.zeros(1, 5, 8, dtype=torch.long))
     assert out.logits["function"].shape == (1, 5, 8, tracks.function)
@@ -120,24 +128,32 @@ def test_bad_vocabulary_settings_are_one_line(labelled, tmp_path):
     with pytest.raises(ConfigError, match=r"data.vocabulary.*nope.json.*unreadable"):
         with_vocabulary(_config(tmp_path, labelled, f"data.vocabulary={tmp_path}/nope.json"), "/")
     other = tmp_path / "v.json"
-    other.write_text(json.dumps({**vocabulary_document(["IPR000001"], []), "scheme": "lsh-8x260"}))
-    with pytest.raises(ConfigError, match=r"scheme 'lsh-8x260', expected 'interpro-slots-v1'"):
+    other.write_text(json.dumps({**vocabulary_document(None, []), "scheme": "interpro-slots-v1"}))
+    with pytest.raises(ConfigError, match=r"scheme 'interpro-slots-v1', expected 'function-lsh-residue-slots-v1'"):  # fmt: skip
         with_vocabulary(_config(tmp_path, labelled, f"data.vocabulary={other}"), "/")
-    cfg = _config(tmp_path, labelled, 'tasks.function_labels=["IPR000001"]')
-    with pytest.raises(ConfigError, match=r"tasks.function_labels.*1 labels given that differ"):
+    names = dict(zip(("keywords", "idf", "interpro2keywords", "hyperplanes"),
+                     ("k.txt", "i.npy", "t.csv", "h.npz"), strict=True))  # fmt: skip
+    other.write_text(json.dumps(vocabulary_document(names, [])))
+    with pytest.raises(ConfigError, match=r"data.vocabulary.*v.json: function_files.keywords .*k.txt does not exist"):  # fmt: skip
+        with_vocabulary(_config(tmp_path, labelled, f"data.vocabulary={other}"), "/")
+    cfg = _config(tmp_path, labelled, f"tasks.function_files={tmp_path}")
+    with pytest.raises(ConfigError, match=r"tasks.function_files.*differs from the tables of data.vocabulary"):  # fmt: skip
+        with_vocabulary(cfg, "/")
+    cfg = _config(tmp_path, labelled, 'tasks.residue_labels=["PS00017"]')
+    with pytest.raises(ConfigError, match=r"tasks.residue_labels.*1 labels given that differ"):
         with_vocabulary(cfg, "/")
 
 
 def test_model_or_checkpoint_for_another_vocabulary_is_refused(labelled, tmp_path):
     cfg = with_vocabulary(_config(tmp_path, labelled), "/")
-    fewer = replace(cfg, tasks=replace(cfg.tasks, function_labels=cfg.tasks.function_labels[:-2]))
+    fewer = replace(cfg, tasks=replace(cfg.tasks, residue_labels=cfg.tasks.residue_labels[:-1]))
     wrong = ESM3(fewer.model_config())
-    n = cfg.tasks.track_sizes().function
-    with pytest.raises(VocabularyMismatch, match=rf"function: {n - 2} token ids in the model, {n} in the tokenizer"):  # fmt: skip
+    n = cfg.tasks.track_sizes().residue
+    with pytest.raises(VocabularyMismatch, match=rf"residue: {n - 1} token ids in the model, {n} in the tokenizer"):  # fmt: skip
         Trainer(cfg, TrainModel(wrong, 0, {}, lambda t: 0.0, "fp32"), None, None,
                 run_id="t", ckpt_dir=tmp_path / "ck", device=torch.device("cpu"))  # fmt: skip
     state = {"model": ckpt.fingerprint(fewer.model_config())}
-    with pytest.raises(ckpt.CheckpointMismatch, match=rf"vocabulary of track 'function': checkpoint {n - 2} token ids vs config {n}"):  # fmt: skip
+    with pytest.raises(ckpt.CheckpointMismatch, match=rf"vocabulary of track 'residue': checkpoint {n - 1} token ids vs config {n}"):  # fmt: skip
         ckpt.check_compatible(state, ckpt.fingerprint(cfg.model_config()), "ck/step-10")
 
 
