@@ -20,12 +20,14 @@ from esm3.interop.esm import (
 )
 from esm3.model.config import preset
 from esm3.model.esm3 import ESM3 as SuiteESM3
+from esm3.tasks.config import TaskConfig
 from esm3.tokenize import sasa as sasa_vocab
 from esm3.tokenize import sequence as seq_vocab
 from esm3.tokenize import ss8 as ss8_vocab
 from esm3.tokenize.annotations import AnnotationVocab
 from esm3.tokenize.specials import SEQUENCE_BOS, SEQUENCE_EOS, SEQUENCE_PAD
 from esm3.tokenize.tracks import TrackSizes
+from tests.function_tables import function_tables
 from tests.realdata import mda_file
 from tests.test_tasks_augment import _read, real_protein
 
@@ -78,8 +80,9 @@ def _real(name: str, chain: int):
 
 def _tokens(name: str, chain: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """esm's forward keywords for one real chain with BOS/EOS: sequence, SS8 and SASA from
-    the chain; structure tokens, function tokens, residue sites and pLDDT as stand-ins
-    (no structure tokenizer or InterPro data here), in esm's id ranges."""
+    the chain; function tokens of stand-in InterPro annotations through the suite's
+    tables; structure tokens, residue sites and pLDDT as stand-ins (no structure tokenizer
+    or InterPro data here), in esm's id ranges."""
     p, ss8, sasa = _real(name, chain)
     rng = np.random.default_rng(seed)
     L = len(p)
@@ -97,7 +100,9 @@ def _tokens(name: str, chain: int, seed: int = 0) -> dict[str, torch.Tensor]:
     residue = ends(
         sites.encode([(SITES[k % 3], 5 * k + 1, 5 * k + 3) for k in range(L // 5)], L), 0
     )
-    function = ends(rng.integers(3, 260, (L, 8)), 0)
+    tables = TaskConfig(function_files=function_tables()).function_tokenizer
+    stand_in = [("IPR000719", 1, L // 2), ("IPR017441", L // 4, L // 3), ("IPR000003", L // 2, L)]
+    function = ends(tables.encode(stand_in, L), 0)
     coords = np.concatenate([np.full((1, 3, 3), np.nan), p.coords, np.full((1, 3, 3), np.nan)])
     t = lambda a, dt=torch.long: torch.tensor(a, dtype=dt)[None]  # noqa: E731
     plddt = np.concatenate([[0], rng.uniform(0.5, 1.0, L), [0]])

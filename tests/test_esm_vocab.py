@@ -28,7 +28,9 @@ def test_sequence_ss8_sasa_tokens_equal_esm_tokenizers():
     ours = seq_vocab.encode_sequence(p.sequence + "|" + p.sequence[:20])
     assert theirs[1:-1] == ours.tolist()
     assert (theirs[0], theirs[-1]) == (seq.bos_token_id, seq.eos_token_id)
-    assert seq_vocab.VOCAB == tuple(seq.all_tokens)
+    assert list(seq_vocab.VOCAB) == [
+        seq.convert_ids_to_tokens(i) for i in range(len(seq_vocab.VOCAB))
+    ]
     sizes = TrackSizes()
     sp = sizes.specials("sequence")
     assert (sp.pad, sp.mask, sp.chainbreak) == (

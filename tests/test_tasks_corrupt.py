@@ -19,6 +19,7 @@ from esm3.tokenize.specials import (
     SEQUENCE_MASK,
     SEQUENCE_PAD,
 )
+from tests.function_tables import function_tables
 from tests.test_tasks_augment import real_protein, real_proteins
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -34,12 +35,12 @@ def _decorated(p: Protein, seed: int = 0) -> Protein:
         sasa=np.where(has, rng.random(L) * 120, np.nan).astype(np.float32),
         ss8="".join(rng.choice(list("GHITEBSC"), L)),
         structure_tokens=np.where(has, rng.integers(0, 4096, L), -1),
-        function=[("IPR000001", 1, L // 2), ("IPR000002", L // 3, L)],
+        function=[("IPR000001", 1, L // 2), ("IPR000719", L // 3, L)],
         residue_annotations=[("site", 5, 5)],
     )
 
 
-CFG = TaskConfig(residue_labels=("site",))
+CFG = TaskConfig(residue_labels=("site",), function_files=function_tables())
 MASK = {t: CFG.track_sizes().specials(t).mask for t in CATEGORICAL}
 
 

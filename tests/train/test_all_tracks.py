@@ -76,9 +76,15 @@ def labelled(train_data, tmp_path_factory) -> Path:
     ipr, sites = root / "interpro" / "p2i.parquet", root / "interpro" / "sites.parquet"
     ingest_protein2ipr(DEMO_LABELS / "protein2ipr-standin.tsv.gz", ipr)
     ingest_sites(DEMO_LABELS / "sites-standin.tsv.gz", sites)
+    # an entry list of every stand-in family (names from protein2ipr's name column), so
+    # every annotated sequence has function tokens
+    families = pq.read_table(ipr, columns=["ipr", "name"]).to_pandas().drop_duplicates("ipr")
+    entries = root / "interpro" / "entry.list"
+    entries.write_text("ENTRY_AC\tENTRY_TYPE\tENTRY_NAME\n" + "".join(
+        f"{r.ipr}\tFamily\t{r.name}\n" for r in families.itertuples()))  # fmt: skip
     vocabulary_task(str(root), "t", [str(ipr)], str(root / "interpro" / "terms.parquet"),
                     [str(sites)], str(root / "vocabulary.json"), 10, "stand-in",
-                    {"entry_list": str(DEMO_LABELS / "entry-standin.list")})  # fmt: skip
+                    {"entry_list": str(entries)})  # fmt: skip
     src = train_data / "real" / "sequences" / "uniprot-00000.parquet"
     annotated = root / "annotated.parquet"
     annotate_sequence_shard(src, annotated, [ipr], [sites])
@@ -107,7 +113,8 @@ def test_vocabulary_file_names_function_tables_and_residue_labels(labelled):
     assert vocab.residue_labels == ("PS00004", "PS00016", "PS00017") and doc["note"] == "stand-in"
     assert vocab.function_files == FunctionFiles.in_folder(labelled / "function-tokens")
     assert doc["function"] == {"depth": 8, "size": FUNCTION_VOCAB_SIZE}
-    assert len(FunctionTokenizer.from_files(vocab.function_files).entries) == 587  # 5+ members
+    families = len((labelled / "interpro" / "entry.list").read_text().splitlines()) - 1
+    assert len(FunctionTokenizer.from_files(vocab.function_files).entries) == families
 
 
 def test_vocabulary_file_gives_tables_and_model_sizes(labelled, tmp_path):
@@ -121,7 +128,7 @@ def test_vocabulary_file_gives_tables_and_model_sizes(labelled, tmp_path):
     model = ESM3(cfg.model_config())
     out = model(torch.full((1, 5), 4), function=torch.zeros(1, 5, 8, dtype=torch.long))
     assert out.logits["function"].shape == (1, 5, 8, tracks.function)
-    assert out.logits["residue"].shape == (1, 5, 3)
+    assert out.logits["residue"].shape == (1, 5, tracks.residue)
 
 
 def test_bad_vocabulary_settings_are_one_line(labelled, tmp_path):
