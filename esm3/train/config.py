@@ -146,7 +146,7 @@ class DataConfig:
     task: Literal["pretrain", "inverse_folding"] = "pretrain"
     max_records: int = 0  # 0: all; else the first N records per dataset (demos, benchmarks)
     # the function / residue-annotation vocabulary file preprocessing wrote (JSON; relative
-    # paths are under the workspace's data/ folder); "" keeps tasks.function_labels /
+    # paths are under the workspace's data/ folder); "" keeps tasks.function_files /
     # tasks.residue_labels as given (empty: those tracks are never trained)
     vocabulary: str = ""
 
