@@ -4,14 +4,14 @@ there is no network): how jobs/configs/preprocess/demo-labels/*.tsv.gz were made
 - protein2ipr-standin.tsv.gz (protein2ipr format): one "family" per 70%-identity mmseqs2
   cluster of the mmseqs2-examples UniProt sequences (the demo preprocessing's
   clusters/uniref/level-0.7.parquet), spanning each member's whole sequence, so every
-  sequence has a label (only the families of entry-standin.list get function tokens, as
-  a real table leaves out rare InterPro entries). Ids
+  sequence has a label. Ids
   IPR900000 and up are NOT InterPro entries (real ones are far below).
 - sites-standin.tsv.gz (the site-features format of `esm3.data.interpro`): matches of
   three real PROSITE patterns (P-loop PS00017, cAMP/cGMP kinase site PS00004, RGD PS00016)
   found here by regular expression, not InterPro's site annotations.
 - entry-standin.list (InterPro's entry.list format, after "#" lines saying what it is):
-  the stand-in families of 5+ members, each named by its cluster representative's UniProt
+  every stand-in family (as entry.list lists every InterPro entry), each named by its
+  cluster representative's UniProt
   protein name from the FASTA header (real text, e.g. "Genome polyprotein"), so the
   function token tables (`esm3.data.function_keywords`) have keywords to hash. Not InterPro
   entries or names.
@@ -35,7 +35,6 @@ import pyarrow.parquet as pq
 from esm3.data.function_keywords import ENTRY_COLUMNS
 
 FIRST_STANDIN_ID = 900_000
-MIN_LISTED_MEMBERS = 5  # as the demo's vocabulary kept families of 5+ proteins
 SITE_PATTERNS = {  # PROSITE accession: (pattern as a regular expression, description)
     "PS00017": ("[AG].{4}GK[ST]", "ATP/GTP-binding site motif A (P-loop)"),
     "PS00004": ("[RK]{2}.[ST]", "cAMP- and cGMP-dependent protein kinase phosphorylation site"),
@@ -83,8 +82,8 @@ def read_names(path: Path) -> dict[str, str]:
 
 
 def entry_rows(family_file: Path, names: dict[str, str]) -> list[tuple[str, str, str]]:
-    """(stand-in id, "Family", representative's protein name) of the families in the
-    protein2ipr stand-in with at least MIN_LISTED_MEMBERS members, by id."""
+    """(stand-in id, "Family", representative's protein name) of every family in the
+    protein2ipr stand-in, by id."""
     members: dict[str, int] = defaultdict(int)
     rep_of = {}
     with gzip.open(family_file, "rt") as f:
@@ -93,13 +92,12 @@ def entry_rows(family_file: Path, names: dict[str, str]) -> list[tuple[str, str,
                 _, ipr, _, rep, *_ = line.split("\t")
                 members[ipr] += 1
                 rep_of[ipr] = rep.removeprefix("STANDIN:")
-    return [(ipr, "Family", names[rep_of[ipr]]) for ipr in sorted(members)
-            if members[ipr] >= MIN_LISTED_MEMBERS]  # fmt: skip
+    return [(ipr, "Family", names[rep_of[ipr]]) for ipr in sorted(members)]
 
 
 def write_entry_list(path: Path, rows: list[tuple[str, str, str]]) -> None:
     lines = ["\t".join(ENTRY_COLUMNS)] + ["\t".join(r) for r in rows]
-    what = "families of 5+ members named by their representative's UniProt protein name"
+    what = "every family, named by its representative's UniProt protein name"
     path.write_text(HEADER.format(what=what) + "\n".join(lines) + "\n", encoding="utf-8")
 
 

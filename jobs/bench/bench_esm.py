@@ -5,7 +5,8 @@ sample of the run), then per shape the forward+backward tokens/s of both models 
 batch (timed interleaved, medians), the ratio suite / esm, GFLOP/s of each from the suite's
 `flops_per_token`, the fraction of the matmul rate each reaches, and the parameter count of
 each. Both models get only the sequence and backbone coordinates, so geometric attention
-runs in both. Needs the `esm` package (`pip install esm`); without it the suite is skipped.
+runs in both. Needs the `esm` package (a test dependency that `make setup` installs);
+without it the suite is skipped.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from esm3.model.config import ModelConfig, flops_per_token
 from esm3.model.esm3 import ESM3
 from esm3.tokenize.sequence import AMINO_ACIDS, encode_sequence
-from esm3.tokenize.specials import BOS, EOS
+from esm3.tokenize.specials import SEQUENCE_BOS, SEQUENCE_EOS
 from jobs.bench import bench_row
 
 SUITE = "esm"
@@ -42,8 +43,8 @@ class Shape:
         return f"d{self.d_model}_l{self.n_layers}_g{self.geom_heads}"
 
 
-# the suite's default geometric head count (d_model // 64) at two sizes, and the paper's
-# 256 geometric heads (Table S1, every size) at the small one
+# the suite's default geometric head count (d_model // 64) at two sizes,
+# and 256 geometric heads (esm's open 1.4B model's count) at the small shape
 SHAPES = (Shape(384, 6, 6, 6), Shape(768, 12, 12, 12), Shape(384, 6, 6, 256))
 
 
@@ -107,21 +108,16 @@ def _suite_config(shape: Shape) -> ModelConfig:
     )
 
 
-def _batch(B: int, L: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The same proteins in both vocabularies: suite tokens, esm tokens, coords (B, L+2, 3, 3).
+def _batch(B: int, L: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence tokens (the same ids in both models) and coords (B, L+2, 3, 3).
 
     Residues drawn from the 20 standard amino acids; backbones a random walk with 3.8 A CA
     steps; bos/eos at the ends (no coordinates there, as in real data)."""
-    from esm.utils.constants.esm3 import SEQUENCE_BOS_TOKEN, SEQUENCE_EOS_TOKEN, SEQUENCE_VOCAB
-
     rng = np.random.default_rng(seed)
-    suite, esm, coords = [], [], []
+    tokens, coords = [], []
     for _ in range(B):
         seq = "".join(rng.choice(list(AMINO_ACIDS), L))
-        suite.append([BOS, *encode_sequence(seq).tolist(), EOS])
-        esm.append(
-            [SEQUENCE_BOS_TOKEN, *(SEQUENCE_VOCAB.index(c) for c in seq), SEQUENCE_EOS_TOKEN]
-        )
+        tokens.append([SEQUENCE_BOS, *encode_sequence(seq).tolist(), SEQUENCE_EOS])
         step = rng.normal(size=(L, 3))
         ca = np.cumsum(3.8 * step / np.linalg.norm(step, axis=1, keepdims=True), axis=0)
         n = ca + rng.normal(0, 0.8, (L, 3))
@@ -129,11 +125,7 @@ def _batch(B: int, L: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, t
         xyz = np.full((L + 2, 3, 3), np.nan)
         xyz[1:-1] = np.stack([n, ca, c], axis=1)
         coords.append(xyz)
-    return (
-        torch.tensor(suite),
-        torch.tensor(esm),
-        torch.tensor(np.stack(coords), dtype=torch.float32),
-    )
+    return torch.tensor(tokens), torch.tensor(np.stack(coords), dtype=torch.float32)
 
 
 def _loss(out: object) -> torch.Tensor:
@@ -172,14 +164,14 @@ def _measure_shape(shape: Shape, B: int, L: int, reps: int, matmul: MatmulRate) 
     suite = ESM3(cfg)
     torch.manual_seed(0)
     esm = _esm_model(shape)
-    suite_tokens, esm_tokens, coords = _batch(B, L)
-    T = suite_tokens.shape[1]
+    tokens, coords = _batch(B, L)
+    T = tokens.shape[1]
 
     def suite_step() -> None:
-        _loss(suite(sequence=suite_tokens, coords=coords)).backward()
+        _loss(suite(sequence=tokens, coords=coords)).backward()
 
     def esm_step() -> None:
-        _loss(esm(sequence_tokens=esm_tokens, structure_coords=coords)).backward()
+        _loss(esm(sequence_tokens=tokens, structure_coords=coords)).backward()
 
     steps = {"suite": (suite, suite_step), "esm": (esm, esm_step)}
     times: dict[str, list[float]] = {"suite": [], "esm": []}
