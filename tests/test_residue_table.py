@@ -136,3 +136,9 @@ def test_a_table_without_its_columns_is_one_clear_error(tmp_path):
         read_residue_table(clash)
     good = _write_table(tmp_path / "good.csv")
     assert residue_table(InterproConfig(residue_table=str(good)), tmp_path) == str(good.resolve())
+
+
+def test_a_table_that_matches_no_site_is_refused(tmp_path):
+    other = _write_table(tmp_path / "other.csv", rows=[("Heme binding site", "Heme", 5)])
+    with pytest.raises(ValueError, match=r"other\.csv: none of the 7 site rows .* has a desc"):
+        _vocabulary(tmp_path, str(other))

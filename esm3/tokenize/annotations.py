@@ -160,8 +160,8 @@ def vocabulary_document(
 
 def read_vocabulary(path: str | Path) -> Vocabulary:
     """The function token files (resolved next to the vocabulary file, each checked to
-    exist), residue labels and residue aliases of a vocabulary file; ValueError naming the file and the
-    reason when it is unreadable, of another scheme or names a missing file."""
+    exist), residue labels and residue aliases of a vocabulary file; ValueError naming the
+    file and the reason when it is unreadable, of another scheme or names a missing file."""
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:

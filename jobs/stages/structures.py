@@ -136,6 +136,9 @@ def residue_labels(
         return frequent_labels(sites, "label", SITE_SCHEMA, min_site_proteins), {}, {}
     table = read_residue_table(residue_table)
     found = site_aliases(site_description_counts(sites), table)
+    if found.rows and not found.aliases:  # every site <unk>: the wrong table or site files
+        raise ValueError(f"residue table {residue_table}: none of the {found.rows} site rows "
+                         f"of {len(sites)} site files has a description in its label column")  # fmt: skip
     counts = {"residue_aliases": len(found.aliases), "site_rows": found.rows,
               "site_rows_unknown": found.unknown_rows}  # fmt: skip
     say("interpro-vocab", f"{found.unknown_rows} of {found.rows} site rows have a description "
