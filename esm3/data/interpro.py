@@ -642,6 +642,24 @@ def frequent_labels(
     return [r[0] for r in rows]
 
 
+def site_description_counts(paths: Iterable[str | Path]) -> list[tuple[str, str, int]]:
+    """(label, description, rows) of ingested site tables, sorted: how each site label is
+    described (esm's residue table is keyed by the description)."""
+    files = [str(p) for p in paths]
+    if not files:
+        return []
+    con = connect()
+    try:
+        rows = con.execute(
+            """SELECT label, coalesce(description, ''), count(*) FROM read_parquet($files)
+               GROUP BY ALL ORDER BY ALL""",
+            {"files": files},
+        ).fetchall()
+    finally:
+        con.close()
+    return [(r[0], r[1], int(r[2])) for r in rows]
+
+
 def interpro_vocabulary(paths: Iterable[str | Path]) -> pa.Table:
     """The InterPro terms of ingested tables: columns ipr, name, count, sorted by ipr.
 

@@ -63,6 +63,9 @@ class TaskConfig:
     codebook_size: int = DEFAULT_CODEBOOK_SIZE
     function_files: str = ""
     residue_labels: tuple[str, ...] = ()
+    # (site label, residue label) pairs from esm's residue table: with any, a site label
+    # without one is <unk>, as in esm's tokenizer; () reads labels as they are
+    residue_aliases: tuple[tuple[str, str], ...] = ()
     residue_vocab: AnnotationVocab = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -89,7 +92,9 @@ class TaskConfig:
             raise ValueError(f"tasks.gap_chain_p must be in (0, 1], got {self.gap_chain_p}")
         if self.max_length < 3:
             raise ValueError(f"tasks.max_length must be >= 3, got {self.max_length}")
-        self.residue_vocab = AnnotationVocab(self.residue_labels, RESIDUE_DEPTH)
+        self.residue_vocab = AnnotationVocab(
+            self.residue_labels, RESIDUE_DEPTH, self.residue_aliases
+        )
 
     @property
     def function_tokenizer(self) -> FunctionTokenizer | None:

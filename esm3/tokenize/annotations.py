@@ -5,7 +5,9 @@ Ids (as `esm`'s residue-annotation tokenizer): `<pad>` 0, `<motif>` 1, `<unk>` 2
 `<none>` 3, then label `vocab[k]` is token `FIRST_LABEL + k`. Each residue has `depth`
 slots: its labels (in vocabulary order, at most `depth`), then `<pad>`; a residue without
 a label has `<none>` in its first slot. Ids absent from the vocabulary are dropped (a
-vocabulary keeps only frequent labels). The model embeds the slots with a summed
+vocabulary keeps only frequent labels), unless the vocabulary has aliases (esm's residue
+table, `esm3.tokenize.residue_table`): then a label is looked up through them and one
+without an alias is `<unk>`, as in esm's tokenizer. The model embeds the slots with a summed
 EmbeddingBag whose padding id is 0, and predicts them with a multi-label head (binary
 cross-entropy over the labels).
 """
@@ -21,7 +23,7 @@ import numpy as np
 
 from esm3.tokenize import function_tokens
 from esm3.tokenize.function_tokens import FunctionFiles
-from esm3.tokenize.specials import PAD, SHARED_SPECIAL_NAMES
+from esm3.tokenize.specials import PAD, SHARED_SPECIAL_NAMES, UNK
 
 NONE = 3  # "this residue has no label"
 FIRST_LABEL = 4
@@ -33,14 +35,23 @@ Annotation = tuple[str, int, int]  # (label id, start, end), 1-based inclusive
 class AnnotationVocab:
     """A label vocabulary for the function or residue-annotation track."""
 
-    def __init__(self, labels: Sequence[str], depth: int) -> None:
+    def __init__(
+        self, labels: Sequence[str], depth: int, aliases: Iterable[tuple[str, str]] = ()
+    ) -> None:
+        """`aliases`: (label a record carries, vocabulary label) pairs; with any, labels
+        are read only through them and the others become `<unk>`."""
         if len(set(labels)) != len(labels):
             raise ValueError("annotation vocabulary has duplicate labels")
         if depth < 1:
             raise ValueError(f"annotation depth must be >= 1, got {depth}")
         self.labels = tuple(labels)
         self.depth = depth
-        self._index = {lab: i for i, lab in enumerate(self.labels)}
+        self.aliases = dict(aliases)
+        index = {lab: i for i, lab in enumerate(self.labels)}
+        stray = sorted(set(self.aliases.values()) - set(index))
+        if stray:
+            raise ValueError(f"annotation aliases name labels outside the vocabulary: {stray[:5]}")
+        self._index = {a: index[lab] for a, lab in self.aliases.items()} if self.aliases else index
 
     @property
     def size(self) -> int:
@@ -57,7 +68,8 @@ class AnnotationVocab:
         """Slots of a sample's annotations, shape (length, depth), int64.
 
         Spans are 1-based inclusive and must lie in [1, length] with start <= end
-        (ValueError naming the record otherwise). Unknown labels are skipped.
+        (ValueError naming the record otherwise). Unknown labels are skipped, or `<unk>`
+        with aliases.
         """
         out = np.full((length, self.depth), PAD, dtype=np.int64)
         out[:, 0] = NONE
@@ -68,7 +80,7 @@ class AnnotationVocab:
                 raise ValueError(
                     f"{where}annotation {label} span [{start}, {end}] outside [1, {length}]"
                 )
-            k = self._index.get(label)
+            k = self._index.get(label, UNK - FIRST_LABEL if self.aliases else None)
             if k is not None:
                 ks.append(k)
                 starts.append(start - 1)
@@ -109,37 +121,47 @@ VOCABULARY_SCHEME = "function-lsh-residue-slots-v1"  # the vocabulary file's lay
 @dataclass(frozen=True)
 class Vocabulary:
     """What a vocabulary file gives training: the function token tables (None: none were
-    made) and the residue-annotation labels in token order."""
+    made), the residue-annotation labels in token order and, from esm's residue table, the
+    (site label, residue label) aliases (sorted; empty without a table)."""
 
     function_files: FunctionFiles | None
     residue_labels: tuple[str, ...]
+    residue_aliases: tuple[tuple[str, str], ...] = ()
 
 
 def vocabulary_document(
-    function_files: Mapping[str, str] | None, residue_labels: Sequence[str], **about: object
+    function_files: Mapping[str, str] | None,
+    residue_labels: Sequence[str],
+    residue_aliases: Mapping[str, str] | None = None,
+    **about: object,
 ) -> dict:
     """The vocabulary file preprocessing writes and training reads (JSON): the function
     token tables (`function_files`: FunctionFiles field -> file name relative to the
-    vocabulary file, or None), the residue labels in token order, depths and token-id
-    counts, and the scheme."""
+    vocabulary file, or None), the residue labels in token order (with `residue_aliases`,
+    site label -> residue label, when they come from esm's residue table), depths and
+    token-id counts, and the scheme."""
     if function_files is not None and set(function_files) != set(_FUNCTION_FILE_KEYS):
         raise ValueError(f"function_files keys {sorted(function_files)}, "
                          f"expected {_FUNCTION_FILE_KEYS}")  # fmt: skip
+    residue = {"depth": RESIDUE_DEPTH, "size": FIRST_LABEL + len(residue_labels),
+               "labels": list(residue_labels)}  # fmt: skip
+    if residue_aliases:
+        AnnotationVocab(residue_labels, RESIDUE_DEPTH, residue_aliases.items())  # checks them
+        residue["aliases"] = dict(sorted(residue_aliases.items()))
     return {
         "scheme": VOCABULARY_SCHEME,
         "function": {"depth": function_tokens.FUNCTION_DEPTH,
                      "size": function_tokens.FUNCTION_VOCAB_SIZE},
         "function_files": dict(function_files) if function_files is not None else None,
-        "residue": {"depth": RESIDUE_DEPTH, "size": FIRST_LABEL + len(residue_labels),
-                    "labels": list(residue_labels)},
+        "residue": residue,
         **about,
     }  # fmt: skip
 
 
 def read_vocabulary(path: str | Path) -> Vocabulary:
     """The function token files (resolved next to the vocabulary file, each checked to
-    exist) and residue labels of a vocabulary file; ValueError naming the file and the
-    reason when it is unreadable, of another scheme or names a missing file."""
+    exist), residue labels and residue aliases of a vocabulary file; ValueError naming the
+    file and the reason when it is unreadable, of another scheme or names a missing file."""
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -154,7 +176,19 @@ def read_vocabulary(path: str | Path) -> Vocabulary:
         raise ValueError(f"vocabulary file {path}: residue depth {sec.get('depth')}, "
                          f"this tokenizer uses {RESIDUE_DEPTH}")  # fmt: skip
     residue = tuple(str(x) for x in sec["labels"])
-    return Vocabulary(_function_files(doc.get("function_files"), Path(path)), residue)
+    aliases = _aliases(sec.get("aliases", {}), residue, Path(path))
+    return Vocabulary(_function_files(doc.get("function_files"), Path(path)), residue, aliases)
+
+
+def _aliases(aliases: object, labels: tuple[str, ...], path: Path) -> tuple[tuple[str, str], ...]:
+    """The residue aliases as sorted pairs, each naming one of `labels`."""
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+        raise ValueError(f"vocabulary file {path}: 'residue.aliases' must map labels to labels")
+    stray = sorted(set(aliases.values()) - set(labels))
+    if stray:
+        raise ValueError(f"vocabulary file {path}: residue.aliases name labels not in "
+                         f"residue.labels: {stray[:5]}")  # fmt: skip
+    return tuple(sorted(aliases.items()))
 
 
 _FUNCTION_FILE_KEYS = tuple(f.name for f in fields(FunctionFiles))

@@ -31,6 +31,7 @@ from esm3.data.archives import is_archive
 from esm3.data.fasta import HeaderFormat
 from esm3.data.structures.filters import AFDBFilter, ESMAtlasFilter, PDBFilter
 from esm3.tokenize.function_tokens import FunctionFiles
+from esm3.tokenize.residue_table import read_residue_table
 from jobs.config import ConfigError, load
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "preprocess"
@@ -228,6 +229,10 @@ class InterproConfig:
     go_obo: str = ""
     function_files: str = ""
     min_keyword_entries: int = 1  # a keyword enters the tables when this many entries have it
+    # esm's residue-annotation table (label,label_clean,count .csv from the model download):
+    # residue labels in esm's order and ids, sites matched by description; min_site_proteins
+    # is then unused
+    residue_table: str = ""
 
     def validate(self) -> None:
         for key in ("min_site_proteins", "min_keyword_entries"):
@@ -365,6 +370,7 @@ class Inputs:
     # the function token tables' source: resolved interpro.entry_list / interpro2go / go_obo
     # or interpro.function_files (a folder), by key; empty when none
     function_source: dict[str, str] = field(default_factory=dict)
+    residue_table: str = ""  # resolved interpro.residue_table ("" when none)
     listings: dict = field(default_factory=dict)  # dataset -> jobs.stages.inventory.Listing
 
     def has(self, dataset: str) -> bool:
@@ -399,12 +405,32 @@ def check_inputs(cfg: PreprocessConfig, workspace: Path, kinds: set[str]) -> Inp
     ips: list[Path] = []
     sites: list[Path] = []
     function: dict[str, str] = {}
+    table = ""
     if kinds & {"interpro", "structures", "sequences"}:
         p2i = resolve_paths(cfg.interpro.protein2ipr, workspace, "interpro.protein2ipr")
         ips = resolve_paths(cfg.interpro.interproscan, workspace, "interpro.interproscan")
         sites = resolve_paths(cfg.interpro.sites, workspace, "interpro.sites")
         function = function_source(cfg.interpro, workspace)
-    return Inputs(datasets, metadata, p2i, ips, sites, patterns, function_source=function)
+        table = residue_table(cfg.interpro, workspace)
+    return Inputs(datasets, metadata, p2i, ips, sites, patterns, function_source=function,
+                  residue_table=table)  # fmt: skip
+
+
+def residue_table(ic: InterproConfig, workspace: Path) -> str:
+    """The resolved interpro.residue_table ("" when unset), read once so that a missing
+    file or column is one ConfigError now rather than in the vocabulary stage."""
+    if not ic.residue_table:
+        return ""
+    paths = resolve_paths([ic.residue_table], workspace, "interpro.residue_table")
+    if len(paths) != 1:
+        raise ConfigError(f"interpro.residue_table: {ic.residue_table!r} matches "
+                          f"{len(paths)} files, give one")  # fmt: skip
+    path = paths[0].resolve()
+    try:
+        read_residue_table(path)
+    except ValueError as e:
+        raise ConfigError(f"interpro.residue_table: {e}") from e
+    return str(path)
 
 
 def function_source(ic: InterproConfig, workspace: Path) -> dict[str, str]:

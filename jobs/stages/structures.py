@@ -36,6 +36,7 @@ from esm3.data.interpro import (
     ingest_protein2ipr,
     ingest_sites,
     interpro_vocabulary,
+    site_description_counts,
 )
 from esm3.data.inventory import read_paths
 from esm3.data.shards import write_table
@@ -50,6 +51,7 @@ from esm3.data.structures.stages import (
 from esm3.data.token_stats import cluster_table, token_stats_row
 from esm3.tokenize.annotations import vocabulary_document
 from esm3.tokenize.function_tokens import OUR_NAMES, FunctionFiles, FunctionTokenizer
+from esm3.tokenize.residue_table import read_residue_table, site_aliases
 from jobs.arrays import IndexedItems, JoinedItems
 from jobs.errors import UserError
 from jobs.stages.config import DatasetConfig, Inputs, PreprocessConfig
@@ -94,28 +96,54 @@ def vocabulary_task(
     function_source: dict[str, str] | None = None,
     min_keyword_entries: int = 1,
     seed: int = 0,
+    residue_table: str = "",
 ) -> dict:
     """The InterPro terms table (`out`) and the vocabulary file training reads
     (`vocabulary`): the function token tables (written to function-tokens/ beside it, from
-    `function_source`, see `function_tables`) and the residue labels, the site labels
-    carried by at least `min_site_proteins` distinct proteins."""
+    `function_source`, see `function_tables`) and the residue labels: the site labels
+    carried by at least `min_site_proteins` distinct proteins, or with esm's
+    `residue_table` its labels in esm's order and each site label's alias (see
+    `residue_labels`)."""
     if paths and not Path(out).exists():
         write_table(interpro_vocabulary(paths), out)
-    residue = frequent_labels(sites or [], "label", SITE_SCHEMA, min_site_proteins)
+    residue, aliases, counts = residue_labels(sites or [], min_site_proteins, residue_table)
     tables = "no function token tables"
     if vocabulary:
         folder = Path(vocabulary).parent
         files = function_tables(function_source or {}, folder / FUNCTION_TABLES,
                                 min_keyword_entries, seed)  # fmt: skip
+        table = {"residue_table": residue_table} if residue_table else {}
         doc = vocabulary_document(
-            files.relative_to(folder) if files else None, residue, note=note,
+            files.relative_to(folder) if files else None, residue, aliases, note=note,
             min_site_proteins=min_site_proteins, function_source=function_source or None,
-            sources=sorted(paths + (sites or [])),
+            sources=sorted(paths + (sites or [])), **table,
         )  # fmt: skip
         write_text_atomic(Path(vocabulary), json.dumps(doc, indent=1))
         tables = f"function token tables in {files.keywords.parent}" if files else tables
     say("interpro-vocab", f"{tables}, {len(residue)} residue labels -> {vocabulary or out}")
-    return {"residue_labels": len(residue), "function_tables": tables}
+    return {"residue_labels": len(residue), "function_tables": tables, **counts}
+
+
+def residue_labels(
+    sites: list[str], min_site_proteins: int, residue_table: str = ""
+) -> tuple[list[str], dict[str, str], dict]:
+    """(labels, aliases, summary counts) of the residue track. Without a table: the site
+    labels of at least `min_site_proteins` proteins, no aliases. With esm's table: its clean
+    labels in esm's order (token ids equal the released model's) and site label -> clean
+    label through the site's description, the text esm's table is keyed by; the counts say
+    how many site rows have a description outside the table (<unk>, as in esm)."""
+    if not residue_table:
+        return frequent_labels(sites, "label", SITE_SCHEMA, min_site_proteins), {}, {}
+    table = read_residue_table(residue_table)
+    found = site_aliases(site_description_counts(sites), table)
+    if found.rows and not found.aliases:  # every site <unk>: the wrong table or site files
+        raise ValueError(f"residue table {residue_table}: none of the {found.rows} site rows "
+                         f"of {len(sites)} site files has a description in its label column")  # fmt: skip
+    counts = {"residue_aliases": len(found.aliases), "site_rows": found.rows,
+              "site_rows_unknown": found.unknown_rows}  # fmt: skip
+    say("interpro-vocab", f"{found.unknown_rows} of {found.rows} site rows have a description "
+                          f"outside {residue_table} (<unk>)")  # fmt: skip
+    return list(table.labels), found.aliases, counts
 
 
 FUNCTION_TABLES = "function-tokens"  # the folder beside vocabulary.json
@@ -495,7 +523,7 @@ def plan_interpro(ws: Path, run_id: str, cfg: PreprocessConfig, inputs: Inputs, 
     ic = cfg.interpro
     vocab = [(w, run_id, paths, str(lay.interpro / "vocabulary.parquet"), sites,
               str(lay.vocabulary), ic.min_site_proteins, ic.note, inputs.function_source,
-              ic.min_keyword_entries, cfg.seed)] if items else []  # fmt: skip
+              ic.min_keyword_entries, cfg.seed, inputs.residue_table)] if items else []  # fmt: skip
     stages = [
         Stage("interpro", interpro_task, items, [], stage_resources(cfg, "interpro")),
         Stage("interpro-vocab", vocabulary_task, vocab, ["interpro"], None),

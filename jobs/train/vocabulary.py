@@ -25,8 +25,8 @@ def vocabulary_path(cfg: Any, data_root: str | Path) -> Path | None:
 
 
 def with_vocabulary(cfg: Any, data_root: str | Path) -> Any:
-    """`cfg` with tasks.function_files / tasks.residue_labels from its vocabulary file
-    (unchanged when `data.vocabulary` is unset). tasks.function_files is the folder of the
+    """`cfg` with tasks.function_files / residue_labels / residue_aliases from its vocabulary
+    file (unchanged when `data.vocabulary` is unset). tasks.function_files is the folder of the
     four function token tables (`FunctionFiles.in_folder` reads it; "" when preprocessing
     made none); a folder of esm's own files may be given there directly instead. ConfigError,
     one line naming the key and the file, when the file is missing or unreadable, or when
@@ -47,9 +47,13 @@ def with_vocabulary(cfg: Any, data_root: str | Path) -> Any:
         raise ConfigError(f"config key 'tasks.residue_labels': {len(t.residue_labels)} labels given "
                           f"that differ from the {len(vocab.residue_labels)} of data.vocabulary "
                           f"({path}); give one of them")  # fmt: skip
-    return replace(
-        cfg, tasks=replace(t, function_files=folder, residue_labels=vocab.residue_labels)
-    )
+    if t.residue_aliases and tuple(map(tuple, t.residue_aliases)) != vocab.residue_aliases:
+        raise ConfigError(f"config key 'tasks.residue_aliases': {len(t.residue_aliases)} aliases "
+                          f"given that differ from the {len(vocab.residue_aliases)} of "
+                          f"data.vocabulary ({path}); give one of them")  # fmt: skip
+    labels, aliases = vocab.residue_labels, vocab.residue_aliases
+    return replace(cfg, tasks=replace(t, function_files=folder, residue_labels=labels,
+                                      residue_aliases=aliases))  # fmt: skip
 
 
 def _function_folder(files: FunctionFiles | None, path: Path) -> str:
