@@ -50,19 +50,6 @@ def backbone_frames(coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return rot, torch.where(present[..., None], ca, torch.zeros_like(ca)), present
 
 
-def geometric_mask(
-    present: torch.Tensor, chain_id: torch.Tensor | None, sequence_id: torch.Tensor | None
-) -> torch.Tensor:
-    """(B, T, T) bool: i may attend j when both have coordinates, same chain, same sequence
-    (a strict mask, for analysis; the layer itself scores as `geometric_bias`)."""
-    ok = present[:, :, None] & present[:, None, :]
-    if chain_id is not None:
-        ok = ok & (chain_id[:, :, None] == chain_id[:, None, :])
-    if sequence_id is not None:
-        ok = ok & (sequence_id[:, :, None] == sequence_id[:, None, :])
-    return ok
-
-
 def geometric_bias(
     present: torch.Tensor, chain_id: torch.Tensor, sequence_id: torch.Tensor | None
 ) -> torch.Tensor:
