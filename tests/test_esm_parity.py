@@ -5,7 +5,6 @@ on real proteins (MDAnalysisTests chains with their SS8 from mkdssp and SASA fro
 
 from __future__ import annotations
 
-import types
 from functools import cache
 
 import numpy as np
@@ -27,6 +26,7 @@ from esm3.tokenize import ss8 as ss8_vocab
 from esm3.tokenize.annotations import AnnotationVocab
 from esm3.tokenize.specials import SEQUENCE_BOS, SEQUENCE_EOS, SEQUENCE_PAD
 from esm3.tokenize.tracks import TrackSizes
+from jobs.bench.bench_esm import Shape, esm_model
 from tests.function_tables import function_tables
 from tests.realdata import mda_file
 from tests.test_tasks_augment import _read, real_protein
@@ -49,11 +49,8 @@ def test_esm_installed_without_replacing_the_cpu_torch():
 def _esm_model(d: int, heads: int, v_heads: int, layers: int, seed: int) -> torch.nn.Module:
     """esm's ESM3 at a small shape with every weight random (esm's init leaves the
     geometric scales at 0 and norms at 1, which would hide differences)."""
-    from esm.models.esm3 import ESM3
-
-    tokenizers = types.SimpleNamespace(sequence=types.SimpleNamespace(mask_token_id=32))
     torch.manual_seed(seed)
-    m = ESM3(d, heads, v_heads, layers, None, None, None, tokenizers)
+    m = esm_model(Shape(d_model=d, n_layers=layers, n_heads=heads, geom_heads=v_heads))
     with torch.no_grad():
         for p in m.parameters():
             p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.dim() == 1 else 0.0))

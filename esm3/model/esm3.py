@@ -169,6 +169,7 @@ class ESM3Output:
 
 
 TRACK_INPUTS = ("sequence", "structure", "ss8", "sasa", "function", "residue")
+_SLOTS = {"function": (FUNCTION_DEPTH,), "residue": (RESIDUE_DEPTH,)}  # tokens per residue
 
 
 class ESM3(nn.Module):
@@ -209,8 +210,7 @@ class ESM3(nn.Module):
         for t in TRACK_INPUTS:
             tok = tracks.get(t)
             if tok is None:
-                shape = (B, T, FUNCTION_DEPTH) if t == "function" else (B, T)
-                shape = (B, T, RESIDUE_DEPTH) if t == "residue" else shape
+                shape = (B, T, *_SLOTS.get(t, ()))
                 tok = torch.full(shape, sizes.specials(t).mask, dtype=torch.long, device=device)
             out[t] = tok
         seq, st = sizes.specials("sequence"), sizes.specials("structure")

@@ -36,6 +36,7 @@ from esm3.tokenize.structure_tokens import encode_structure_tokens
 CATEGORICAL = ("sequence", "structure", "ss8", "sasa", "function", "residue")
 Arrays = dict[str, np.ndarray]
 BOS_AT, EOS_AT, CHAINBREAK_AT = 0, 1, 2  # kinds of special position, as `assemble` marks them
+_KINDS = (BOS_AT, EOS_AT, CHAINBREAK_AT)
 
 
 def _function_tokens(protein: Protein, cfg: TaskConfig, rng: np.random.Generator | None):
@@ -140,13 +141,22 @@ def _special_rows(sp: TrackSpecials) -> np.ndarray:
     return np.array([sp.bos, sp.eos, sp.chainbreak], dtype=np.int64)
 
 
-def _with_special_tail(tokens: np.ndarray, sp: TrackSpecials) -> np.ndarray:
-    """tokens with rows for the special positions appended (`tail[L + kind]`); the 2-D
-    tracks (function, residue) hold the special in every slot."""
-    rows = _special_rows(sp)
-    if tokens.ndim == 1:
-        return np.concatenate([tokens, rows])
-    return np.concatenate([tokens, np.repeat(rows[:, None], tokens.shape[1], axis=1)])
+def _gather(arr: np.ndarray, gather: np.ndarray, fill: object) -> np.ndarray:
+    """`arr`'s rows at a sample's positions: residue i at `gather == i`, the special of kind
+    k at `gather == L + k`, which takes `fill` (one value, or one per kind in `assemble`'s
+    order; the 2-D tracks hold it in every slot)."""
+    fill = np.asarray(fill, dtype=arr.dtype)
+    fill = fill.reshape(fill.shape + (1,) * (arr.ndim - fill.ndim))
+    tail = np.broadcast_to(fill, (len(_KINDS),) + arr.shape[1:])
+    return np.concatenate([arr, tail])[gather]
+
+
+def _noisy_shown(
+    coords: np.ndarray, shown: np.ndarray, rng: np.random.Generator, sd: float
+) -> np.ndarray:
+    """Coordinates with Gaussian noise where shown, NaN elsewhere."""
+    noisy = coords + rng.standard_normal(coords.shape, dtype=np.float32) * np.float32(sd)
+    return np.where(shown[:, None, None], noisy, np.float32(np.nan))
 
 
 def _crop(L: int, cfg: TaskConfig, rng: np.random.Generator) -> tuple[int, int, bool]:
@@ -175,7 +185,7 @@ def _plddt_inputs(plddt: np.ndarray, gather: np.ndarray, is_res: np.ndarray) -> 
     if not np.isfinite(plddt).any():
         return {"average_plddt": np.ones(T, np.float32), "per_res_plddt": np.zeros(T, np.float32)}
     mean = np.float32(np.nanmean(plddt))
-    per_res = np.concatenate([plddt, np.zeros(3, np.float32)])[gather]
+    per_res = _gather(plddt, gather, 0)
     per_res = np.where(is_res & np.isfinite(per_res), per_res, np.float32(0))
     return {"average_plddt": np.full(T, mean, np.float32), "per_res_plddt": per_res}
 
@@ -203,7 +213,6 @@ def corrupt(
     L = len(protein)
     sizes = cfg.track_sizes()
     specials = {name: sizes.specials(name) for name in CATEGORICAL}
-    tails = {name: _with_special_tail(arrays[name], specials[name]) for name in CATEGORICAL}
     start, n, ends = _crop(L, cfg, rng)
     coords_raw = arrays["coords"][start : start + n]
     has_raw = arrays["has_coords"][start : start + n]
@@ -239,7 +248,7 @@ def corrupt(
     targets: Arrays = {}
     loss_masks: Arrays = {}
     for k, name in enumerate(CATEGORICAL):
-        tokens = tails[name][gather]
+        tokens = _gather(arrays[name], gather, _special_rows(specials[name]))
         noise: TrackNoise = getattr(cfg, name)
         if not present[name]:
             corrupted = is_res
@@ -258,9 +267,8 @@ def corrupt(
         inputs[name] = np.where(hide, specials[name].mask, tokens)
         loss_masks[name] = loss
 
-    coords = np.concatenate([arrays["coords"], np.full((3, 3, 3), np.nan, np.float32)])
-    coords = coords[gather]
-    has = np.concatenate([arrays["has_coords"], np.zeros(3, bool)])[gather]
+    coords = _gather(arrays["coords"], gather, np.nan)
+    has = _gather(arrays["has_coords"], gather, False)
     shown = np.zeros(T, dtype=bool)
     if present["coords"]:
         picked = None
@@ -283,10 +291,7 @@ def corrupt(
             else:
                 hidden = iid_mask(T, rate, rng)
             shown = has & ~hidden
-    noisy = coords + rng.standard_normal(coords.shape, dtype=np.float32) * np.float32(
-        cfg.coord_noise_sd
-    )
-    inputs["coords"] = np.where(shown[:, None, None], noisy, np.float32(np.nan))
+    inputs["coords"] = _noisy_shown(coords, shown, rng, cfg.coord_noise_sd)
     inputs["chain_id"] = _chain_ids(segments, ends)
     inputs["residue_index"] = index
     inputs |= _plddt_inputs(arrays["plddt"], gather, is_res)
@@ -316,18 +321,15 @@ def inverse_folding_corrupt(
     loss_masks: Arrays = {}
     for name in CATEGORICAL:
         sp = sizes.specials(name)
-        tokens = _with_special_tail(arrays[name], sp)[gather]
+        tokens = _gather(arrays[name], gather, _special_rows(sp))
         targets[name] = tokens
         inp = tokens.copy()
         inp[is_res] = sp.mask
         inputs[name] = inp
         loss_masks[name] = is_res.copy() if name == "sequence" else np.zeros(index.size, bool)
-    coords = np.concatenate([arrays["coords"], np.full((3, 3, 3), np.nan, np.float32)])[gather]
-    shown = is_res & np.concatenate([arrays["has_coords"], np.zeros(3, bool)])[gather]
-    noisy = coords + rng.standard_normal(coords.shape, dtype=np.float32) * np.float32(
-        cfg.coord_noise_sd
-    )
-    inputs["coords"] = np.where(shown[:, None, None], noisy, np.float32(np.nan))
+    coords = _gather(arrays["coords"], gather, np.nan)
+    shown = is_res & _gather(arrays["has_coords"], gather, False)
+    inputs["coords"] = _noisy_shown(coords, shown, rng, cfg.coord_noise_sd)
     inputs["chain_id"] = np.zeros(index.size, dtype=np.int64)
     inputs["residue_index"] = index
     inputs |= _plddt_inputs(arrays["plddt"], gather, is_res)

@@ -23,10 +23,9 @@ import numpy as np
 
 from esm3.tokenize import function_tokens
 from esm3.tokenize.function_tokens import FunctionFiles
-from esm3.tokenize.specials import PAD, SHARED_SPECIAL_NAMES, UNK
+from esm3.tokenize.specials import NONE, PAD, SHARED_SPECIAL_NAMES, UNK
 
-NONE = 3  # "this residue has no label"
-FIRST_LABEL = 4
+FIRST_LABEL = NONE + 1
 RESIDUE_DEPTH = 16
 
 Annotation = tuple[str, int, int]  # (label id, start, end), 1-based inclusive

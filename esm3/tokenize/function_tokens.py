@@ -26,10 +26,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from esm3.tokenize.specials import NONE, PAD, UNK
+
 FUNCTION_DEPTH = 8  # tokens per residue = LSH tables
 LSH_BITS = 8  # hyperplanes per table
-PAD, MOTIF, UNK, NONE = 0, 1, 2, 3
-FIRST_LSH = 4
+FIRST_LSH = NONE + 1
 FUNCTION_VOCAB_SIZE = FIRST_LSH + (1 << LSH_BITS)  # 260
 
 Annotation = tuple[str, int, int]  # (InterPro accession, start, end), 1-based inclusive

@@ -20,6 +20,7 @@ SEQUENCE_CHAINBREAK, SEQUENCE_MASK = 31, 32
 #: ss8/sasa/function/residue: `<pad>`, `<motif>`, `<unk>`; function/residue add `<none>`
 PAD, MOTIF, UNK = 0, 1, 2
 N_SHARED_SPECIAL = 3
+NONE = 3  # function and residue annotations: "no annotation covers this residue"
 SHARED_SPECIAL_NAMES: tuple[str, ...] = ("<pad>", "<motif>", "<unk>")
 N_STRUCTURE_SPECIAL = 5
 

@@ -78,7 +78,8 @@ class MatmulRate:
         return 2.0 * self.n**3 / self.best_s / 1e9
 
 
-def _esm_model(shape: Shape) -> torch.nn.Module:
+def esm_model(shape: Shape) -> torch.nn.Module:
+    """esm's ESM3 at `shape` (esm's own initialisation; no structure or function decoders)."""
     from esm.models.esm3 import ESM3 as EsmESM3
 
     # the tokenizers are read for the mask id of a missing sequence only (the sequence is given)
@@ -163,7 +164,7 @@ def _measure_shape(shape: Shape, B: int, L: int, reps: int, matmul: MatmulRate) 
     torch.manual_seed(0)
     suite = ESM3(cfg)
     torch.manual_seed(0)
-    esm = _esm_model(shape)
+    esm = esm_model(shape)
     tokens, coords = _batch(B, L)
     T = tokens.shape[1]
 
