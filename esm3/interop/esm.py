@@ -20,6 +20,7 @@ from esm3.model.esm3 import ESM3
 from esm3.tokenize import sequence as seq_vocab
 from esm3.tokenize.function_tokens import FUNCTION_VOCAB_SIZE
 from esm3.tokenize.specials import N_STRUCTURE_SPECIAL
+from esm3.tokenize.structure_tokens import structure_vocab_size
 from esm3.tokenize.tracks import CATEGORICAL_TRACKS, TrackSizes
 
 #: esm's output names of the suite's head tracks
@@ -174,7 +175,8 @@ def esm_config(
     heads = n_heads or max(1, d // 64)
     if d % heads:
         raise IncompatibleWeights(f"d_model {d} is not a multiple of n_heads {heads}")
-    tracks = replace(TrackSizes.build(codebook, residue - 4), sequence=rows, function=function)
+    tracks = TrackSizes(sequence=rows, structure=structure_vocab_size(codebook),
+                        function=function, residue=residue)  # fmt: skip
     if tracks.structure != _shape(sd, "encoder.structure_tokens_embed.weight")[0]:
         raise IncompatibleWeights(
             f"structure embedding has {_shape(sd, 'encoder.structure_tokens_embed.weight')[0]} "
@@ -220,7 +222,8 @@ def from_esm_state_dict(
 
 
 def _esm_names(suite_names: list[str]) -> list[str]:
-    return [_rename([n], 0).get(n, n) for n in suite_names]
+    names = _rename(suite_names, 0)
+    return [names.get(n, n) for n in suite_names]
 
 
 def forward_like_esm(model: ESM3, **kwargs: torch.Tensor | None) -> dict[str, torch.Tensor]:
