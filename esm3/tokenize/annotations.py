@@ -183,10 +183,10 @@ def _aliases(aliases: object, labels: tuple[str, ...], path: Path) -> tuple[tupl
     """The residue aliases as sorted pairs, each naming one of `labels`."""
     if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
         raise ValueError(f"vocabulary file {path}: 'residue.aliases' must map labels to labels")
-    stray = sorted(set(aliases.values()) - set(labels))
-    if stray:
-        raise ValueError(f"vocabulary file {path}: residue.aliases name labels not in "
-                         f"residue.labels: {stray[:5]}")  # fmt: skip
+    try:
+        AnnotationVocab(labels, RESIDUE_DEPTH, aliases.items())  # the aliases name its labels
+    except ValueError as e:
+        raise ValueError(f"vocabulary file {path}: residue.aliases: {e}") from e
     return tuple(sorted(aliases.items()))
 
 
