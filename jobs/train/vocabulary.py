@@ -43,14 +43,14 @@ def with_vocabulary(cfg: Any, data_root: str | Path) -> Any:
     if t.function_files and Path(t.function_files).resolve() != Path(folder).resolve():
         raise ConfigError(f"config key 'tasks.function_files': {t.function_files} differs from "
                           f"the tables of data.vocabulary ({path}): {folder or 'none'}; give one of them")  # fmt: skip
-    if t.residue_labels and tuple(t.residue_labels) != vocab.residue_labels:
-        raise ConfigError(f"config key 'tasks.residue_labels': {len(t.residue_labels)} labels given "
-                          f"that differ from the {len(vocab.residue_labels)} of data.vocabulary "
-                          f"({path}); give one of them")  # fmt: skip
-    if t.residue_aliases and tuple(map(tuple, t.residue_aliases)) != vocab.residue_aliases:
-        raise ConfigError(f"config key 'tasks.residue_aliases': {len(t.residue_aliases)} aliases "
-                          f"given that differ from the {len(vocab.residue_aliases)} of "
-                          f"data.vocabulary ({path}); give one of them")  # fmt: skip
+    for key, given, read in (
+        ("residue_labels", tuple(t.residue_labels), vocab.residue_labels),
+        ("residue_aliases", tuple(map(tuple, t.residue_aliases)), vocab.residue_aliases),
+    ):
+        if given and given != read:
+            what = key.removeprefix("residue_")
+            raise ConfigError(f"config key 'tasks.{key}': {len(given)} {what} given that differ "
+                              f"from the {len(read)} of data.vocabulary ({path}); give one of them")  # fmt: skip
     labels, aliases = vocab.residue_labels, vocab.residue_aliases
     return replace(cfg, tasks=replace(t, function_files=folder, residue_labels=labels,
                                       residue_aliases=aliases))  # fmt: skip
