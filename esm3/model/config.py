@@ -55,6 +55,8 @@ class ModelConfig:
     heads: tuple[str, ...] = CATEGORICAL_TRACKS  # output heads (loss tracks)
     backend: BackendConfig = field(default_factory=BackendConfig)
     track_max_logit: bool = True  # report max pre-softmax attention logit per layer
+    # divide branch outputs by sqrt(n_layers / 36) (ESM3); False: 1 (esm's VQ-VAE decoder)
+    scale_residue: bool = True
 
     def __post_init__(self) -> None:
         if self.d_model % self.d_head:
@@ -84,8 +86,9 @@ class ModelConfig:
 
     @property
     def residual_scale(self) -> float:
-        """Branch outputs are divided by this: sqrt(n_layers / 36), ESM3's depth scaling."""
-        return math.sqrt(self.n_layers / 36)
+        """Branch outputs are divided by this: sqrt(n_layers / 36), ESM3's depth scaling,
+        or 1 without `scale_residue`."""
+        return math.sqrt(self.n_layers / 36) if self.scale_residue else 1.0
 
     def layer_kinds(self) -> list[str]:
         if self.layer_pattern == "alternating":
