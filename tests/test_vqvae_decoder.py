@@ -10,7 +10,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from esm3.model.config import ModelConfig
+from esm3.interop.esm import IncompatibleWeights, to_esm_state_dict
+from esm3.model.config import ModelConfig, preset
+from esm3.model.esm3 import ESM3
 from esm3.model.vqvae import losses as LS
 from esm3.model.vqvae.config import PRESETS, DecoderConfig
 from esm3.model.vqvae.decoder import (
@@ -164,6 +166,10 @@ def test_gram_schmidt_is_a_proper_rotation_for_arbitrary_vectors():
 def test_decoder_blocks_keep_unscaled_residuals_and_esm3_keeps_its_scaling():
     assert all(layer.scale == 1.0 for layer in _decoder().layers)
     assert ModelConfig(n_layers=9).residual_scale == pytest.approx(math.sqrt(9 / 36))
+    # an unscaled ESM3 is not esm's ESM3: its weights are refused for export
+    unscaled = ESM3(replace(preset("tiny"), scale_residue=False))
+    with pytest.raises(IncompatibleWeights, match="unscaled residual"):
+        to_esm_state_dict(unscaled)
 
 
 def test_parameter_counts():

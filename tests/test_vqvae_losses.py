@@ -192,6 +192,15 @@ def test_pairs_across_packed_samples_never_count():
         _check_weighted(packed, sa, loss(logits[:, la:, la:], tb, mb))
 
 
+def test_atom_pairs_across_packed_samples_never_count():
+    (ta, ma, _), (tb, mb, _) = atom37_batch("adk_open.pdb"), atom37_batch("5PTI.cif.gz")
+    pa, pb = _noisy(ta, 0.7), _noisy(tb, 0.7, seed=3)
+    sid = _sample_ids(ta.shape[1], tb.shape[1])
+    for loss in (LS.all_atom_distance_loss, LS.all_atom_direction_loss):
+        packed = loss(_pack(pa, pb), _pack(ta, tb), _pack(ma, mb), sid)
+        _check_weighted(packed, loss(pa, ta, ma), loss(pb, tb, mb))
+
+
 # ---------------------------------------------------------------------- missing residues
 
 

@@ -123,6 +123,8 @@ def _check_convertible(cfg: ModelConfig) -> None:
         )
     if set(cfg.heads) != set(CATEGORICAL_TRACKS):
         why.append(f"heads {sorted(cfg.heads)} (esm's ESM3 has all six)")
+    if not cfg.scale_residue:
+        why.append("unscaled residual branches (esm's ESM3 divides them by sqrt(n_layers / 36))")
     if cfg.backend.linear != "torch":
         why.append("TransformerEngine layers (convert a checkpoint, which holds torch names)")
     if cfg.tracks.sequence != seq_vocab.VOCAB_SIZE or cfg.tracks.function != FUNCTION_VOCAB_SIZE:
