@@ -260,6 +260,20 @@ def test_plddt_loss_reaches_zero_on_the_true_lddt_bins():
     )
 
 
+def test_pae_targets_are_zero_for_the_truth_and_invariant_to_moving_the_prediction():
+    true, mask = _chain("5PTI.cif.gz")
+    pairs = mask[0][:, None] & mask[0][None]
+    assert LS.aligned_errors(true, true)[0][pairs].max() < 1e-4
+    pred = _noisy(true, 1.0)
+    a, b = LS.aligned_errors(pred, true), LS.aligned_errors(_moved(pred), true)
+    torch.testing.assert_close(a[0][pairs], b[0][pairs], atol=1e-3, rtol=0)
+    target = LS.pae_bins(a)
+    assert LS.pae_loss(_one_hot_logits(target, 64), pred, true, mask).value.item() < 1e-3
+    assert LS.pae_bins(torch.tensor([0.0, 1e-3, 0.5, 0.51, 31.0, 40.0])).tolist() == [
+        0, 1, 1, 2, 62, 63,
+    ]
+
+
 # ----------------------------------------------------------------------------- quality
 
 

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 
+from esm3.model.geometry import backbone_frames
 from esm3.model.vqvae.quality import lddt_ca
 
 DISTANCE_CLAMP = 25.0  # squared Angstrom: an error beyond 5 A counts as 5 A
@@ -29,6 +30,8 @@ DIRECTION_BINS = 16
 #: the pairs (p, q), p <= q, of the vectors CA->C, CA->N, normal whose dot products are binned
 DIRECTION_PAIRS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
 PLDDT_BINS = 50
+#: 63 aligned-error edges (Angstrom), 64 classes; as the distogram, an edge is the lower class
+PAE_EDGES = torch.linspace(0.0, 31.0, 63)
 # ideal CB from N, CA, C (the coefficients AlphaFold / ProteinMPNN use)
 _CB_A, _CB_B, _CB_C = -0.58273431, 0.56802827, -0.54067466
 
@@ -325,3 +328,32 @@ def plddt_loss(
         near = (torch.cdist(ca, ca) < 15.0) & _pair_mask(mask, sequence_id)
         has_pair = near.sum(-1) > 1  # itself and at least one other
     return _masked_mean(_ce(plddt_logits, plddt_bins(score)), mask & has_pair)
+
+
+def aligned_errors(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """(B, L, L) distance between CA_j seen from residue i's frame in the prediction and
+    in the true structure (the error pAE predicts); frames from N/CA/C (B, L, 3, 3) as
+    `esm3.model.geometry.backbone_frames` builds them, so a global move changes nothing."""
+
+    def local(x: torch.Tensor) -> torch.Tensor:
+        rot, ca, _ = backbone_frames(x)
+        return torch.einsum("bixy,bijx->bijy", rot, ca[:, None] - ca[:, :, None])
+
+    return (local(pred) - local(true)).norm(dim=-1)
+
+
+def pae_bins(errors: torch.Tensor) -> torch.Tensor:
+    """Class 0..63 of each aligned error: the number of edges strictly below it."""
+    edges = PAE_EDGES.to(errors.device, errors.dtype)
+    return (errors[..., None] > edges).sum(-1)
+
+
+def pae_loss(
+    pae_logits: torch.Tensor, pred: torch.Tensor, true: torch.Tensor, mask: torch.Tensor,
+    sequence_id: torch.Tensor | None = None,
+) -> LossTerm:  # fmt: skip
+    """Cross-entropy of (B, L, L, 64) logits against the binned aligned errors of the
+    (detached) predicted backbone (B, L, 3, 3), mean over valid residue pairs."""
+    with torch.no_grad():
+        target = pae_bins(aligned_errors(pred.detach().float(), true.float()))
+    return _masked_mean(_ce(pae_logits, target), _pair_mask(mask, sequence_id))
