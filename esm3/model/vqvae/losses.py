@@ -129,10 +129,11 @@ def backbone_vectors(
     """The 6 direction-loss vectors of each residue, (B, L, 6, 3), and their validity
     (B, L, 6): N->CA, CA->C, C->N(next), n_CA = -(N->CA x CA->C), n_N = C(prev)->N x N->CA,
     n_C = CA->C x C->N(next). A vector that needs a neighbour is valid only where that
-    neighbour has coordinates and is in the same sample."""
+    neighbour has coordinates and is in the same sample; chains of one sample must be
+    separated by a position without coordinates (the chainbreak token) to not be bonded."""
     x = _clean(x, mask)
     n, ca, c = x.unbind(-2)
-    B, L = mask.shape
+    L = mask.shape[1]
     sid = torch.zeros_like(mask, dtype=torch.long) if sequence_id is None else sequence_id
     index = torch.arange(L, device=mask.device)
     has_next = mask & mask.roll(-1, 1) & (sid == sid.roll(-1, 1)) & (index < L - 1)
