@@ -251,3 +251,43 @@ def test_data_dependent_init_only_when_counts_are_zero():
     loaded.load_state_dict(cb.state_dict())
     loaded.train()(_points(6, 12) * 3, None)
     torch.testing.assert_close(loaded.embeddings, first)
+
+
+def _ranked_training_steps(rank: int, world: int, store: str, out: str) -> None:
+    """One rank of the distributed test: init, an EMA step and a forced restart on data of
+    its own; saves its buffers."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(100 + rank)  # every rank draws differently: rank 0's draw must win
+        cb = EMACodebook(8, 2, decay=0.9, restart_threshold=0.0).double().train()
+        z = _points(rank, 10 + 5 * rank)
+        cb(z, None)
+        n_after_first = cb.N.clone()
+        cb.restart_threshold = 1.0
+        cb.N.fill_(50.0)
+        cb.N[3] = 0.0
+        cb(-z, None)
+        torch.save({"state": cb.state_dict(), "restarted": int(cb.last_stats.restarted),
+                    "rows": z[0], "n_after_first": n_after_first}, out)  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawned(rank: int, world: int, tmp: str) -> None:
+    _ranked_training_steps(rank, world, f"{tmp}/store", f"{tmp}/rank{rank}.pt")
+
+
+def test_ranks_keep_identical_codebooks(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_spawned, args=(2, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    for name, t in r0["state"].items():
+        assert torch.equal(t, r1["state"][name]), name
+    assert r0["restarted"] == r1["restarted"] == 1
+    # counts summed over ranks: 8 codes init at 1, decayed by 0.9, plus 0.1 * (10 + 15)
+    assert float(r1["n_after_first"].sum()) == pytest.approx(0.9 * 8 + 0.1 * 25)
+    # the restarted code is one of rank 0's vectors of the second step
+    assert any(torch.allclose(-row, r0["state"]["embeddings"][3]) for row in r0["rows"])

@@ -11,7 +11,8 @@ loads strictly. Training mode does, per forward and over the masked positions on
 - restarts: a code whose EMA count falls below `restart_threshold` is replaced by a randomly
   chosen encoder output of the batch.
 Under torch.distributed counts and sums are summed over ranks and random draws come from
-rank 0, so every rank's codebook stays identical.
+rank 0, so every rank's codebook stays identical. In eval mode (a frozen codebook, as in
+stage 2) it only quantises.
 """
 
 from __future__ import annotations
@@ -74,14 +75,18 @@ class EMACodebook(nn.Module):
         self.last_stats: CodebookStats | None = None
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        """(..., d_code) -> (...) int64 index of the nearest code (squared Euclidean)."""
-        flat = z.reshape(-1, self.d_code)
-        codes = self.embeddings.to(flat.dtype)
-        dist2 = (
-            (flat * flat).sum(-1, keepdim=True)
-            - 2 * flat @ codes.t()
-            + (codes * codes).sum(-1)[None]
-        )
+        """(..., d_code) -> (...) int64 index of the nearest code (squared Euclidean), in
+        float32 at least: bf16 distances would tie."""
+        dtype = torch.promote_types(torch.promote_types(z.dtype, self.embeddings.dtype),
+                                    torch.float32)  # fmt: skip
+        flat = z.reshape(-1, self.d_code).to(dtype)
+        codes = self.embeddings.to(dtype)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            dist2 = (
+                (flat * flat).sum(-1, keepdim=True)
+                - 2 * flat @ codes.t()
+                + (codes * codes).sum(-1)[None]
+            )
         return dist2.argmin(-1).view(z.shape[:-1])
 
     def forward(
@@ -109,7 +114,8 @@ class EMACodebook(nn.Module):
         return z + (z_q - z).detach(), codes, loss
 
     def _commitment(self, z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        sq = ((z - target) ** 2).mean(-1) * mask
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
+        sq = ((z - target.to(z.dtype)) ** 2).mean(-1) * mask
         return self.commitment * sq.sum() / mask.sum().clamp_min(1)
 
     def _draw(self, pool: torch.Tensor, n: int) -> torch.Tensor:
