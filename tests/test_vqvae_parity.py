@@ -173,3 +173,11 @@ def test_encoder_esm_cannot_hold_is_refused():
                                           n_codes=16, knn=8))  # fmt: skip
     with pytest.raises(IncompatibleWeights, match="knn 8"):
         encoder_to_esm(ours)
+
+
+def test_short_chains_match_esm():
+    theirs = _esm_encoder(SHAPES[0])
+    ours = encoder_from_esm(theirs.state_dict()).eval()
+    x = _coords("adk_open.pdb", 0)
+    for piece in (x[50:51], x[40:50], x[100:115]):
+        assert torch.equal(ours.tokenize(piece), _esm_encode(theirs, piece)), len(piece)
