@@ -106,7 +106,7 @@ def test_missing_backbone_atoms_give_mask():
     mask = enc.mask_token
     assert mask == CFG.n_codes
     assert tok[5:8].tolist() == [mask] * 3
-    assert ((tok[:5] < CFG.n_codes).all() and (tok[8:] < CFG.n_codes).all())
+    assert (tok[:5] < CFG.n_codes).all() and (tok[8:] < CFG.n_codes).all()
     assert (enc.tokenize(torch.full((12, 3, 3), float("nan"), dtype=torch.float64)) == mask).all()
 
 
@@ -291,3 +291,11 @@ def test_ranks_keep_identical_codebooks(tmp_path):
     assert float(r1["n_after_first"].sum()) == pytest.approx(0.9 * 8 + 0.1 * 25)
     # the restarted code is one of rank 0's vectors of the second step
     assert any(torch.allclose(-row, r0["state"]["embeddings"][3]) for row in r0["rows"])
+
+
+def test_per_residue_inputs_of_the_wrong_shape_raise():
+    x = _coords()[None, :20]
+    with pytest.raises(ValueError, match="sequence_id must have shape"):
+        _encoder().embed(x, sequence_id=torch.zeros(1, 19, dtype=torch.long))
+    with pytest.raises(ValueError, match="mask must have shape"):
+        _encoder().embed(x, mask=torch.ones(20, dtype=torch.bool))

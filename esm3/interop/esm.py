@@ -286,7 +286,9 @@ def _encoder_shape(sd: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
     return tuple(sd[key].shape)
 
 
-def encoder_esm_config(state_dict: Mapping[str, torch.Tensor], **fields: object) -> EncoderConfig:
+def encoder_esm_config(
+    state_dict: Mapping[str, torch.Tensor], **fields: object
+) -> EncoderConfig:
     """The EncoderConfig of an `esm` StructureTokenEncoder state dict, read from its tensor
     shapes (`fields` override the training-only ones: ema_decay, restart_threshold, ...)."""
     sd = _unwrap(state_dict)
@@ -313,7 +315,9 @@ def encoder_esm_config(state_dict: Mapping[str, torch.Tensor], **fields: object)
     return replace(cfg, **fields)  # type: ignore[arg-type]
 
 
-def encoder_from_esm(state_dict: Mapping[str, torch.Tensor], **fields: object) -> StructureEncoder:
+def encoder_from_esm(
+    state_dict: Mapping[str, torch.Tensor], **fields: object
+) -> StructureEncoder:
     """The suite's StructureEncoder holding an `esm` StructureTokenEncoder state dict (shapes
     inferred from the tensors; `fields` override training-only EncoderConfig fields).
     Raises IncompatibleWeights naming missing, unexpected or mis-shaped tensors."""
@@ -336,7 +340,9 @@ def encoder_from_esm(state_dict: Mapping[str, torch.Tensor], **fields: object) -
     if wrong:
         problems.append(f"{len(wrong)} of another shape (e.g. {wrong[:2]})")
     if problems:
-        raise IncompatibleWeights("esm state dict does not fit the encoder: " + "; ".join(problems))
+        raise IncompatibleWeights(
+            "esm state dict does not fit the encoder: " + "; ".join(problems)
+        )
     encoder.load_state_dict({k: v.to(expected[k].dtype) for k, v in ours.items()}, strict=True)
     return encoder
 

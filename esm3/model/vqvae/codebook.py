@@ -113,7 +113,9 @@ class EMACodebook(nn.Module):
         )
         return z + (z_q - z).detach(), codes, loss
 
-    def _commitment(self, z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _commitment(
+        self, z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         z = z.to(torch.promote_types(z.dtype, torch.float32))
         sq = ((z - target.to(z.dtype)) ** 2).mean(-1) * mask
         return self.commitment * sq.sum() / mask.sum().clamp_min(1)
@@ -166,5 +168,7 @@ class EMACodebook(nn.Module):
         return torch.tensor(n_dead, device=self.N.device)
 
     def extra_repr(self) -> str:
-        return (f"n_codes={self.n_codes}, d_code={self.d_code}, decay={self.decay}, "
-                f"restart_threshold={self.restart_threshold}, commitment={self.commitment}")  # fmt: skip
+        return (
+            f"n_codes={self.n_codes}, d_code={self.d_code}, decay={self.decay}, "
+            f"restart_threshold={self.restart_threshold}, commitment={self.commitment}"
+        )

@@ -142,10 +142,15 @@ class StructureEncoder(nn.Module):
         _check_coords(coords, batched=True)
         B, L = coords.shape[:2]
         dev = coords.device
-        valid = torch.ones(B, L, dtype=torch.bool, device=dev) if mask is None else mask.bool()
-        seq = sequence_id if sequence_id is not None else torch.zeros_like(valid, dtype=torch.long)
-        res = residue_index if residue_index is not None else torch.arange(L, device=dev).expand(B, L)
+        valid = _per_residue(mask, "mask", B, L, torch.ones(B, L, dtype=torch.bool, device=dev))
+        seq = _per_residue(
+            sequence_id, "sequence_id", B, L, torch.zeros_like(valid, dtype=torch.long)
+        )
+        res = _per_residue(
+            residue_index, "residue_index", B, L, torch.arange(L, device=dev).expand(B, L)
+        )
         frames = backbone_frames(coords, torch.promote_types(self.dtype, torch.float32))
+        valid = valid.bool()
         present = frames[2] & valid
         ctx = _Context(frames[0], frames[1], present, valid, seq, res.long())
         step = max(1, (chunk_size or B * L) // B)
@@ -222,3 +227,13 @@ def _check_coords(coords: torch.Tensor, *, batched: bool) -> None:
         )
     if coords.shape[-3] == 0:
         raise ValueError("coords has no residues (L == 0)")
+
+
+def _per_residue(
+    t: torch.Tensor | None, name: str, B: int, L: int, default: torch.Tensor
+) -> torch.Tensor:
+    if t is None:
+        return default
+    if tuple(t.shape) != (B, L):
+        raise ValueError(f"{name} must have shape (B, L) = {(B, L)}, got {tuple(t.shape)}")
+    return t.to(default.device)
