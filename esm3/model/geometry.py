@@ -9,9 +9,9 @@ the global frame) and a distance query/key (rotated and translated). A pair scor
 which a global rotation + translation leaves unchanged; values are summed in the global
 frame and rotated back into the query's frame, so the output is invariant too.
 Keys without coordinates and pairs across chains are masked; a residue without
-coordinates gets zero output. As `esm`, pairs of one packed sequence get +1 on their score
-rather than a mask: the suite's batches give each packed sequence its own chain ids, so
-sequences never mix.
+coordinates gets zero output (in ESM3's trunk; the structure encoder keeps it, as `esm`).
+As `esm`, pairs of one packed sequence get +1 on their score rather than a mask: the
+suite's batches give each packed sequence its own chain ids, so sequences never mix.
 """
 
 from __future__ import annotations

@@ -97,11 +97,12 @@ class EMACodebook(nn.Module):
         Codes are assigned with the codebook as it was before this forward's update."""
         if mask is None:
             mask = torch.ones(z.shape[:-1], dtype=torch.bool, device=z.device)
+        mask = mask.bool()
         if self.training and bool(self.N.sum() == 0):
             self._init_from(z.detach()[mask])
         codes = self.nearest(z.detach())
-        z_q = F.embedding(codes, self.embeddings).to(z.dtype)
-        loss = self._commitment(z, z_q.detach(), mask)
+        z_q = F.embedding(codes, self.embeddings)
+        loss = self._commitment(z, z_q, mask)
         counts = torch.bincount(codes[mask], minlength=self.n_codes).to(self.N.dtype)
         restarted = torch.zeros((), dtype=torch.long, device=z.device)
         if self.training:
@@ -111,13 +112,14 @@ class EMACodebook(nn.Module):
         self.last_stats = CodebookStats(
             codes_used=(counts > 0).sum(), perplexity=perplexity(counts), restarted=restarted
         )
-        return z + (z_q - z).detach(), codes, loss
+        return z + (z_q.to(z.dtype) - z).detach(), codes, loss
 
     def _commitment(
         self, z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
+        """beta * mse(z, sg(target)) over the mask, in float32 at least."""
         z = z.to(torch.promote_types(z.dtype, torch.float32))
-        sq = ((z - target.to(z.dtype)) ** 2).mean(-1) * mask
+        sq = ((z - target.detach().to(z.dtype)) ** 2).mean(-1) * mask
         return self.commitment * sq.sum() / mask.sum().clamp_min(1)
 
     def _draw(self, pool: torch.Tensor, n: int) -> torch.Tensor:
