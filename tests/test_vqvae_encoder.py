@@ -299,3 +299,19 @@ def test_per_residue_inputs_of_the_wrong_shape_raise():
         _encoder().embed(x, sequence_id=torch.zeros(1, 19, dtype=torch.long))
     with pytest.raises(ValueError, match="mask must have shape"):
         _encoder().embed(x, mask=torch.ones(20, dtype=torch.bool))
+
+
+def test_a_training_step_reaches_the_encoder_and_updates_the_codebook():
+    from esm3.model.vqvae.config import vqvae_config
+
+    torch.manual_seed(0)
+    enc = StructureEncoder(vqvae_config("vqvae_tiny").encoder).double().train()
+    x = _coords("5PTI.cif.gz")
+    x[4] = float("nan")  # frameless: no part in the loss or the codebook
+    out = enc(x[None])
+    assert not out.present[0, 4] and out.present.sum() == len(x) - 1
+    assert (enc.codebook.N > 0).all()  # initialised from this batch
+    assert int(enc.codebook.last_stats.codes_used) > 1
+    (out.commitment_loss + out.z_q.square().mean()).backward()
+    for name, p in enc.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
