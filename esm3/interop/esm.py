@@ -4,7 +4,9 @@ The suite's model has `esm`'s architecture, inputs and token ids, so a checkpoin
 by renaming tensors: `to_esm_state_dict` gives a state dict that `esm.models.esm3.ESM3`
 loads with strict=True; `from_esm_state_dict` builds the suite's model from one, its shape
 read from the tensors; `forward_like_esm` calls the suite's model with `esm`'s forward
-keywords and returns `esm`'s output names.
+keywords and returns `esm`'s output names. The VQ-VAE's structure encoder crosses the same
+way: `encoder_to_esm` for `esm.models.vqvae.StructureTokenEncoder`, `encoder_from_esm`
+back.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch
 
 from esm3.model.config import ModelConfig
 from esm3.model.esm3 import ESM3
+from esm3.model.vqvae.config import EncoderConfig
+from esm3.model.vqvae.encoder import StructureEncoder, ffn_hidden
 from esm3.tokenize import sequence as seq_vocab
 from esm3.tokenize.function_tokens import FUNCTION_VOCAB_SIZE
 from esm3.tokenize.specials import N_STRUCTURE_SPECIAL
@@ -102,9 +106,12 @@ def _rules() -> list[tuple[str, str]]:
     return rules
 
 
-def _rename(names: list[str], source: int) -> dict[str, str]:
-    """name -> name on the other side; source 0: suite names in, 1: esm names in."""
-    compiled = [(_pattern(r[source]), r[1 - source]) for r in _rules()]
+def _rename(
+    names: list[str], source: int, rules: list[tuple[str, str]] | None = None
+) -> dict[str, str]:
+    """name -> name on the other side; source 0: suite names in, 1: esm names in; `rules`
+    default: ESM3's."""
+    compiled = [(_pattern(r[source]), r[1 - source]) for r in (rules or _rules())]
     out: dict[str, str] = {}
     for name in names:
         for rx, target in compiled:
@@ -248,5 +255,118 @@ def forward_like_esm(model: ESM3, **kwargs: torch.Tensor | None) -> dict[str, to
     return {OUTPUT_NAMES[t]: v for t, v in out.logits.items()}
 
 
-__all__ = ["IncompatibleWeights", "esm_config", "forward_like_esm",
-           "from_esm_state_dict", "to_esm_state_dict"]  # fmt: skip
+# the structure encoder: esm's StructureTokenEncoder (its knn 16 and +-32 bins are fixed)
+_ENCODER_BLOCK = [
+    ("geom.norm.{p}", "geom_attn.s_norm.{p}"),
+    ("geom.proj.{p}", "geom_attn.proj.{p}"),
+    ("geom.out.{p}", "geom_attn.out_proj.{p}"),
+    ("geom.dist_weight", "geom_attn.distance_scale_per_head"),
+    ("geom.rot_weight", "geom_attn.rotation_scale_per_head"),
+    ("ffn.norm.{p}", "ffn.0.{p}"),
+    ("ffn.w12.{p}", "ffn.1.{p}"),
+    ("ffn.w3.{p}", "ffn.3.{p}"),
+]
+_ENCODER_FIXED = {"knn": 16, "rel_pos_bins": 32}
+
+
+def _encoder_rules() -> list[tuple[str, str]]:
+    rules = [
+        (f"blocks.{{i}}.{ours}", f"transformer.blocks.{{i}}.{theirs}")
+        for ours, theirs in _ENCODER_BLOCK
+    ]
+    rules += [("rel_pos.weight", "relative_positional_embedding.embedding.weight"),
+              ("pre_vq.{p}", "pre_vq_proj.{p}")]  # fmt: skip
+    rules += [(f"codebook.{b}", f"codebook.{b}") for b in ("embeddings", "N", "z_avg")]
+    return rules
+
+
+def _encoder_shape(sd: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    if key not in sd:
+        raise IncompatibleWeights(
+            f"esm state dict has no {key!r}: not a StructureTokenEncoder state dict"
+        )
+    return tuple(sd[key].shape)
+
+
+def encoder_esm_config(
+    state_dict: Mapping[str, torch.Tensor], **fields: object
+) -> EncoderConfig:
+    """The EncoderConfig of an `esm` StructureTokenEncoder state dict, read from its tensor
+    shapes (`fields` override the training-only ones: ema_decay, restart_threshold, ...)."""
+    sd = _unwrap(state_dict)
+    rows, d = _encoder_shape(sd, "relative_positional_embedding.embedding.weight")
+    n_layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.blocks.")})
+    if n_layers == 0:
+        raise IncompatibleWeights("esm state dict has no transformer.blocks: not an encoder")
+    d_out, three_heads = _encoder_shape(sd, "transformer.blocks.0.geom_attn.out_proj.weight")
+    proj = _encoder_shape(sd, "transformer.blocks.0.geom_attn.proj.weight")
+    n_codes, d_code = _encoder_shape(sd, "codebook.embeddings")
+    hidden = _encoder_shape(sd, "transformer.blocks.0.ffn.3.weight")[1]
+    why = []
+    if three_heads % 3 or proj != (5 * three_heads, d) or d_out != d:
+        why.append(f"geometric attention proj {proj} / out_proj {(d_out, three_heads)} "
+                   f"do not fit d_model {d}")  # fmt: skip
+    if rows != 2 * _ENCODER_FIXED["rel_pos_bins"] + 2:
+        why.append(f"{rows} relative-position rows (esm has {2 * 32 + 2})")
+    if hidden != ffn_hidden(d):
+        why.append(f"feed-forward width {hidden} is not esm's rule for d_model {d}")
+    if why:
+        raise IncompatibleWeights("esm encoder state dict does not fit: " + "; ".join(why))
+    cfg = EncoderConfig(d_model=d, n_layers=n_layers, geom_heads=three_heads // 3,
+                        d_code=d_code, n_codes=n_codes)  # fmt: skip
+    return replace(cfg, **fields)  # type: ignore[arg-type]
+
+
+def encoder_from_esm(
+    state_dict: Mapping[str, torch.Tensor], **fields: object
+) -> StructureEncoder:
+    """The suite's StructureEncoder holding an `esm` StructureTokenEncoder state dict (shapes
+    inferred from the tensors; `fields` override training-only EncoderConfig fields).
+    Raises IncompatibleWeights naming missing, unexpected or mis-shaped tensors."""
+    sd = _unwrap(state_dict)
+    cfg = encoder_esm_config(sd, **fields)
+    encoder = StructureEncoder(cfg)
+    names = _rename(list(sd), 1, _encoder_rules())
+    unknown = sorted(set(sd) - set(names))
+    ours = {names[k]: v for k, v in sd.items() if k in names}
+    expected = encoder.state_dict()
+    missing = sorted(set(expected) - set(ours))
+    wrong = [f"{k} {tuple(ours[k].shape)} (expected {tuple(v.shape)})"
+             for k, v in expected.items() if k in ours and ours[k].shape != v.shape]  # fmt: skip
+    problems = []
+    if missing:
+        esm_missing = _rename(missing[:3], 0, _encoder_rules())
+        problems.append(f"missing {len(missing)} tensors (e.g. {list(esm_missing.values())})")
+    if unknown:
+        problems.append(f"{len(unknown)} unexpected tensors (e.g. {unknown[:3]})")
+    if wrong:
+        problems.append(f"{len(wrong)} of another shape (e.g. {wrong[:2]})")
+    if problems:
+        raise IncompatibleWeights(
+            "esm state dict does not fit the encoder: " + "; ".join(problems)
+        )
+    encoder.load_state_dict({k: v.to(expected[k].dtype) for k, v in ours.items()}, strict=True)
+    return encoder
+
+
+def encoder_to_esm(encoder: StructureEncoder) -> dict[str, torch.Tensor]:
+    """The encoder's weights and codebook under `esm`'s names, for
+    `esm.models.vqvae.StructureTokenEncoder(d_model, n_heads=1, v_heads=geom_heads,
+    n_layers, d_out=d_code, n_codes)` with strict=True. Raises IncompatibleWeights where
+    esm's class cannot hold the encoder (it fixes knn 16 and relative positions +-32)."""
+    cfg = encoder.cfg
+    off = [f"{k} {getattr(cfg, k)} (esm: {v})" for k, v in _ENCODER_FIXED.items()
+           if getattr(cfg, k) != v]  # fmt: skip
+    if off:
+        raise IncompatibleWeights("encoder cannot become esm's: " + "; ".join(off))
+    ours = encoder.state_dict()
+    names = _rename(list(ours), 0, _encoder_rules())
+    left = [n for n in ours if n not in names]
+    if left:
+        raise IncompatibleWeights(f"no esm name for {len(left)} tensors, e.g. {left[:3]}")
+    return {names[n]: t.detach().clone() for n, t in ours.items()}
+
+
+__all__ = ["IncompatibleWeights", "encoder_esm_config", "encoder_from_esm", "encoder_to_esm",
+           "esm_config", "forward_like_esm", "from_esm_state_dict",
+           "to_esm_state_dict"]  # fmt: skip

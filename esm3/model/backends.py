@@ -91,13 +91,14 @@ def make_linear(d_in: int, d_out: int, backends: Backends, *, bias: bool = False
 
 
 class SwiGLU(nn.Module):
-    """Pre-LayerNorm SwiGLU feed-forward: W3 (silu(W1 ln(x)) * W2 ln(x)); (..., d) -> (..., d)."""
+    """Pre-LayerNorm SwiGLU feed-forward: W3 (silu(W1 ln(x)) * W2 ln(x)); (..., d) -> (..., d).
+    `bias`: biases on both linears (`esm`'s structure encoder has them, ESM3's trunk not)."""
 
-    def __init__(self, d_model: int, hidden: int) -> None:
+    def __init__(self, d_model: int, hidden: int, *, bias: bool = False) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
-        self.w12 = nn.Linear(d_model, 2 * hidden, bias=False)
-        self.w3 = nn.Linear(hidden, d_model, bias=False)
+        self.w12 = nn.Linear(d_model, 2 * hidden, bias=bias)
+        self.w3 = nn.Linear(hidden, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.w12(self.norm(x)).chunk(2, dim=-1)

@@ -9,9 +9,9 @@ the global frame) and a distance query/key (rotated and translated). A pair scor
 which a global rotation + translation leaves unchanged; values are summed in the global
 frame and rotated back into the query's frame, so the output is invariant too.
 Keys without coordinates and pairs across chains are masked; a residue without
-coordinates gets zero output. As `esm`, pairs of one packed sequence get +1 on their score
-rather than a mask: the suite's batches give each packed sequence its own chain ids, so
-sequences never mix.
+coordinates gets zero output (in ESM3's trunk; the structure encoder keeps it, as `esm`).
+As `esm`, pairs of one packed sequence get +1 on their score rather than a mask: the
+suite's batches give each packed sequence its own chain ids, so sequences never mix.
 """
 
 from __future__ import annotations
@@ -29,16 +29,19 @@ def _unit(v: torch.Tensor, eps: float) -> torch.Tensor:
     return v / torch.sqrt((v * v).sum(-1, keepdim=True) + eps)
 
 
-def backbone_frames(coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def backbone_frames(
+    coords: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Frames from backbone atoms.
 
-    coords: (B, T, 3, 3) Angstrom (atoms N, CA, C), NaN where not given.
-    Returns (rotations (B, T, 3, 3) with the frame axes as columns, translations (B, T, 3)
-    = CA, present (B, T) bool). Missing residues get the identity frame at the origin.
+    coords: (..., 3, 3) Angstrom (atoms N, CA, C), NaN where not given; frames are computed
+    in `dtype` (float32 as `esm`; float64 where exactness matters, e.g. invariance tests).
+    Returns (rotations (..., 3, 3) with the frame axes as columns, translations (..., 3)
+    = CA, present (...) bool). Missing residues get the identity frame at the origin.
     """
     finite = torch.isfinite(coords) & (coords < _MAX_COORD)
     present = finite.all(dim=-1).all(dim=-1)
-    x = torch.where(present[..., None, None], coords, torch.zeros_like(coords)).float()
+    x = torch.where(present[..., None, None], coords, torch.zeros_like(coords)).to(dtype)
     n, ca, c = x[..., 0, :], x[..., 1, :], x[..., 2, :]
     e1 = _unit(ca - c, 1e-10)
     u = n - ca
@@ -67,17 +70,24 @@ def geometric_bias(
 
 
 class GeometricAttention(nn.Module):
-    """Pre-LN geometric self-attention; (B, T, d) -> (B, T, d). Runs in float32.
+    """Pre-LN geometric self-attention; (B, T, d) -> (B, T, d). Runs in float32 (float64
+    when given float64).
 
     `proj` gives, per residue, 3-vectors in this order: rotation queries, rotation keys and
-    values (n_heads each), then distance queries and keys (n_heads each)."""
+    values (n_heads each), then distance queries and keys (n_heads each). `bias`: biases on
+    the norm and both linears (`esm`'s structure encoder has them, ESM3's trunk not);
+    `zero_frameless`: zero the output of residues without a frame (ESM3's trunk does, the
+    encoder not: there a frameless residue is never a key, so its state reaches nothing)."""
 
-    def __init__(self, d_model: int, n_heads: int) -> None:
+    def __init__(
+        self, d_model: int, n_heads: int, *, bias: bool = False, zero_frameless: bool = True
+    ) -> None:
         super().__init__()
         self.n_heads = n_heads
-        self.norm = nn.LayerNorm(d_model, bias=False)
-        self.proj = nn.Linear(d_model, n_heads * 15, bias=False)
-        self.out = nn.Linear(n_heads * 3, d_model, bias=False)
+        self.zero_frameless = zero_frameless
+        self.norm = nn.LayerNorm(d_model, bias=bias)
+        self.proj = nn.Linear(d_model, n_heads * 15, bias=bias)
+        self.out = nn.Linear(n_heads * 3, d_model, bias=bias)
         self.dist_weight = nn.Parameter(torch.zeros(n_heads))
         self.rot_weight = nn.Parameter(torch.zeros(n_heads))
 
@@ -90,11 +100,13 @@ class GeometricAttention(nn.Module):
         bias: torch.Tensor,
     ) -> torch.Tensor:
         """x (B, T, d); rot (B, T, 3, 3); trans (B, T, 3) Angstrom; present (B, T) bool;
-        bias (B, 1, T, T) from `geometric_bias`."""
+        bias (B, 1, T, T) from `geometric_bias` (or anything broadcasting to (B, H, T, T))."""
         B, T, _ = x.shape
         H = self.n_heads
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        rot, trans = rot.to(dtype), trans.to(dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            vec = self.proj(self.norm(x).float()).view(B, T, 5 * H, 3)
+            vec = self.proj(self.norm(x).to(dtype)).view(B, T, 5 * H, 3)
             glob = torch.einsum("btij,bthj->bthi", rot, vec)  # local -> global: R v
             q_rot, k_rot, val, q_dist, k_dist = glob.split(H, dim=2)  # each (B, T, H, 3)
             q_dist = q_dist + trans[:, :, None]
@@ -110,6 +122,7 @@ class GeometricAttention(nn.Module):
             attn = torch.softmax(rot_term * w_rot - dist_term * w_dist + bias, dim=-1)
             agg = attn @ val.transpose(1, 2)  # (B, H, T, 3), global frame
             local = torch.einsum("btji,bhtj->bthi", rot, agg)  # global -> query's frame
-            local = local.masked_fill(~present[:, :, None, None], 0.0)
+            if self.zero_frameless:
+                local = local.masked_fill(~present[:, :, None, None], 0.0)
             out = self.out(local.reshape(B, T, H * 3))
         return out.to(x.dtype)
