@@ -61,12 +61,10 @@ def _report(facts: dict[str, Any]) -> int:
 def _checkpoint_folder(path: Path) -> Path:
     from esm3.train import checkpoint as ckpt
 
-    if (path / ckpt.STATE_FILE).exists():
-        return path
-    found = ckpt.list_checkpoints(path) if path.is_dir() else []
-    if not found:
-        raise UserError(f"{path}: not a checkpoint (no {ckpt.STATE_FILE}) nor a folder of them")
-    return found[-1][1]
+    try:
+        return ckpt.resolve(path)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from e
 
 
 def to_esm(checkpoint: Path, out: Path) -> dict[str, Any]:

@@ -238,7 +238,8 @@ def _plan(ws, run_id, cfg, inputs, lay, kinds):  # type: ignore[no-untyped-def]
     if kinds & {"structures", "tokens"}:
         stages += plan_structures(ws, run_id, cfg, inputs, lay, process="structures" in kinds,
                                   tokens="tokens" in kinds, annotations=ipr)  # fmt: skip
-    outputs = _outputs(cfg, inputs, lay, kinds, tokens="tokens" in kinds or lay.codebook.exists())
+    made = lay.tokenizer(cfg.codebook.kind).exists()
+    outputs = _outputs(cfg, inputs, lay, kinds, tokens="tokens" in kinds or made)
     if outputs:  # the last stage: each dataset's training store
         stages += plan_stores(ws, run_id, cfg, outputs, lay, [s.name for s in stages])
     return stages
@@ -264,7 +265,8 @@ def _write_manifest(cfg, inputs, lay, kinds, run_id) -> None:  # type: ignore[no
 
     old = json.loads(lay.manifest.read_text()) if lay.manifest.exists() else {}
     datasets = dict(old.get("datasets", {}))
-    datasets.update(_outputs(cfg, inputs, lay, kinds, tokens=lay.codebook.exists()))
+    tokenizer = lay.tokenizer(cfg.codebook.kind)
+    datasets.update(_outputs(cfg, inputs, lay, kinds, tokens=tokenizer.exists()))
     for name, entry in datasets.items():  # the training store each dataset's last stage wrote
         store = lay.store(name)
         entry["store"] = str(store) if (store / "store.json").exists() else None
@@ -273,7 +275,8 @@ def _write_manifest(cfg, inputs, lay, kinds, run_id) -> None:  # type: ignore[no
         "run_id": run_id,
         "datasets": datasets,
         "validation": str(lay.validation) if lay.validation.exists() else None,
-        "structure_codebook": str(lay.codebook) if lay.codebook.exists() else None,
+        "structure_codebook": str(tokenizer) if tokenizer.exists() else None,
+        "structure_tokenizer": cfg.codebook.kind if tokenizer.exists() else None,
         "interpro": sorted(str(p) for p in lay.interpro.glob("*.parquet")),
         # the function / residue-annotation labels (training's `data.vocabulary`)
         "vocabulary": str(lay.vocabulary) if lay.vocabulary.exists() else None,

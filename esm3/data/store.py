@@ -314,9 +314,9 @@ def write_store(
         finally:
             con.close()
         shutil.rmtree(tmp)
-        for src, dst in ((sources.codebook, "codebook.npz"), (sources.vocab, "vocab.json")):
-            if src is not None:
-                shutil.copyfile(src, part / dst)
+        tokenizer = _copy_tokenizer(sources.codebook, part)
+        if sources.vocab is not None:
+            shutil.copyfile(sources.vocab, part / "vocab.json")
         if sources.vocab is not None:
             _copy_function_tables(Path(sources.vocab), part)
         meta = {
@@ -338,6 +338,7 @@ def write_store(
                 "generated": [str(p) for p in sources.generated],
             },
             "files": {p.name: p.stat().st_size for p in sorted(part.iterdir())},
+            "structure_tokenizer": tokenizer,
             **(extra or {}),
         }
         (part / "store.json").write_text(json.dumps(meta, indent=1))
@@ -356,6 +357,19 @@ def _copy_function_tables(vocab: Path, part: Path) -> None:
         dst = part / name
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(vocab.parent / name, dst)
+
+
+def _copy_tokenizer(src: Path | None, part: Path) -> dict[str, Any] | None:
+    """The structure tokenizer the records' tokens came from, copied beside them (the k-means
+    codebook as codebook.npz, a VQ-VAE encoder as encoder.pt); its identity (kind, codebook
+    size, digest) goes into store.json so training can refuse to mix tokenizers."""
+    if src is None:
+        return None
+    from esm3.model.vqvae.tokenizer import identity
+
+    dst = part / ("codebook.npz" if Path(src).suffix == ".npz" else "encoder.pt")
+    shutil.copyfile(src, dst)
+    return identity(dst)
 
 
 def sources_fingerprint(sources: StoreSources, salt: str = "") -> str:
@@ -462,6 +476,12 @@ class Store:
             raise IndexError(f"store {self.path}: row {row} out of range [0, {len(self)})")
         b = self._records.get_batch(row // self.batch_rows)
         return b.slice(row % self.batch_rows, 1).to_pylist()[0]
+
+    def take(self, rows: np.ndarray) -> pa.Table:
+        """Records `rows` (ascending) as a table of the store's columns."""
+        parts = [self._records.get_batch(int(r) // self.batch_rows).slice(int(r) % self.batch_rows, 1)
+                 for r in rows]  # fmt: skip
+        return pa.Table.from_batches(parts, schema=self._records.schema)
 
     def column(self, name: str) -> Iterator[pa.Array]:
         """One column, batch by batch (mapped, not copied)."""

@@ -87,6 +87,9 @@ TABLES: dict[str, pa.Schema] = {
             ("mfu", pa.float64()),
             ("mem_peak_gb", pa.float64()),
             ("time", TS),
+            # JSON {name: value} of a model's own per-step values beyond the columns above
+            # (the structure tokenizer's losses, codebook usage and perplexity); NULL for ESM3
+            ("metrics", pa.string()),
         ]
     ),
     "events": pa.schema(

@@ -18,6 +18,8 @@ Conventions (token ids are `esm`'s, per track: `esm3.tokenize.specials`):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from esm3.tasks import augment
@@ -334,3 +336,45 @@ def inverse_folding_corrupt(
     inputs["residue_index"] = index
     inputs |= _plddt_inputs(arrays["plddt"], gather, is_res)
     return inputs, targets, loss_masks
+
+
+def structure_sample(
+    protein: Protein, rng: np.random.Generator, cfg: TaskConfig
+) -> tuple[Arrays, Arrays, Arrays]:
+    """The structure tokenizer's sample (VQ-VAE training, A.1.7.3): a crop's clean backbone
+    (no noise: it is the reconstruction target) and its sequence as the inverse-folding
+    target. Same layout as `corrupt` (bos, residues, eos; a longer protein: a window
+    without them); the sequence input is all mask, so only its specials say what a position
+    is. Raises ValueError when the protein has no coordinates."""
+    L, rid = len(protein), protein.id
+    if protein.coords is None:
+        raise ValueError(f"protein {rid!r}: the structure tokenizer needs coordinates")
+    coords, has = validate_coordinates(protein.coords, L, record=rid)
+    if not has.any():
+        raise ValueError(f"protein {rid!r}: no residue has a complete N/CA/C backbone")
+    seq = encode_sequence(protein.sequence, record=rid)
+    start, n, ends = _crop(L, cfg, rng)
+    index, special = assemble([(0, n)], start, ends=ends)
+    is_res = index >= 0
+    gather = np.where(is_res, index, L + special)
+    sp = cfg.track_sizes().specials("sequence")
+    tokens = _gather(seq, gather, _special_rows(sp))
+    inputs: Arrays = {
+        "sequence": np.where(is_res, sp.mask, tokens),
+        "coords": _gather(coords, gather, np.nan),
+        "chain_id": np.zeros(index.size, dtype=np.int64),
+        "residue_index": index,
+    }
+    return inputs, {"sequence": tokens}, {"sequence": is_res.copy()}
+
+
+SampleFn = Callable[[Protein, np.random.Generator, TaskConfig], tuple[Arrays, Arrays, Arrays]]
+
+
+def task_sample(task: str) -> SampleFn:
+    """The sample function of a training task: pretrain, inverse_folding or vqvae."""
+    by_task = {"pretrain": corrupt, "inverse_folding": inverse_folding_corrupt,
+               "vqvae": structure_sample}  # fmt: skip
+    if task not in by_task:
+        raise ValueError(f"unknown training task {task!r}; known: {', '.join(by_task)}")
+    return by_task[task]

@@ -74,6 +74,18 @@ def list_checkpoints(root: str | Path, *, complete_only: bool = True) -> list[tu
     return sorted(out)
 
 
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder, or a folder of them (a run's): its newest complete one.
+    Raises FileNotFoundError naming the path when it is neither."""
+    path = Path(path)
+    if (path / STATE_FILE).exists():
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"{path}: not a checkpoint (no {STATE_FILE}) nor a folder of them")
+    return found[-1][1]
+
+
 def read_state(path: str | Path) -> dict[str, Any]:
     """The train state of a checkpoint folder; ValueError naming the file if unreadable."""
     f = Path(path) / STATE_FILE
@@ -86,7 +98,10 @@ def read_state(path: str | Path) -> dict[str, Any]:
 
 
 def fingerprint(model_cfg: Any) -> dict[str, Any]:
-    """The fields that must match for weights to load: sizes, layer kinds, vocabularies."""
+    """The fields that must match for weights to load: sizes, layer kinds, vocabularies
+    (a config with a `fingerprint()` of its own, the VQ-VAE's, says them itself)."""
+    if hasattr(model_cfg, "fingerprint"):
+        return json.loads(json.dumps(model_cfg.fingerprint(), default=list))
     d = asdict(model_cfg) if is_dataclass(model_cfg) else dict(model_cfg)
     keep = ("d_model", "n_layers", "d_head", "ffn_hidden", "layer_pattern", "heads", "tracks")
     out = {k: d[k] for k in keep if k in d}

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from esm3.model.config import PRESETS, BackendConfig, ModelConfig, preset
+from esm3.model.vqvae.config import PRESETS as VQVAE_PRESETS
+from esm3.model.vqvae.config import VQVAEConfig, vqvae_config
 from esm3.tasks.config import TaskConfig
 from esm3.tokenize.tracks import CATEGORICAL_TRACKS, TrackSizes
 
@@ -54,7 +56,9 @@ def _in_range(key: str, value: float, low: float, high: float, high_open: bool =
 
 @dataclass
 class ModelSection:
-    """A preset of `esm3.model.config.PRESETS`, with optional size overrides."""
+    """A preset of `esm3.model.config.PRESETS`, with optional size overrides; or a VQ-VAE
+    preset of `esm3.model.vqvae.config.PRESETS` (the structure tokenizer), whose shapes
+    `encoder` / `decoder` override and whose losses `loss_weights` weigh."""
 
     preset: str = "tiny"
     d_model: int | None = None
@@ -65,6 +69,35 @@ class ModelSection:
     ffn_multiple: int | None = None  # SwiGLU width rounded up to this (esm: 256)
     attention: Literal["sdpa", "xformers"] = "sdpa"
     linear: Literal["torch", "te"] = "torch"
+    # VQ-VAE presets only
+    encoder: dict[str, float] = field(default_factory=dict)
+    decoder: dict[str, float] = field(default_factory=dict)
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    # stage 2: the stage-1 checkpoint whose encoder and codebook it freezes
+    stage1_checkpoint: str = ""
+
+    @property
+    def is_vqvae(self) -> bool:
+        return self.preset in VQVAE_PRESETS
+
+    def build_vqvae(self) -> VQVAEConfig:
+        """The VQ-VAE preset with the section's overrides."""
+        try:
+            base = VQVAE_PRESETS[self.preset]
+            over: dict[str, object] = {"encoder": dict(self.encoder), "decoder": dict(self.decoder)}
+            if self.context_length is not None:
+                over["context_length"] = self.context_length
+            if self.loss_weights:
+                unknown = set(self.loss_weights) - set(base.loss_weights)
+                if unknown:
+                    raise ValueError(
+                        f"loss_weights: unknown losses {sorted(unknown)}; known: "
+                        f"{', '.join(base.loss_weights)}"
+                    )
+                over["loss_weights"] = {**base.loss_weights, **self.loss_weights}
+            return vqvae_config(self.preset, **over)
+        except (ValueError, TypeError) as e:
+            raise TrainConfigError(f"config key 'model': {e}") from e
 
     def check(self) -> None:
         """The size overrides in range (before the model config divides by them)."""
@@ -143,7 +176,9 @@ class DataConfig:
     workers: int = 1  # loader worker processes per rank (0: in the training process)
     prefetch: int = 4  # batches each worker prepares ahead
     inverse_folding_prob: float = 0.5  # the 50/50 rule (structure with generated sequence)
-    task: Literal["pretrain", "inverse_folding"] = "pretrain"
+    # pretrain: ESM3; inverse_folding: sequence from structure; vqvae: the structure
+    # tokenizer (a VQ-VAE model preset)
+    task: Literal["pretrain", "inverse_folding", "vqvae"] = "pretrain"
     max_records: int = 0  # 0: all; else the first N records per dataset (demos, benchmarks)
     # the function / residue-annotation vocabulary file preprocessing wrote (JSON; relative
     # paths are under the workspace's data/ folder); "" keeps tasks.function_files /
@@ -221,14 +256,19 @@ class ValidationConfig:
     seed: int = 0
     files: list[str] = field(default_factory=list)
     batch_size: int = 8  # proteins per rank per forward pass
+    # training datasets that give up `rows` records each (chosen by a hash of the record
+    # row) to validation, never drawn for training: held-out structures for a run without
+    # validation files (the structure tokenizer's reconstruction RMSD and lDDT)
+    holdout: list[str] = field(default_factory=list)
 
     def check(self) -> None:
         _at_least("validation.every", self.every, 0)
         _at_least("validation.rows", self.rows, 1)
         _at_least("validation.seed", self.seed, 0)  # numpy seeds are non-negative
         _at_least("validation.batch_size", self.batch_size, 1)
-        if self.every and not self.files:
-            raise _bad("validation.files", "lists no file while validation.every > 0")
+        if self.every and not self.files and not self.holdout:
+            raise _bad("validation.files", "lists no file (and validation.holdout no dataset) "
+                       "while validation.every > 0")  # fmt: skip
 
 
 @dataclass
@@ -254,8 +294,11 @@ class TrainConfig:
     def total_steps(self) -> int:
         return sum(s.steps for s in self.stages)
 
-    def model_config(self) -> ModelConfig:
-        """The model, its vocabulary sizes those of the tokenizers (`TaskConfig.track_sizes`)."""
+    def model_config(self) -> ModelConfig | VQVAEConfig:
+        """The model, its vocabulary sizes those of the tokenizers (`TaskConfig.track_sizes`);
+        the VQ-VAE's config for a VQ-VAE preset."""
+        if self.model.is_vqvae:
+            return self.model.build_vqvae()
         return self.model.build(fp8=self.parallel.fp8, tracks=self.tasks.track_sizes())
 
     def stage_at(self, step: int) -> tuple[int, StageConfig]:
@@ -270,24 +313,52 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Every value in its range; the first bad one is a one-line TrainConfigError."""
-        if self.model.preset not in PRESETS:
-            raise _bad("model.preset", f"{self.model.preset!r} is not one of {', '.join(PRESETS)}")
+        if self.model.preset not in PRESETS and not self.model.is_vqvae:
+            known = ", ".join([*PRESETS, *VQVAE_PRESETS])
+            raise _bad("model.preset", f"{self.model.preset!r} is not one of {known}")
         self.model.check()
+        self._validate_task()
         mc = self.model_config()
         self._validate_data()
         self._validate_stages(mc.context_length)
         self._validate_optim()
         self._validate_intervals()
         self.validation.check()
+        unknown_holdout = set(self.validation.holdout) - {ds.name for ds in self.data.datasets}
+        if unknown_holdout:
+            raise _bad("validation.holdout", f"names dataset(s) {sorted(unknown_holdout)} not "
+                       "in data.datasets")  # fmt: skip
         if self.parallel.fp8 and self.model.linear != "te":
             raise _bad("parallel.fp8", "FP8 needs model.linear = 'te' (TransformerEngine)")
         _at_least("parallel.peak_tflops", self.parallel.peak_tflops, 0)
         _at_least("parallel.threads", self.parallel.threads, 0)
+        for key, w in self.model.loss_weights.items():
+            _at_least(f"model.loss_weights.{key}", w, 0)
         unknown_w = set(self.loss_weights) - set(CATEGORICAL_TRACKS)
         if unknown_w:
             raise _bad("loss_weights", f"unknown tracks {sorted(unknown_w)}")
         for track, w in self.loss_weights.items():
             _at_least(f"loss_weights.{track}", w, 0)
+
+    def _validate_task(self) -> None:
+        """A VQ-VAE preset trains the structure tokenizer (data.task = vqvae) and nothing else."""
+        vq, task = self.model.is_vqvae, self.data.task
+        if vq != (task == "vqvae"):
+            raise _bad(
+                "data.task",
+                f"{task!r} with model.preset {self.model.preset!r}: the VQ-VAE presets "
+                f"({', '.join(VQVAE_PRESETS)}) train with data.task = 'vqvae', and only they do",
+            )
+        if not vq:
+            return
+        if any(ds.type != "structure" for ds in self.data.datasets):
+            raise _bad("data.task", "the structure tokenizer trains on structure datasets only")
+        stage = self.model.build_vqvae().stage
+        if stage == 2 and not self.model.stage1_checkpoint:
+            raise _bad("model.stage1_checkpoint", "stage 2 freezes a trained stage-1 encoder "
+                       "and codebook: name the stage-1 checkpoint")  # fmt: skip
+        if stage == 1 and self.model.stage1_checkpoint:
+            raise _bad("model.stage1_checkpoint", "only stage 2 starts from a stage-1 checkpoint")
 
     def _validate_data(self) -> None:
         d = self.data
@@ -437,9 +508,26 @@ class TrainConfig:
         from esm3.model.config import param_count
 
         mc = self.model_config()
+        if isinstance(mc, VQVAEConfig):
+            return self._vqvae_step_bytes(mc, world_size)
         states = 16 * param_count(mc) // max(1, world_size)
         tokens = self.tokens_per_rank(world_size)
         ids = tokens * 8 * len(TRACKS)
         residual = tokens * mc.d_model * mc.n_layers * 2
         logits = tokens * sum(mc.tracks.head_outputs(t) for t in mc.heads) * 2
         return states + ids + residual + logits
+
+    def _vqvae_step_bytes(self, mc: VQVAEConfig, world_size: int) -> int:
+        """`min_step_bytes` of the structure tokenizer: sharded states, the encoder's
+        neighbourhoods (knn positions per residue, fp32), the decoder's block inputs and
+        the pairwise logits (distogram and direction bins: context x context per row)."""
+        from esm3.model.vqvae.model import vqvae_param_count
+
+        enc, dec = mc.encoder, mc.decoder
+        states = 16 * vqvae_param_count(mc) // max(1, world_size)
+        tokens = self.tokens_per_rank(world_size)
+        width = max(s.context_length for s in self.stages)
+        neighbourhoods = tokens * enc.knn * enc.d_model * enc.n_layers * 4
+        residual = tokens * dec.d_model * dec.n_layers * 2
+        pairwise = tokens * width * (64 + 6 * 16) * 4
+        return states + neighbourhoods + residual + pairwise

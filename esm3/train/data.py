@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 import signal
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 from esm3.data.sampler import ClusterIndex, TwoLevelSampler
 from esm3.data.store import Store, StoreError, open_store
 from esm3.tasks.batching import Sample, collate, pack_rows, sample_length
-from esm3.tasks.corrupt import corrupt, inverse_folding_corrupt
+from esm3.tasks.corrupt import task_sample
 from esm3.tasks.sample import Protein
 from esm3.train.config import DatasetSpec, StageConfig, TrainConfig
 from esm3.train.faults import inject_faults
@@ -99,9 +100,15 @@ def load_dataset(
 
 
 def open_dataset(
-    name: str, path: str | Path, *, max_records: int = 0, need_coords: bool = False
+    name: str,
+    path: str | Path,
+    *,
+    max_records: int = 0,
+    need_coords: bool = False,
+    exclude: np.ndarray | None = None,
 ) -> Dataset:
-    """The Dataset of the store at `path` (see load_dataset)."""
+    """The Dataset of the store at `path` (see load_dataset); `exclude`: record rows never
+    drawn (held out for validation)."""
     try:
         store = open_store(path)
     except StoreError as e:
@@ -115,6 +122,9 @@ def open_dataset(
             raise DataError(f"dataset {name!r}: no 'coords' column ({path})")
         has = _rows_with_coords(store)
         keep = has if keep is None else keep & has
+    if exclude is not None and len(exclude):
+        keep = np.ones(len(store), bool) if keep is None else keep
+        keep[exclude] = False
     if keep is not None:
         offsets, rows = subset_index(offsets, rows, keep)
         if len(rows) == 0:
@@ -131,11 +141,63 @@ def open_dataset(
 
 
 def load_datasets(cfg: TrainConfig, root: str | Path) -> dict[str, Dataset]:
-    need = cfg.data.task == "inverse_folding"
-    return {
-        d.name: load_dataset(d, root, max_records=cfg.data.max_records, need_coords=need)
-        for d in cfg.data.datasets
-    }
+    """Every training dataset, without the records held out for validation."""
+    need = cfg.data.task in ("inverse_folding", "vqvae")
+    out = {}
+    for d in cfg.data.datasets:
+        exclude = None
+        if d.name in cfg.validation.holdout:
+            exclude = held_out_rows(cfg, d.name, len(open_store(store_path(d, root))))
+        out[d.name] = open_dataset(d.name, store_path(d, root), max_records=cfg.data.max_records,
+                                   need_coords=need, exclude=exclude)  # fmt: skip
+    if cfg.data.task == "pretrain":  # the others train on coordinates, not on tokens
+        check_structure_tokenizers(out, cfg.tasks.codebook_size)
+    return out
+
+
+def check_structure_tokenizers(datasets: dict[str, Dataset], codebook_size: int) -> None:
+    """The structure datasets' tokens all come from one tokenizer, of the model's codebook
+    size; DataError naming the datasets otherwise (a store that records none is older than
+    the record: its tokens are k-means ones)."""
+    made = {n: d.store.meta.get("structure_tokenizer") for n, d in datasets.items()
+            if d.type == "structure"}  # fmt: skip
+    known = {n: t for n, t in made.items() if t}
+    if len({(t["kind"], t["digest"]) for t in known.values()}) > 1:
+        said = "; ".join(f"{n}: {t['kind']} {t['digest']}" for n, t in sorted(known.items()))
+        raise DataError(f"structure datasets tokenized by different structure tokenizers ({said}): "
+                        "run the tokens stage of every dataset with one tokenizer")  # fmt: skip
+    if known and any(not t for t in made.values()) and any(t["kind"] == "vqvae" for t in known.values()):
+        old = sorted(n for n, t in made.items() if not t)
+        raise DataError(f"dataset(s) {old} were tokenized before stores recorded their tokenizer "
+                        "(k-means) and the others by a VQ-VAE: tokenize them again")  # fmt: skip
+    for n, t in sorted(known.items()):
+        if t["codebook_size"] != codebook_size:
+            raise DataError(f"dataset {n!r}: its structure tokens come from a {t['kind']} "
+                            f"tokenizer of {t['codebook_size']} codes, but tasks.codebook_size "
+                            f"is {codebook_size}")  # fmt: skip
+
+
+def held_out_rows(cfg: TrainConfig, dataset: str, n_records: int) -> np.ndarray:
+    """The record rows of `dataset` held out for validation (`validation.holdout`): the
+    `validation.rows` rows with the smallest hash of (seed, dataset, row), ascending.
+    Computed in chunks, so memory follows the rows kept, not the store's size."""
+    v = cfg.validation
+    salt = np.uint64(zlib.crc32(f"{v.seed}:{dataset}".encode()))
+    best = np.zeros(0, np.int64)
+    chunk = 1 << 22
+    for lo in range(0, n_records, chunk):
+        rows = np.concatenate([best, np.arange(lo, min(lo + chunk, n_records), dtype=np.int64)])
+        keys = _mix(rows.astype(np.uint64) ^ salt)
+        best = rows[np.argsort(keys, kind="stable")[: v.rows]]
+    return np.sort(best)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a fixed, well-spread hash of uint64 values."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
 
 
 def mixing_weights(cfg: TrainConfig, stage: StageConfig) -> dict[str, float]:
@@ -263,7 +325,7 @@ class BatchBuilder:
         """(dataset, sample) of each drawn protein; a record the tokenizers refuse is
         counted in `bad` and skipped, not fatal."""
         tcfg = self.task_config(stage)
-        fn = inverse_folding_corrupt if self.cfg.data.task == "inverse_folding" else corrupt
+        fn = task_sample(self.cfg.data.task)
         for name, p, rng in drawn:
             try:
                 yield name, fn(p, rng, tcfg)

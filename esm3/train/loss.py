@@ -6,7 +6,7 @@ The trainer knows nothing of tracks or heads; a loss function returns a `LossOut
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -19,6 +19,9 @@ class LossOutput:
     loss: torch.Tensor  # scalar, back-propagated
     per_track: dict[str, torch.Tensor]  # track -> mean loss (detached)
     counts: dict[str, int]  # track -> positions in that mean
+    # a model's own per-step values besides its losses (the VQ-VAE's codebook usage);
+    # reported under their names, averaged over the ranks
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class LossFn(Protocol):

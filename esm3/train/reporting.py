@@ -16,7 +16,10 @@ from typing import Any
 
 import torch
 
+from esm3.metrics.schema import TABLES
 from esm3.train.stats import StepStats
+
+STEP_COLUMNS = frozenset(TABLES["train_steps"].names)
 
 log = logging.getLogger("esm3.train")
 
@@ -90,6 +93,7 @@ class StepRows:
     every: int
     clip: float
     tracks: list[str]
+    metrics: list[str]
     device: torch.device
     world: int
     peak_flops: float | None
@@ -142,8 +146,13 @@ class StepRows:
             mem_peak_gb=peak_mem_gb(self.device),
             time=now(),
         )
+        extra: dict[str, float | None] = {}
         for t in self.tracks:
-            row[f"loss_{t}"] = stats.track_loss(t)
+            col = f"loss_{t}"
+            (row if col in STEP_COLUMNS else extra)[col] = stats.track_loss(t)
+        for m in self.metrics:
+            extra[m] = stats.track_loss(m)
+        row["metrics"] = json.dumps(extra, sort_keys=True) if extra else None
         return row
 
     def emit(self, step: int, end: int, rank: int, stage: str, stats: StepStats, **kw: Any) -> None:

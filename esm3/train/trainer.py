@@ -63,7 +63,8 @@ class TrainModel:
     """A model as the trainer needs it, built and parallelized by the caller.
 
     fingerprint: what a checkpoint must match to load; flops_per_token(seq_len): training
-    FLOPs per token (MFU); tracks: the per-track losses reported as `loss_<track>`."""
+    FLOPs per token (MFU); tracks: the per-track losses reported as `loss_<track>`;
+    metrics: other per-step values of the model (`LossOutput.metrics`)."""
 
     module: nn.Module
     param_count: int  # before sharding
@@ -71,6 +72,7 @@ class TrainModel:
     flops_per_token: Callable[[int], float]
     precision: str
     tracks: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()  # `LossOutput.metrics` names, reported per step
 
 
 @dataclass
@@ -168,6 +170,7 @@ class Trainer:
             cfg.log_every,
             cfg.optim.clip,
             list(model.tracks),
+            list(model.metrics),
             device,
             self.world,
             peak_flops(device, cfg.parallel.peak_tflops),
@@ -295,12 +298,16 @@ class Trainer:
         loss.loss.backward()
         grad_norm = self._clip_gradients()
         stats = self._measure(batch, out, loss, grad_norm)
-        stats = stats.all_reduce(list(self.spec.tracks), self.datasets)
+        stats = stats.all_reduce(self._reported(), self.datasets)
         stats.lr = lr
         stats.verdict = self.judge(step + 1, stats, batch)
         stats.skipped = stats.verdict.nonfinite
         stats.update_ratio = self._update(step + 1, skip=stats.skipped)
         return stats
+
+    def _reported(self) -> list[str]:
+        """Every per-step value reduced over the ranks: loss tracks, then metrics."""
+        return [*self.spec.tracks, *self.spec.metrics]
 
     def _on_device(self, batch: TrainBatch) -> TrainBatch:
         def move(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -322,15 +329,20 @@ class Trainer:
     def _measure(
         self, batch: TrainBatch, out: Any, loss: LossOutput, grad_norm: float
     ) -> StepStats:
-        """This rank's stats of the step (the stop flag asked once per step)."""
+        """This rank's stats of the step (the stop flag asked once per step); a metric counts
+        once per rank, so the reduction averages it over the ranks."""
+        sums = {t: float(v) * loss.counts[t] for t, v in loss.per_track.items()}
+        positions = {t: loss.counts[t] for t in loss.per_track}
+        for name, v in loss.metrics.items():
+            sums[name], positions[name] = float(v), 1
         return StepStats(
             loss=float(loss.loss.detach()),
             grad_norm=grad_norm,
             tokens=batch.n_tokens,
             padding_fraction=batch.padding_fraction,
             tokens_by_dataset={n: batch.tokens_by_dataset.get(n, 0) for n in self.datasets},
-            track_loss_sum={t: float(v) * loss.counts[t] for t, v in loss.per_track.items()},
-            track_positions={t: loss.counts[t] for t in loss.per_track},
+            track_loss_sum=sums,
+            track_positions=positions,
             max_attn_logit=_max_attn_logit(out),
             stop=bool(self.should_stop()),
         )
@@ -582,20 +594,25 @@ def train(
     per_rank = cfg.check_world_size(world)
     if cfg.parallel.threads:
         torch.set_num_threads(cfg.parallel.threads)
-    model = esm3_train_model(cfg, device, distributed=dist.is_available() and dist.is_initialized())
+    distributed = dist.is_available() and dist.is_initialized()
+    if cfg.model.is_vqvae:  # the structure tokenizer
+        from esm3.train.vqvae import QUALITY, VQVAELoss, vqvae_train_model
+
+        model = vqvae_train_model(cfg, device, distributed=distributed)
+        loss: LossFn = VQVAELoss(cfg.model_config())
+        weights, reported = loss.weights, (*model.tracks, *QUALITY)
+    else:
+        model = esm3_train_model(cfg, device, distributed=distributed)
+        loss = ESM3Loss(cfg.loss_weights)
+        weights, reported = dict(cfg.loss_weights), model.tracks
     data = BatchSource(BatchBuilder(cfg, datasets, rank=rank, per_rank=per_rank))
-    loss_fn = faulty_loss(ESM3Loss(cfg.loss_weights), cfg.stability)
+    loss_fn = faulty_loss(loss, cfg.stability)
     evaluator = None
     if validation is not None and cfg.validation.every:
         evaluator = Evaluator(
-            cfg,
-            validation,
-            ESM3Loss(cfg.loss_weights),
-            device,
-            tracks=model.tracks,
-            rank=rank,
+            cfg, validation, loss, device, tracks=reported, weights=weights, rank=rank,
             world=world,
-        )
+        )  # fmt: skip
     trainer = Trainer(
         cfg,
         model,

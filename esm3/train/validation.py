@@ -34,7 +34,7 @@ from torch import nn
 
 from esm3.data.store import COLUMNS
 from esm3.tasks.batching import Sample, collate, pack_rows
-from esm3.tasks.corrupt import corrupt, inverse_folding_corrupt
+from esm3.tasks.corrupt import task_sample
 from esm3.tasks.sample import Protein
 from esm3.train.config import StageConfig, TrainConfig, ValidationConfig
 from esm3.train.data import DataError, drop_tracks, resolve_paths
@@ -131,6 +131,24 @@ def load_validation(cfg: ValidationConfig, root: str | Path) -> ValidationSet:
     return {n: picked.take(np.searchsorted(wanted, pos)) for n, pos in chosen.items()}
 
 
+def load_holdout(cfg: TrainConfig, datasets: dict[str, Any]) -> ValidationSet:
+    """The records each `validation.holdout` dataset gave up (`data.held_out_rows`), read
+    from its training store."""
+    from esm3.train.data import held_out_rows
+
+    out: ValidationSet = {}
+    for name in cfg.validation.holdout:
+        store = datasets[name].store
+        out[name] = store.take(held_out_rows(cfg, name, len(store)))
+    return out
+
+
+def load_all(cfg: TrainConfig, root: str | Path, datasets: dict[str, Any]) -> ValidationSet:
+    """The run's validation records: the validation files' and the held-out ones."""
+    got = load_validation(cfg.validation, root) if cfg.validation.files else {}
+    return {**got, **load_holdout(cfg, datasets)}
+
+
 # --- the result ----------------------------------------------------------------------------
 
 
@@ -183,7 +201,7 @@ class ValidationResult:
             for t, n in self.positions[d].items():
                 if n:
                     out.append(
-                        dict(dataset=d, track=f"loss_{t}", loss=self.track_loss(d, t), tokens=n)
+                        dict(dataset=d, track=self.label(t), loss=self.track_loss(d, t), tokens=n)
                     )
         return out
 
@@ -191,7 +209,7 @@ class ValidationResult:
         """The event's detail: per-track losses under the train_steps column names (mean over
         datasets), and per-dataset per-track losses with their positions."""
         tracks = {t for d in self.positions for t, n in self.positions[d].items() if n}
-        per_track = {f"loss_{t}": self.mean_track_loss(t) for t in sorted(tracks)}
+        per_track = {self.label(t): self.mean_track_loss(t) for t in sorted(tracks)}
         return dict(
             stage=self.stage,
             **per_track,
@@ -200,11 +218,23 @@ class ValidationResult:
             refused=dict(self.refused),
         )
 
+    def label(self, track: str) -> str:
+        """A loss track under its train_steps column name; a measurement under its own."""
+        return f"loss_{track}" if track in self.weights else track
+
+    def measurements(self) -> dict[str, float]:
+        """Reported values that are not losses (mean over datasets), e.g. the tokenizer's
+        backbone RMSD and lDDT."""
+        names = {t for d in self.positions for t, n in self.positions[d].items() if n}
+        return {t: v for t in sorted(names - set(self.weights))
+                if (v := self.mean_track_loss(t)) is not None}  # fmt: skip
+
     def message(self) -> str:
         each = ", ".join(
             f"{d} {v:.4f}" for d in self.loss_sum if (v := self.dataset_loss(d)) is not None
         )
-        return f"validation loss {self.loss:.4f} ({each})"
+        extra = "".join(f"; {t} {v:.4g}" for t, v in self.measurements().items())
+        return f"validation loss {self.loss:.4f} ({each}){extra}"
 
 
 # --- the evaluator -------------------------------------------------------------------------
@@ -233,10 +263,14 @@ class Evaluator:
         device: torch.device,
         *,
         tracks: Sequence[str],
+        weights: dict[str, float] | None = None,
         rank: int = 0,
         world: int = 1,
     ) -> None:
         self.cfg = cfg
+        # the losses' weights (default: ESM3's per-track weights); a reported value without
+        # one (the tokenizer's RMSD, lDDT) is a measurement, not part of the loss
+        self.weights = dict(cfg.loss_weights if weights is None else weights)
         self.vcfg = cfg.validation
         self.records = {n: records[n] for n in sorted(records)}
         self.loss_fn = loss_fn
@@ -322,7 +356,7 @@ class Evaluator:
 
     def _sample(self, name: str, i: int, rec: dict[str, Any], stage: StageConfig) -> Sample | None:
         rng = np.random.default_rng([self.vcfg.seed, zlib.crc32(name.encode()), i])
-        fn = inverse_folding_corrupt if self.cfg.data.task == "inverse_folding" else corrupt
+        fn = task_sample(self.cfg.data.task)
         tcfg = replace(self.cfg.tasks, max_length=stage.context_length)
         try:
             p = Protein.from_record({**rec, "dataset": name})
@@ -346,7 +380,7 @@ class Evaluator:
 
     def _result(self, step: int, stage: str, vec: np.ndarray) -> ValidationResult:
         width = 2 * len(self.tracks) + 2
-        res = ValidationResult(step, stage, dict(self.cfg.loss_weights), {}, {})
+        res = ValidationResult(step, stage, dict(self.weights), {}, {})
         for j, name in enumerate(self.records):
             part = vec[j * width : (j + 1) * width]
             res.loss_sum[name] = {t: float(part[2 * i]) for i, t in enumerate(self.tracks)}

@@ -198,9 +198,19 @@ class StructureOptions:
 
 @dataclass
 class CodebookConfig:
+    """The structure tokenizer: k-means over hand-made neighbourhood features (the default,
+    fitted by the `codebook` stage), or a trained VQ-VAE: `vqvae` names its training
+    checkpoint (a step folder, or a run's checkpoint folder: its newest), whose encoder the
+    `codebook` stage exports and the `tokenize` stage runs; size then comes from it."""
+
     size: int = 4096  # structure tokens (the paper's VQ-VAE has 4096 codes)
     max_residues: int = 2_000_000  # residues sampled for the k-means fit
     iterations: int = 25
+    vqvae: str = ""  # a structure tokenizer checkpoint (`esm3 train --config vqvae_stage1`)
+
+    @property
+    def kind(self) -> str:
+        return "vqvae" if self.vqvae else "kmeans"
 
     def validate(self) -> None:
         if self.size < 2:

@@ -170,6 +170,20 @@ class Layout:
         return self.root / "structure-codebook.npz"
 
     @property
+    def encoder(self) -> Path:
+        """A trained VQ-VAE's encoder, exported from its checkpoint (`[codebook] vqvae`)."""
+        return self.root / "structure-encoder.pt"
+
+    def tokenizer(self, kind: str) -> Path:
+        """The structure tokenizer's file: the k-means codebook or the VQ-VAE encoder."""
+        return self.encoder if kind == "vqvae" else self.codebook
+
+    def tokens_dir(self, dataset: str, kind: str) -> Path:
+        """Shards with structure tokens: one folder per tokenizer kind, so tokens of one are
+        never taken for the other's."""
+        return self.struct(dataset) / ("tokens-vqvae" if kind == "vqvae" else "tokens")
+
+    @property
     def interpro(self) -> Path:
         return self.root / "interpro"
 

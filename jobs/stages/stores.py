@@ -49,7 +49,7 @@ def plan_stores(
     annotation vocabulary they were built with, where the preprocessing has them."""
     items = []
     for name, o in outputs.items():
-        codebook = str(lay.codebook) if o["type"] == "structure" else None
+        codebook = str(lay.tokenizer(cfg.codebook.kind)) if o["type"] == "structure" else None
         clusters = [o["clusters"]] if o.get("clusters") else []
         items.append((str(ws), run_id, name, o["type"], o["shards"], clusters, codebook,
                       str(lay.vocabulary), str(lay.store(name))))  # fmt: skip

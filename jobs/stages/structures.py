@@ -291,6 +291,31 @@ def codebook_task(
     return summary
 
 
+def export_encoder_task(ws: str, run_id: str, checkpoint: str, out: str) -> dict:
+    """The trained VQ-VAE's encoder, from its checkpoint into the tokenizer file."""
+    from esm3.model.vqvae.tokenizer import VQVAEStructureTokenizer, identity
+    from esm3.train.vqvae import load_vqvae
+
+    target, source = Path(out), str(Path(checkpoint).resolve())
+    if target.exists():
+        made = identity(target)
+        if made["source"] != source:
+            raise UserError(
+                f"{target} holds the encoder of {made['source']}, not of {source}: remove it "
+                f"and the structures' tokens-vqvae folders to tokenize with the new one"
+            )
+        say("codebook", f"structure encoder of {source} already at {target}")
+        return {**made, "skipped": True}
+    model = load_vqvae(checkpoint)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".part")
+    VQVAEStructureTokenizer(model.encoder, source).save(tmp)
+    tmp.replace(target)
+    made = identity(target)
+    say("codebook", f"structure encoder ({made['codebook_size']} codes) of {source} -> {target}")
+    return made
+
+
 def tokenize_task(ws: str, run_id: str, src: str, out: str, codebook: str) -> dict:
     res = tokenize_structure_shard(src, out, codebook)
     say("tokenize", f"{src} -> {out}: {res.summary}")
@@ -579,7 +604,8 @@ def plan_structures(
             IndexedItems(
                 len(shards),
                 ShardItem(
-                    shards, (w, run_id), (str(lay.codebook),), str(lay.struct(d.name) / "tokens")
+                    shards, (w, run_id), (str(lay.tokenizer(cfg.codebook.kind)),),
+                    str(lay.tokens_dir(d.name, cfg.codebook.kind)),
                 ),
             )
         )
@@ -615,7 +641,13 @@ def plan_structures(
                 ["structure-expand"],
             ),  # fmt: skip
         ]
-    if tokens and all_shards:
+    if tokens and all_shards and cfg.codebook.vqvae:
+        stages += [
+            st("codebook", export_encoder_task,
+               [(w, run_id, cfg.codebook.vqvae, str(lay.encoder))], ["structures"]),
+            st("tokenize", tokenize_task, JoinedItems(tuple(tok)), ["codebook"]),
+        ]  # fmt: skip
+    elif tokens and all_shards:
         c = cfg.codebook
         stages += [
             st(
@@ -651,11 +683,11 @@ def structure_outputs(cfg: PreprocessConfig, inputs: Inputs, lay: Layout, tokens
         if not planned(d, inputs):
             continue
         shards = structure_shards(d, inputs, lay)
-        sub = "tokens" if tokens else "shards"
+        sub = lay.tokens_dir(d.name, cfg.codebook.kind) if tokens else lay.struct(d.name) / "shards"
         out[d.name] = {
             "type": "structure",
             "format": d.format,
-            "shards": shards.paths().under(lay.struct(d.name) / sub),
+            "shards": shards.paths().under(sub),
             "clusters": str(lay.expanded_file(d.name)),
             "weight": d.weight,
         }

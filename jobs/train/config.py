@@ -70,7 +70,6 @@ def check_inputs(
     With a profile, a step must also fit the memory one rank gets there.
     Returns facts for the run record: param_count, per-dataset record counts.
     """
-    from esm3.model.config import param_count
     from esm3.train import checkpoint as ckpt
     from esm3.train.config import TrainConfigError
     from esm3.train.stores import DataError, store_meta
@@ -90,12 +89,14 @@ def check_inputs(
             records[spec.name] = None if meta is None else int(meta["rows"])
     except DataError as e:
         raise ConfigError(f"config key 'data.datasets': {e}") from e
-    if cfg.validation.every:
+    if cfg.validation.every and cfg.validation.files:
         try:
             validation_files(cfg.validation, data_root(ws), read_schemas=build_stores)
         except DataError as e:
             raise ConfigError(f"config key 'validation.files': {e}") from e
     mcfg = cfg.model_config()
+    if cfg.model.stage1_checkpoint:
+        _check_stage1(cfg)
     if cfg.checkpoint.init_from:
         try:
             state = ckpt.read_state(cfg.checkpoint.init_from)
@@ -103,9 +104,34 @@ def check_inputs(
         except ValueError as e:
             raise ConfigError(f"config key 'checkpoint.init_from': {e}") from e
     return {
-        "param_count": param_count(mcfg),
+        "param_count": model_param_count(mcfg),
         "records": records,
     }
+
+
+def model_param_count(mcfg: Any) -> int:
+    """Parameters of an ESM3 or a structure tokenizer config, from the config alone."""
+    from esm3.model.config import param_count
+    from esm3.model.vqvae.config import VQVAEConfig
+    from esm3.model.vqvae.model import vqvae_param_count
+
+    return vqvae_param_count(mcfg) if isinstance(mcfg, VQVAEConfig) else param_count(mcfg)
+
+
+def _check_stage1(cfg: Any) -> None:
+    """Stage 2's stage-1 checkpoint: present, a stage-1 tokenizer, the config's encoder."""
+    from esm3.train import checkpoint as ckpt
+    from esm3.train.vqvae import stage1_config
+
+    key = "model.stage1_checkpoint"
+    try:
+        state = ckpt.read_state(ckpt.resolve(cfg.model.stage1_checkpoint))
+        trained = stage1_config(state).fingerprint()["encoder"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"config key '{key}': {cfg.model.stage1_checkpoint}: {e}") from e
+    want = cfg.model_config().fingerprint()["encoder"]
+    if trained != want:
+        raise ConfigError(f"config key '{key}': its encoder {trained} is not the config's {want}")
 
 
 def _size(n: float) -> str:

@@ -88,7 +88,7 @@ def train_job(ws: Path, run_id: str, cfg: Any, *, attempt: int = 0) -> dict[str,
 
     from esm3.train.data import load_datasets
     from esm3.train.trainer import Sinks, train
-    from esm3.train.validation import load_validation
+    from esm3.train.validation import load_all
     from jobs.distributed import init_from_submitit
 
     logging.basicConfig(
@@ -133,7 +133,7 @@ def train_job(ws: Path, run_id: str, cfg: Any, *, attempt: int = 0) -> dict[str,
     try:
         datasets = load_datasets(cfg, data_root(ws))
         on = cfg.validation.every > 0
-        validation = load_validation(cfg.validation, data_root(ws)) if on else None
+        validation = load_all(cfg, data_root(ws), datasets) if on else None
         res = train(
             cfg,
             datasets,

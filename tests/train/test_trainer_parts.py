@@ -172,7 +172,9 @@ def test_checkpoint_cadence():
 
 def test_train_steps_row_columns_and_cadence():
     got = []
-    rows = StepRows("r", 2, 5, 1.0, TRACKS, torch.device("cpu"), 1, None, lambda n: 1e6, got.append)
+    rows = StepRows(
+        "r", 2, 5, 1.0, TRACKS, [], torch.device("cpu"), 1, None, lambda n: 1e6, got.append
+    )
     stats = _rank_stats(1).all_reduce(TRACKS, DATASETS)
     stats.lr, stats.skipped = 1e-3, False
     for step in range(1, 13):

@@ -538,7 +538,9 @@ def tokenize_structure_shard(
     if out_path.exists():
         return stored_result(out_path)
     if not isinstance(tokenizer, StructureTokenizer):
-        tokenizer = KMeansStructureTokenizer.load(tokenizer)
+        from esm3.model.vqvae.tokenizer import load_structure_tokenizer
+
+        tokenizer = load_structure_tokenizer(tokenizer)
     rows = read_shard(in_path)
     for r in rows:
         bb = np.asarray(r["coords"], dtype=np.float32).reshape(-1, 3, 3)

@@ -9,7 +9,7 @@ all-atom decoder (`esm`'s released decoder: 30 blocks of width 1280, 20 heads).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 
@@ -34,6 +34,7 @@ class DecoderConfig:
     n_heads: int = 16
     all_atom: bool = False  # stage 2: predicts all heavy atoms (atom37), not just N/CA/C
     inverse_folding: bool = True  # a sequence head trained with cross-entropy (stage 1)
+    pair_dim: int = 128  # width of the pairwise head (esm's: 128)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class VQVAEConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     context_length: int = 512
+    # squared errors beyond these count as these (the paper: 5 A squared; 20)
+    distance_clamp: float = 25.0
+    direction_clamp: float = 20.0
     # weights of the stage's losses (the paper sums them)
     loss_weights: dict[str, float] = field(
         default_factory=lambda: {
@@ -52,6 +56,11 @@ class VQVAEConfig:
             "direction_bins": 1.0,
             "inverse_folding": 1.0,
             "commitment": 1.0,
+            # stage 2
+            "all_atom_distance": 1.0,
+            "all_atom_direction": 1.0,
+            "plddt": 1.0,
+            "pae": 1.0,
         }
     )
 
@@ -60,6 +69,13 @@ class VQVAEConfig:
             raise ValueError(f"vqvae stage must be 1 or 2, got {self.stage}")
         if self.stage == 2 and not self.decoder.all_atom:
             raise ValueError("the stage-2 decoder predicts all atoms: set decoder.all_atom")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint must match to load: the kind, the stage and every shape."""
+        training_only = ("ema_decay", "restart_threshold", "commitment")
+        enc = {k: v for k, v in asdict(self.encoder).items() if k not in training_only}
+        return {"kind": "vqvae", "stage": self.stage, "encoder": enc,
+                "decoder": asdict(self.decoder)}  # fmt: skip
 
 
 PRESETS: dict[str, VQVAEConfig] = {

@@ -181,7 +181,7 @@ class StructureDecoder(nn.Module):
         self.norm = nn.LayerNorm(d, bias=False)
         self.backbone = BackboneHead(d)
         n_pair = DISTOGRAM_BINS + DIRECTION_PAIRS * DIRECTION_BINS + PAE_BINS
-        self.pairwise = PairwiseHead(d, n_pair)
+        self.pairwise = PairwiseHead(d, n_pair, cfg.pair_dim)
         self.sequence = Head(d, vocab_size) if cfg.inverse_folding else None
         self.atoms = Head(d, N_ATOM37 * 3) if cfg.all_atom else None
         self.plddt = Head(d, PLDDT_BINS) if cfg.all_atom else None
