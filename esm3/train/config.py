@@ -70,8 +70,8 @@ class ModelSection:
     attention: Literal["sdpa", "xformers"] = "sdpa"
     linear: Literal["torch", "te"] = "torch"
     # VQ-VAE presets only
-    encoder: dict[str, float] = field(default_factory=dict)
-    decoder: dict[str, float] = field(default_factory=dict)
+    encoder: dict[str, bool | int | float] = field(default_factory=dict)
+    decoder: dict[str, bool | int | float] = field(default_factory=dict)
     loss_weights: dict[str, float] = field(default_factory=dict)
     # stage 2: the stage-1 checkpoint whose encoder and codebook it freezes
     stage1_checkpoint: str = ""
@@ -82,19 +82,16 @@ class ModelSection:
 
     def build_vqvae(self) -> VQVAEConfig:
         """The VQ-VAE preset with the section's overrides."""
+        base = VQVAE_PRESETS[self.preset]
+        unknown = set(self.loss_weights) - set(base.loss_weights)
+        if unknown:
+            raise _bad("model.loss_weights", f"unknown losses {sorted(unknown)}; known: "
+                       f"{', '.join(base.loss_weights)}")  # fmt: skip
+        over: dict[str, object] = {"encoder": dict(self.encoder), "decoder": dict(self.decoder),
+                                   "loss_weights": {**base.loss_weights, **self.loss_weights}}  # fmt: skip
+        if self.context_length is not None:
+            over["context_length"] = self.context_length
         try:
-            base = VQVAE_PRESETS[self.preset]
-            over: dict[str, object] = {"encoder": dict(self.encoder), "decoder": dict(self.decoder)}
-            if self.context_length is not None:
-                over["context_length"] = self.context_length
-            if self.loss_weights:
-                unknown = set(self.loss_weights) - set(base.loss_weights)
-                if unknown:
-                    raise ValueError(
-                        f"loss_weights: unknown losses {sorted(unknown)}; known: "
-                        f"{', '.join(base.loss_weights)}"
-                    )
-                over["loss_weights"] = {**base.loss_weights, **self.loss_weights}
             return vqvae_config(self.preset, **over)
         except (ValueError, TypeError) as e:
             raise TrainConfigError(f"config key 'model': {e}") from e

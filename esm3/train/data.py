@@ -147,7 +147,12 @@ def load_datasets(cfg: TrainConfig, root: str | Path) -> dict[str, Dataset]:
     for d in cfg.data.datasets:
         exclude = None
         if d.name in cfg.validation.holdout:
-            exclude = held_out_rows(cfg, d.name, len(open_store(store_path(d, root))))
+            n = len(open_store(store_path(d, root)))
+            if n <= cfg.validation.rows:
+                raise DataError(f"dataset {d.name!r}: validation.holdout would take all its {n} "
+                                f"records (validation.rows {cfg.validation.rows}); lower "
+                                "validation.rows")  # fmt: skip
+            exclude = held_out_rows(cfg, d.name, n)
         out[d.name] = open_dataset(d.name, store_path(d, root), max_records=cfg.data.max_records,
                                    need_coords=need, exclude=exclude)  # fmt: skip
     if cfg.data.task == "pretrain":  # the others train on coordinates, not on tokens

@@ -17,6 +17,8 @@ stage 2) it only quantises.
 
 from __future__ import annotations
 
+import zlib
+
 from dataclasses import dataclass
 
 import torch
@@ -128,13 +130,22 @@ class EMACodebook(nn.Module):
         pool = pool.to(self.embeddings.dtype)
         if pool.shape[0] == 0:
             pool = self.embeddings.clone()
+        g = self._state_generator()
         if pool.shape[0] < n:
             pool = pool.repeat(-(-n // pool.shape[0]), 1)
-            pool = pool + torch.randn_like(pool) * (TILE_NOISE / self.d_code**0.5)
-        rows = pool[torch.randperm(pool.shape[0], device=pool.device)[:n]].contiguous()
+            noise = torch.randn(pool.shape, generator=g, dtype=pool.dtype)
+            pool = pool + noise.to(pool.device) * (TILE_NOISE / self.d_code**0.5)
+        pick = torch.randperm(pool.shape[0], generator=g)[:n].to(pool.device)
+        rows = pool[pick].contiguous()
         if _distributed():
             dist.broadcast(rows, 0)
         return rows
+
+    def _state_generator(self) -> torch.Generator:
+        """A generator seeded by the codebook's own counts: a run resumed from a checkpoint
+        (which holds them, but not the process's random state) draws what it would have."""
+        seed = zlib.crc32(self.N.detach().float().cpu().numpy().tobytes())
+        return torch.Generator().manual_seed(seed)
 
     def _init_from(self, z_rows: torch.Tensor) -> None:
         rows = self._draw(z_rows, self.n_codes)

@@ -111,10 +111,14 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, sequence_id: torch.Tensor | None = None) -> torch.Tensor:
-        """Structure tokens (L,) or (B, L) (codes and specials) -> backbone (…, L, 3, 3)."""
+        """Structure tokens (L,) or (B, L) (codes and specials) -> backbone (..., L, 3, 3).
+        Without `sequence_id`, a row is one protein and its PAD positions are padding."""
         single = tokens.ndim == 1
         t = tokens[None] if single else tokens
         n = self.cfg.encoder.n_codes
+        if sequence_id is None:
+            pad = structure_specials(n).pad
+            sequence_id = torch.where(t == pad, torch.full_like(t, -1), torch.zeros_like(t))
         is_code = t < n
         z_q = self.encoder.codebook.embeddings[t.clamp(max=n - 1)]
         special = torch.where(is_code, torch.full_like(t, -1), t)
