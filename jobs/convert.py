@@ -6,6 +6,12 @@ a run's checkpoint folder: its newest complete one) as a state dict that
 state dict (e.g. a downloaded open model) as a suite checkpoint that training starts
 from with `checkpoint.init_from = "OUT"` (weights only: fresh optimizer, step 0, an
 `init` event), and prints the [model] settings that match it.
+
+The structure tokenizer's encoder crosses too: `encoder-from-esm IN.pth OUT.pt` writes
+esm's StructureTokenEncoder weights (e.g. the released esm3_structure_encoder_v0.pth) as the
+suite's structure encoder file, which the tokens stage uses with `[codebook] vqvae =
+"OUT.pt"`; `encoder-to-esm CHECKPOINT OUT.pth` writes the encoder of a structure tokenizer
+trained by the suite (`esm3 train --config vqvae_stage1`) for esm's StructureTokenEncoder.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ EXAMPLES = """examples:
   esm3 convert to-esm workspace/checkpoints/<run>/step_00001000 esm3_mine.pt
   esm3 convert from-esm esm3_sm_open_v1.pth checkpoints/esm3-open
   esm3 train --config esm3_1.4b checkpoint.init_from=checkpoints/esm3-open
+  esm3 convert encoder-from-esm esm3_structure_encoder_v0.pth structure-encoder.pt
+  esm3 convert encoder-to-esm workspace/checkpoints/<vqvae run> structure_encoder.pth
 """
 
 
@@ -51,6 +59,20 @@ def add_parser(subparsers: argparse._SubParsersAction, common: Any) -> None:
              "released ESM3)",
     )  # fmt: skip
     f.set_defaults(fn=lambda a: _report(from_esm(Path(a.state_dict), Path(a.out), a.n_heads)))
+    e = sub.add_parser(
+        "encoder-from-esm",
+        help="esm's StructureTokenEncoder weights -> a structure encoder file for the tokens stage",
+    )
+    e.add_argument("state_dict", help="a .pt/.pth state dict of esm's StructureTokenEncoder")
+    e.add_argument("out", help='the encoder file to write (for [codebook] vqvae = "OUT")')
+    e.set_defaults(fn=lambda a: _report(encoder_from_esm(Path(a.state_dict), Path(a.out))))
+    g = sub.add_parser(
+        "encoder-to-esm",
+        help="a structure tokenizer checkpoint's encoder -> esm's StructureTokenEncoder weights",
+    )
+    g.add_argument("checkpoint", help="a VQ-VAE step_* checkpoint folder, or a folder of them")
+    g.add_argument("out", help="the .pth file to write")
+    g.set_defaults(fn=lambda a: _report(encoder_to_esm(Path(a.checkpoint), Path(a.out))))
 
 
 def _report(facts: dict[str, Any]) -> int:
@@ -69,7 +91,6 @@ def _checkpoint_folder(path: Path) -> Path:
 
 def to_esm(checkpoint: Path, out: Path) -> dict[str, Any]:
     """Write the weights of a suite checkpoint as an esm ESM3 state dict; the facts."""
-    import torch
 
     from esm3.interop.esm import IncompatibleWeights, to_esm_state_dict
     from esm3.model.esm3 import ESM3
@@ -83,10 +104,7 @@ def to_esm(checkpoint: Path, out: Path) -> dict[str, Any]:
         sd = to_esm_state_dict(model)
     except (ValueError, IncompatibleWeights) as e:
         raise UserError(f"{folder}: {e}") from e
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save(sd, tmp)
-    os.replace(tmp, out)
+    _save(sd, out)
     return {
         "checkpoint": str(folder),
         "wrote": str(out),
@@ -98,16 +116,11 @@ def to_esm(checkpoint: Path, out: Path) -> dict[str, Any]:
 def from_esm(src: Path, out: Path, n_heads: int | None = None) -> dict[str, Any]:
     """Write an esm ESM3 state dict as a suite checkpoint folder at `out`; the facts,
     with the [model] settings of a training config that matches it."""
-    import torch
 
     from esm3.interop.esm import IncompatibleWeights, from_esm_state_dict
     from esm3.train import checkpoint as ckpt
 
-    try:
-        sd = torch.load(src, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises pickle, zip and OS errors alike
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{src}: not a torch state dict ({first})") from e
+    sd = _load_state_dict(src)
     try:
         model = from_esm_state_dict(sd, n_heads=n_heads)
     except IncompatibleWeights as e:
@@ -130,4 +143,67 @@ def from_esm(src: Path, out: Path, n_heads: int | None = None) -> dict[str, Any]
         "model": settings,
         "train": f"[model] {' '.join(f'{k} = {v}' for k, v in settings.items())}; "
         f'[checkpoint] init_from = "{out}"',
+    }
+
+
+def _load_state_dict(src: Path) -> dict[str, Any]:
+    import torch
+
+    try:
+        return torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises pickle, zip and OS errors alike
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{src}: not a torch state dict ({first})") from e
+
+
+def _save(obj: Any, out: Path) -> None:
+    """torch.save, atomically (a reader never sees half a file)."""
+    import torch
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, out)
+
+
+def encoder_from_esm(src: Path, out: Path) -> dict[str, Any]:
+    """esm's StructureTokenEncoder weights -> the suite's structure encoder file."""
+    from dataclasses import asdict
+
+    from esm3.interop.esm import IncompatibleWeights
+    from esm3.interop.esm import encoder_from_esm as convert
+    from esm3.model.vqvae.tokenizer import VQVAEStructureTokenizer
+
+    try:
+        encoder = convert(_load_state_dict(src))
+    except IncompatibleWeights as e:
+        raise UserError(f"{src}: {e}") from e
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    VQVAEStructureTokenizer(encoder, str(src.resolve())).save(tmp)
+    os.replace(tmp, out)
+    return {"source": str(src), "wrote": str(out), "encoder": asdict(encoder.cfg),
+            "preprocess": f'[codebook] vqvae = "{out}"'}  # fmt: skip
+
+
+def encoder_to_esm(checkpoint: Path, out: Path) -> dict[str, Any]:
+    """A suite-trained structure tokenizer's encoder -> esm's StructureTokenEncoder weights."""
+    from esm3.interop.esm import IncompatibleWeights
+    from esm3.interop.esm import encoder_to_esm as convert
+    from esm3.train.vqvae import load_vqvae
+
+    folder = _checkpoint_folder(checkpoint)
+    try:
+        enc = load_vqvae(folder).encoder
+        sd = convert(enc)
+    except (ValueError, IncompatibleWeights) as e:
+        raise UserError(f"{folder}: {e}") from e
+    _save(sd, out)
+    c = enc.cfg
+    return {
+        "checkpoint": str(folder),
+        "wrote": str(out),
+        "esm": f"StructureTokenEncoder(d_model={c.d_model}, n_heads=1, v_heads={c.geom_heads}, "
+        f"n_layers={c.n_layers}, d_out={c.d_code}, n_codes={c.n_codes})"
+        ".load_state_dict(torch.load(...), strict=True)",
     }

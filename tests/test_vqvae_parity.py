@@ -181,3 +181,32 @@ def test_short_chains_match_esm():
     x = _coords("adk_open.pdb", 0)
     for piece in (x[50:51], x[40:50], x[100:115]):
         assert torch.equal(ours.tokenize(piece), _esm_encode(theirs, piece)), len(piece)
+
+
+def test_convert_commands_carry_the_encoder_both_ways(tmp_path):
+    """`esm3 convert encoder-from-esm` writes the tokens stage's encoder file from esm's
+    weights (same tokens as esm); a file that is not esm's encoder is refused by name."""
+    import subprocess
+    import sys
+
+    from esm.models.vqvae import StructureTokenEncoder
+
+    from esm3.model.vqvae.tokenizer import VQVAEStructureTokenizer
+
+    torch.manual_seed(0)
+    ref = StructureTokenEncoder(d_model=64, n_heads=1, v_heads=8, n_layers=2, d_out=16, n_codes=64)
+    src = tmp_path / "enc.pth"
+    torch.save(ref.state_dict(), src)
+    out = tmp_path / "structure-encoder.pt"
+    cli = [sys.executable, "-m", "jobs.cli", "convert"]
+    done = subprocess.run([*cli, "encoder-from-esm", str(src), str(out)], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    tok = VQVAEStructureTokenizer.load(out)
+    assert tok.codebook_size == 64 and tok.source == str(src.resolve())
+    got = {k: v for k, v in tok.encoder.state_dict().items()}
+    assert torch.equal(got["codebook.embeddings"], ref.state_dict()["codebook.embeddings"])
+    torch.save({"w": torch.zeros(3)}, tmp_path / "other.pth")
+    bad = subprocess.run([*cli, "encoder-from-esm", str(tmp_path / "other.pth"), str(out)],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode != 0 and "other.pth" in bad.stderr

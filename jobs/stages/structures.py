@@ -292,7 +292,8 @@ def codebook_task(
 
 
 def export_encoder_task(ws: str, run_id: str, checkpoint: str, out: str) -> dict:
-    """The trained VQ-VAE's encoder, from its checkpoint into the tokenizer file."""
+    """The trained VQ-VAE's encoder, from its checkpoint (or an encoder file, e.g. written
+    by `esm3 convert encoder-from-esm`) into the workspace's tokenizer file."""
     from esm3.model.vqvae.tokenizer import VQVAEStructureTokenizer, identity
     from esm3.train.vqvae import load_vqvae
 
@@ -306,10 +307,13 @@ def export_encoder_task(ws: str, run_id: str, checkpoint: str, out: str) -> dict
             )
         say("codebook", f"structure encoder of {source} already at {target}")
         return {**made, "skipped": True}
-    model = load_vqvae(checkpoint)
+    if Path(checkpoint).is_file():
+        encoder = VQVAEStructureTokenizer.load(checkpoint).encoder
+    else:
+        encoder = load_vqvae(checkpoint).encoder
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".part")
-    VQVAEStructureTokenizer(model.encoder, source).save(tmp)
+    VQVAEStructureTokenizer(encoder, source).save(tmp)
     tmp.replace(target)
     made = identity(target)
     say("codebook", f"structure encoder ({made['codebook_size']} codes) of {source} -> {target}")
