@@ -177,7 +177,9 @@ def load_frozen_encoder(model: VQVAE, stage1: str | Path) -> None:
     """Stage 2: the stage-1 checkpoint's encoder and codebook, into `model` (frozen)."""
     trained = load_vqvae(stage1)
     if trained.cfg.stage != 1:
-        raise ckpt.CheckpointMismatch(f"{stage1}: a stage-{trained.cfg.stage} checkpoint, not stage 1")
+        raise ckpt.CheckpointMismatch(
+            f"{stage1}: a stage-{trained.cfg.stage} checkpoint, not stage 1"
+        )
     if trained.cfg.fingerprint()["encoder"] != model.cfg.fingerprint()["encoder"]:
         raise ckpt.CheckpointMismatch(
             f"{stage1}: its encoder {trained.cfg.fingerprint()['encoder']} is not the "

@@ -193,8 +193,13 @@ def _overfit_rows() -> list[dict]:
         _row("overfit/steps", "steps", got.steps, "", params=params),
         _row("overfit/time", "seconds", got.seconds, "s", params=params),
         _row("overfit/codes_used", "codes", int((counts > 0).sum()), "of 64", params=params),
-        _row("overfit/perplexity", "perplexity", float(torch.exp(-(p * p.log()).sum())), "",
-             params=params),  # fmt: skip
+        _row(
+            "overfit/perplexity",
+            "perplexity",
+            float(torch.exp(-(p * p.log()).sum())),
+            "",
+            params=params,
+        ),  # fmt: skip
     ]
 
 

@@ -295,9 +295,12 @@ def export_encoder_task(ws: str, run_id: str, checkpoint: str, out: str) -> dict
     """The trained VQ-VAE's encoder, from its checkpoint (or an encoder file, e.g. written
     by `esm3 convert encoder-from-esm`) into the workspace's tokenizer file."""
     from esm3.model.vqvae.tokenizer import VQVAEStructureTokenizer, identity
+    from esm3.train import checkpoint as ckpt
     from esm3.train.vqvae import load_vqvae
 
-    target, source = Path(out), str(Path(checkpoint).resolve())
+    # the exact step folder (a run's folder means its newest checkpoint: name which one)
+    path = Path(checkpoint)
+    target, source = Path(out), str((path if path.is_file() else ckpt.resolve(path)).resolve())
     if target.exists():
         made = identity(target)
         if made["source"] != source:

@@ -6,6 +6,7 @@ stage-1 encoder, and the configs that are refused."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -84,14 +85,19 @@ def test_vqvae_trains_reports_validates_and_resumes_exactly(tmp_path, train_data
     ref, ref_rows, ref_events = _run(cfg, train_data, tmp_path / "ref")
     assert ref.status == "completed" and sorted(ref.losses) == list(range(1, 7))
     assert ref.param_count == sum(
-        p.numel() for p in __import__("esm3.model.vqvae.model", fromlist=["VQVAE"]).VQVAE(
-            cfg.model_config()
-        ).parameters()
+        p.numel()
+        for p in __import__("esm3.model.vqvae.model", fromlist=["VQVAE"])
+        .VQVAE(cfg.model_config())
+        .parameters()
     )
     for r in ref_rows:  # ESM3's track columns stay empty; the tokenizer's values are in metrics
         assert r.get("loss_sequence") is None and r.get("loss_structure") is None
         m = json.loads(r["metrics"])
-        assert {f"loss_{k}" for k in LOSSES} | {"codes_used", "perplexity", "codes_restarted"} == set(m)
+        assert {f"loss_{k}" for k in LOSSES} | {
+            "codes_used",
+            "perplexity",
+            "codes_restarted",
+        } == set(m)
         assert 1 <= m["codes_used"] <= 64 and 1 <= m["perplexity"] <= m["codes_used"] + 1e-6
         total = sum(m[f"loss_{k}"] for k in LOSSES)  # weights 1: the step's loss is their sum
         assert r["loss"] == pytest.approx(total, rel=1e-5)
@@ -231,8 +237,10 @@ def test_tokens_stage_uses_a_trained_encoder_and_stores_say_which(tmp_path, trai
     assert made["kind"] == "vqvae" and made["codebook_size"] == 64
     again = export_encoder_task(str(tmp_path), "r", str(s1), str(enc_file))
     assert again["skipped"] and again["digest"] == made["digest"]
+    other = tmp_path / "other"  # another checkpoint: its encoder is not taken silently
+    shutil.copytree(ckpt.resolve(s1), other / ckpt.resolve(s1).name)
     with pytest.raises(UserError, match="remove it"):
-        export_encoder_task(str(tmp_path), "r", str(tmp_path / "ref"), str(enc_file))
+        export_encoder_task(str(tmp_path), "r", str(other), str(enc_file))
 
     raw = train_data / "real" / "structures_raw" / "pdb-00000.parquet"
     out = tmp_path / "tokens" / "pdb-00000.parquet"

@@ -18,7 +18,6 @@ stage 2) it only quantises.
 from __future__ import annotations
 
 import zlib
-
 from dataclasses import dataclass
 
 import torch

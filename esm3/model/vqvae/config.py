@@ -83,8 +83,9 @@ PRESETS: dict[str, VQVAEConfig] = {
     "vqvae_stage2": VQVAEConfig(
         name="vqvae_stage2",
         stage=2,
-        decoder=DecoderConfig(d_model=1280, n_layers=30, n_heads=20, all_atom=True,
-                              inverse_folding=False),
+        decoder=DecoderConfig(
+            d_model=1280, n_layers=30, n_heads=20, all_atom=True, inverse_folding=False
+        ),
     ),
     # a CPU-sized model for tests and the demo: same structure, small widths
     "vqvae_tiny": VQVAEConfig(

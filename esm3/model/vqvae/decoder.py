@@ -129,8 +129,7 @@ class InputEmbedding(nn.Module):
         bad = ~is_code & ((special < self.n_codes) | (special >= top))
         if bool((special < -1).any() or bad.any()):
             raise ValueError(
-                f"special must be -1 (a code) or a structure special id in "
-                f"[{self.n_codes}, {top})"
+                f"special must be -1 (a code) or a structure special id in [{self.n_codes}, {top})"
             )
         specials = self.special((special - self.n_codes).clamp(min=0))
         # where() keeps z_q's gradient at code positions only
@@ -244,4 +243,3 @@ def decoder_param_count(
     with torch.device("meta"):
         model = StructureDecoder(cfg, d_code, n_codes, vocab_size, device="cpu")
     return sum(p.numel() for p in model.parameters())
-

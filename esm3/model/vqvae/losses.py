@@ -161,9 +161,7 @@ def backbone_direction_loss(
     vt, _ = backbone_vectors(true, mask, sequence_id)
     sid = None if sequence_id is None else sequence_id.repeat_interleave(6, dim=1)
     flat = valid.reshape(B, L * 6)
-    return _clamped_error(
-        vp.reshape(B, L * 6, 3), vt.reshape(B, L * 6, 3), flat, sid, _dots, clamp
-    )
+    return _clamped_error(vp.reshape(B, L * 6, 3), vt.reshape(B, L * 6, 3), flat, sid, _dots, clamp)
 
 
 # ------------------------------------------------------------------------------ binned
@@ -268,9 +266,7 @@ def all_atom_distance_loss(
     return _clamped_error(p, t, valid, sid, _distances, clamp)
 
 
-def atom_normals(
-    x: torch.Tensor, neighbours: torch.Tensor, valid: torch.Tensor
-) -> torch.Tensor:
+def atom_normals(x: torch.Tensor, neighbours: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """(B, L, A, 3) normals (x_n1 - x_a) x (x_n2 - x_a) for each atom a and its two
     `neighbours` (B, L, A, 2) indices within the residue; zero where not `valid`.
     x must be finite (absent atoms zeroed)."""
@@ -281,9 +277,7 @@ def atom_normals(
     return torch.where(valid[..., None], normal, torch.zeros_like(normal))
 
 
-def nearest_two(
-    true: torch.Tensor, atom_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_two(true: torch.Tensor, atom_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For each atom, its two nearest present atoms of the same residue in the true
     structure: indices (B, L, A, 2) and validity (B, L, A) (present with two others)."""
     t = _clean(true, atom_mask)

@@ -35,7 +35,9 @@ class VQVAEOutput:
     codebook_stats: dict[str, float]
 
 
-def structure_special_ids(sequence: torch.Tensor, coded: torch.Tensor, n_codes: int) -> torch.Tensor:
+def structure_special_ids(
+    sequence: torch.Tensor, coded: torch.Tensor, n_codes: int
+) -> torch.Tensor:
     """(B, T) special token id of each position that is not a code, -1 where it is.
 
     The sequence track says what a position is (BOS, EOS, PAD, chainbreak, else a residue);
