@@ -210,29 +210,35 @@ def from_esm_state_dict(
     sd = _unwrap(state_dict)
     cfg = esm_config(sd, n_heads=n_heads, **fields)
     model = ESM3(cfg)
-    names = _rename(list(sd), 1)
+    _load_esm_weights(model, sd, _rules(), "ESM3")
+    return model
+
+
+def _load_esm_weights(
+    module: torch.nn.Module, sd: Mapping[str, torch.Tensor], rules: list[tuple[str, str]],
+    what: str,
+) -> None:  # fmt: skip
+    """Load an `esm` state dict into `module` under the renaming `rules`, strictly; raises
+    IncompatibleWeights naming missing (by esm's names), unexpected or mis-shaped tensors."""
+    names = _rename(list(sd), 1, rules)
     unknown = sorted(set(sd) - set(names))
     ours = {names[k]: v for k, v in sd.items() if k in names}
-    expected = model.state_dict()
+    expected = module.state_dict()
     missing = sorted(set(expected) - set(ours))
     wrong = [f"{k} {tuple(ours[k].shape)} (expected {tuple(v.shape)})"
              for k, v in expected.items() if k in ours and ours[k].shape != v.shape]  # fmt: skip
     problems = []
     if missing:
-        problems.append(f"missing {len(missing)} tensors (e.g. {_esm_names(missing[:3])})")
+        esm_missing = _rename(missing[:3], 0, rules)
+        shown = [esm_missing.get(n, n) for n in missing[:3]]
+        problems.append(f"missing {len(missing)} tensors (e.g. {shown})")
     if unknown:
         problems.append(f"{len(unknown)} unexpected tensors (e.g. {unknown[:3]})")
     if wrong:
         problems.append(f"{len(wrong)} of another shape (e.g. {wrong[:2]})")
     if problems:
-        raise IncompatibleWeights("esm state dict does not fit ESM3: " + "; ".join(problems))
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in ours.items()}, strict=True)
-    return model
-
-
-def _esm_names(suite_names: list[str]) -> list[str]:
-    names = _rename(suite_names, 0)
-    return [names.get(n, n) for n in suite_names]
+        raise IncompatibleWeights(f"esm state dict does not fit {what}: " + "; ".join(problems))
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in ours.items()}, strict=True)
 
 
 def forward_like_esm(model: ESM3, **kwargs: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -326,26 +332,7 @@ def encoder_from_esm(
     sd = _unwrap(state_dict)
     cfg = encoder_esm_config(sd, **fields)
     encoder = StructureEncoder(cfg)
-    names = _rename(list(sd), 1, _encoder_rules())
-    unknown = sorted(set(sd) - set(names))
-    ours = {names[k]: v for k, v in sd.items() if k in names}
-    expected = encoder.state_dict()
-    missing = sorted(set(expected) - set(ours))
-    wrong = [f"{k} {tuple(ours[k].shape)} (expected {tuple(v.shape)})"
-             for k, v in expected.items() if k in ours and ours[k].shape != v.shape]  # fmt: skip
-    problems = []
-    if missing:
-        esm_missing = _rename(missing[:3], 0, _encoder_rules())
-        problems.append(f"missing {len(missing)} tensors (e.g. {list(esm_missing.values())})")
-    if unknown:
-        problems.append(f"{len(unknown)} unexpected tensors (e.g. {unknown[:3]})")
-    if wrong:
-        problems.append(f"{len(wrong)} of another shape (e.g. {wrong[:2]})")
-    if problems:
-        raise IncompatibleWeights(
-            "esm state dict does not fit the encoder: " + "; ".join(problems)
-        )
-    encoder.load_state_dict({k: v.to(expected[k].dtype) for k, v in ours.items()}, strict=True)
+    _load_esm_weights(encoder, sd, _encoder_rules(), "the encoder")
     return encoder
 
 
