@@ -457,3 +457,22 @@ def reject_bars(df: pd.DataFrame) -> alt.Chart:
         )
         .properties(title="Rejected records by reason", height=alt.Step(24))
     )
+
+
+def metric_facets(df: pd.DataFrame, columns: int = 3, width: int = 250) -> alt.FacetChart:
+    """Small multiples of a model's own per-step values (`queries.model_metrics`), one per
+    metric, each with its own y scale (losses, codes used and perplexity differ by orders)."""
+    chart = (
+        alt.Chart()
+        .mark_line(strokeWidth=1.5)
+        .encode(
+            x=alt.X("step:Q", title="step"),
+            y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False)),
+            color=alt.Color("run_id:N", title="run", scale=RUN_SCALE),
+            tooltip=["metric:N", "run_id:N", "step:Q", alt.Tooltip("value:Q", format=".4g")],
+        )
+        .properties(width=width, height=150)
+    )
+    return alt.layer(chart, data=df).facet(
+        facet=alt.Facet("metric:N", title=None), columns=columns
+    ).resolve_scale(y="independent")

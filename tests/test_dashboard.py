@@ -303,3 +303,27 @@ def test_jobs_lists_training_failures_without_an_array_index(tmp_path, monkeypat
     assert any("job 73" in lb and "array task 4" in lb for lb in labels), labels
     codes = [c.value for c in at.code]
     assert "loss is NaN" in codes and "node went away" in codes
+
+
+def test_loss_shows_a_models_own_metrics(tmp_path, monkeypatch):
+    """A run that reports per-step values of its own (the structure tokenizer's
+    `train_steps.metrics`) gets a chart of them, one facet per value."""
+    from datetime import UTC, datetime
+
+    from esm3.metrics.lake import write_rows
+
+    ws = tmp_path / "ws"
+    sims = demo_data.seed(ws, steps=20)
+    run = sorted(sims)[0]
+    rows = [dict(run_id=run, step=s, attempt=9, stage="s", loss=1.0, time=datetime.now(UTC),
+                 metrics=json.dumps({"perplexity": 10.0 + s, "codes_used": 20.0}))
+            for s in range(1, 21)]  # fmt: skip
+    write_rows(ws, "train_steps", rows)
+    at = open_page(ws, "loss", monkeypatch)
+    assert_clean(at, "loss")
+    ((loss_spec, _), (spec, tables)) = charts(at)
+    assert loss_spec["facet"]["field"] == "track" and spec["facet"]["field"] == "metric"
+    d = tables[0].to_pandas()
+    assert set(d["metric"]) == {"perplexity", "codes_used"} and set(d["run_id"]) == {run}
+    ppl = d[d["metric"] == "perplexity"].sort_values("step")
+    assert ppl["value"].tolist() == [10.0 + s for s in range(1, 21)]

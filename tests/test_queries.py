@@ -296,3 +296,30 @@ def test_corrupt_file_is_skipped_and_named(seeded, tmp_path, how):
         rel = str(bad.relative_to(ws))
         assert list(r.bad_files) == [rel]
         assert r.bad_files[rel]  # with the reason
+
+
+def test_model_metrics_reads_the_json_column_bucketed(tmp_path):
+    """A structure tokenizer run's per-step JSON values come back per metric, bucket means
+    of the finite values; a run without them (ESM3) has none."""
+    import json
+    from datetime import UTC, datetime
+
+    from esm3.metrics.lake import write_rows
+
+    rows = []
+    for step in range(1, 11):
+        m = {"perplexity": float(step), "loss_distance": 10.0 - step, "codes_used": None}
+        rows.append(dict(run_id="vq", step=step, attempt=0, stage="s", loss=1.0,
+                         metrics=json.dumps(m), time=datetime.now(UTC)))  # fmt: skip
+    rows.append(dict(run_id="esm", step=1, attempt=0, stage="s", loss=2.0, time=datetime.now(UTC)))
+    write_rows(tmp_path, "train_steps", rows)
+    with Q.LakeReader(tmp_path) as r:
+        df = Q.model_metrics(r, ["vq", "esm"], max_points=5)
+        none = Q.model_metrics(r, ["esm"])
+    assert none.empty
+    assert set(df["run_id"]) == {"vq"} and set(df["metric"]) == {"perplexity", "loss_distance",
+                                                                 "codes_used"}  # fmt: skip
+    ppl = df[df["metric"] == "perplexity"].sort_values("step")
+    assert ppl["step"].tolist() == [1, 3, 5, 7, 9] and (ppl["width"] == 2).all()
+    assert ppl["value"].tolist() == pytest.approx([1.5, 3.5, 5.5, 7.5, 9.5])
+    assert df[df["metric"] == "codes_used"]["value"].isna().all()

@@ -90,6 +90,15 @@ def curves() -> None:
             "Faint lines: mean of each bucket of steps, with its min-max band; solid: EMA; "
             "dashed rules: stage changes; diamonds: validation loss."
         )
+        own = data(queries.model_metrics, runs, max_points=min(points, 500))
+        if not own.empty:  # the structure tokenizer: its losses and codebook usage
+            st.subheader("Model metrics")
+            st.altair_chart(charts.metric_facets(own), width="content")
+            st.caption(
+                "Per-step values a model reports beyond the track losses "
+                "(train_steps.metrics): the structure tokenizer's losses, the codes it used, "
+                "their perplexity and the dead codes it restarted."
+            )
 
 
 curves()

@@ -59,6 +59,7 @@ __all__ = [
     "run_ids_with_steps",
     "run_user_sql",
     "runs_overview",
+    "model_metrics",
     "series",
     "stage_boundaries",
     "steps_by_run",
@@ -454,6 +455,35 @@ def series(
         params,
     )
     return df
+
+
+def model_metrics(
+    r: LakeReader, run_ids: Sequence[str], *, max_points: int = 500
+) -> pd.DataFrame:
+    """Per-run curves of a model's own per-step values (`train_steps.metrics`, JSON: the
+    structure tokenizer's losses and codebook usage), bucketed by step in SQL as `series`:
+    one row per (run_id, metric, bucket) with step, width and value (mean of the finite
+    values). Empty for runs without such values (ESM3)."""
+    cols = ["run_id", "metric", "step", "width", "value"]
+    if not run_ids:
+        return pd.DataFrame(columns=cols)
+    params: dict = {"points": int(max(1, max_points))}
+    where = f"run_id IN {_in_list(run_ids, params, 'id')} AND metrics IS NOT NULL"
+    return r.sql(
+        f"""
+        WITH s AS (SELECT run_id, step, metrics FROM train_steps WHERE {where}),
+        w AS (SELECT run_id, min(step) AS lo,
+                     greatest(1, ceil((max(step) - min(step) + 1) / $points))::BIGINT AS width
+              FROM s GROUP BY run_id),
+        kv AS (SELECT s.run_id, s.step, j.key AS metric, TRY_CAST(j.value AS DOUBLE) AS v
+               FROM s, json_each(s.metrics) AS j)
+        SELECT kv.run_id, metric, w.lo + (kv.step - w.lo) // w.width * w.width AS step,
+               any_value(w.width) AS width, avg(v) FILTER (WHERE isfinite(v)) AS value
+        FROM kv JOIN w USING (run_id)
+        GROUP BY ALL ORDER BY kv.run_id, metric, step
+        """,  # noqa: S608 - only $placeholders (_in_list)
+        params,
+    )
 
 
 def stage_boundaries(r: LakeReader, run_ids: Sequence[str]) -> pd.DataFrame:
