@@ -129,45 +129,57 @@ def structures(mask: torch.Tensor, seq_id: torch.Tensor | None) -> int:
     return len(_samples(seq_id, mask))
 
 
-def quality(
+def per_structure_quality(
     pred: torch.Tensor, true: torch.Tensor, mask: torch.Tensor, seq_id: torch.Tensor | None
-) -> dict[str, torch.Tensor]:
-    """Mean over the batch's structures of backbone RMSD (Angstrom, after superposition)
-    and CA lDDT of the prediction."""
-    rmsd, lddt = [], []
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(backbone RMSD in Angstrom after superposition, CA lDDT) of each packed structure of
+    a batch, over its residues in `mask`, in batch order."""
+    out = []
     for b, sel in _samples(seq_id, mask):
         p, t = pred[b][sel].float(), true[b][sel].float()
         ok = torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
-        rmsd.append(kabsch_rmsd(p, t, ok))
-        lddt.append(lddt_ca(p, t, ok))
-    if not rmsd:
+        out.append((kabsch_rmsd(p, t, ok), lddt_ca(p, t, ok)))
+    return out
+
+
+def quality(
+    pred: torch.Tensor, true: torch.Tensor, mask: torch.Tensor, seq_id: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """Mean over the batch's structures of backbone RMSD and CA lDDT of the prediction."""
+    each = per_structure_quality(pred, true, mask, seq_id)
+    if not each:
         return {}
+    rmsd, lddt = zip(*each, strict=True)
     return {"rmsd": torch.stack(rmsd).mean(), "lddt": torch.stack(lddt).mean()}
+
+
+def config_of(state: dict[str, Any], name: str = "from-checkpoint") -> VQVAEConfig:
+    """The VQ-VAE a checkpoint's fingerprint describes; CheckpointMismatch for another model."""
+    fp = state.get("model") or {}
+    if fp.get("kind") != "vqvae":
+        raise ckpt.CheckpointMismatch("not a structure tokenizer (VQ-VAE) checkpoint")
+    return VQVAEConfig(
+        name=name, stage=fp["stage"], encoder=EncoderConfig(**fp["encoder"]),
+        decoder=DecoderConfig(**fp["decoder"]),
+    )  # fmt: skip
 
 
 def stage1_config(state: dict[str, Any]) -> VQVAEConfig:
     """The stage-1 VQ-VAE a checkpoint's fingerprint describes."""
-    fp = state.get("model") or {}
-    if fp.get("kind") != "vqvae" or fp.get("stage") != 1:
-        raise ckpt.CheckpointMismatch("not a stage-1 structure tokenizer checkpoint")
-    return VQVAEConfig(
-        name="stage1", stage=1, encoder=EncoderConfig(**fp["encoder"]),
-        decoder=DecoderConfig(**fp["decoder"]),
-    )  # fmt: skip
+    cfg = config_of(state, "stage1")
+    if cfg.stage != 1:
+        raise ckpt.CheckpointMismatch(f"a stage-{cfg.stage} checkpoint, not stage 1")
+    return cfg
 
 
 def load_vqvae(path: str | Path, device: str | torch.device = "cpu") -> VQVAE:
     """A trained VQ-VAE from a checkpoint (a step folder or a run's folder: its newest), in
     eval mode. Raises FileNotFoundError or CheckpointMismatch naming the path."""
     folder = ckpt.resolve(path)
-    state = ckpt.read_state(folder)
-    fp = state.get("model") or {}
-    if fp.get("kind") != "vqvae":
-        raise ckpt.CheckpointMismatch(f"{folder}: not a structure tokenizer (VQ-VAE) checkpoint")
-    cfg = VQVAEConfig(
-        name=folder.name, stage=fp["stage"], encoder=EncoderConfig(**fp["encoder"]),
-        decoder=DecoderConfig(**fp["decoder"]),
-    )  # fmt: skip
+    try:
+        cfg = config_of(ckpt.read_state(folder), folder.name)
+    except ckpt.CheckpointMismatch as e:
+        raise ckpt.CheckpointMismatch(f"{folder}: {e}") from e
     model = VQVAE(cfg)
     ckpt.load(folder, model, None)
     return model.to(device).eval()

@@ -57,7 +57,7 @@ class Overfit:
 def reconstruction(model, batch) -> tuple[list[float], list[float]]:  # type: ignore[no-untyped-def]
     """Per chain: backbone RMSD (after superposition) and CA lDDT of the model's
     reconstruction from its tokens (eval mode; the model's mode is restored)."""
-    from esm3.model.vqvae.quality import kabsch_rmsd, lddt_ca
+    from esm3.train.vqvae import per_structure_quality, residue_mask
 
     was = model.training
     model.eval()
@@ -65,13 +65,8 @@ def reconstruction(model, batch) -> tuple[list[float], list[float]]:  # type: ig
         pred = model(**batch.inputs).decoded.backbone
     model.train(was)
     true = batch.inputs["coords"]
-    rmsd, lddt = [], []
-    for b in range(true.shape[0]):
-        ok = torch.isfinite(true[b]).all(-1).all(-1)
-        every = torch.ones(int(ok.sum()), dtype=torch.bool)
-        rmsd.append(float(kabsch_rmsd(pred[b][ok], true[b][ok], every)))
-        lddt.append(float(lddt_ca(pred[b][ok], true[b][ok], every)))
-    return rmsd, lddt
+    each = per_structure_quality(pred, true, residue_mask(true), batch.inputs["sequence_id"])
+    return [float(r) for r, _ in each], [float(q) for _, q in each]
 
 
 def overfit(
