@@ -57,3 +57,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(no_gpu)
         if "browser" in item.keywords and not has_browser:
             item.add_marker(no_browser)
+
+
+@pytest.fixture
+def torch_threads():
+    """`torch_threads(n)` sets torch's intra-op threads for the test; restored after. A tiny
+    model gains nothing from more threads, and on a shared machine they only contend."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)

@@ -17,16 +17,8 @@ from tests.test_tasks_augment import real_proteins
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-@pytest.fixture
-def one_thread():
-    # a tiny model gains nothing from threads; on a shared machine they only contend
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def test_tiny_model_overfits_real_proteins(one_thread):
+def test_tiny_model_overfits_real_proteins(torch_threads):
+    torch_threads(1)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     # four real chains (coordinates + sequence), cropped to 64-residue fragments, corrupted once

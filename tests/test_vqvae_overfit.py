@@ -20,15 +20,8 @@ from jobs.bench.bench_vqvae import overfit, overfit_chains
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_small_vqvae_overfits_real_chains_and_uses_its_codebook(two_threads):
+def test_small_vqvae_overfits_real_chains_and_uses_its_codebook(torch_threads):
+    torch_threads(2)
     chains = overfit_chains()
     if not chains:
         pytest.skip("MDAnalysisTests not installed (make setup installs it)")
