@@ -25,13 +25,28 @@ def stepds(job: str) -> list[int]:
 
 def running_again(job: str, env: dict[str, str]) -> bool:
     """True once the requeued job runs again. SLURM holds a requeued job ~2 minutes
-    (BeginTime); once no step of the old attempt is left on any node, let it start now
-    (earlier, slurmd finds the job id still in use and drains the node: 'Duplicate jobid')."""
+    (BeginTime); once no step of the old attempt is left on any node, let it start now.
+    A slurmd may still count the old attempt for a moment after its last step is gone: it
+    then drains its node ('Duplicate jobid') and SLURM requeues the job again; such a node
+    is put back in service and the job released again, so the wait converges."""
     out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True,
                          text=True, env=env).stdout  # fmt: skip
     if "BeginTime" in out and not stepds(job):
+        resume_duplicate_drains(env)
         subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env)
     return out.startswith("RUNNING")
+
+
+def resume_duplicate_drains(env: dict[str, str]) -> list[str]:
+    """Resume the nodes SLURM drained for a duplicate job id; returns their names."""
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%E"], capture_output=True, text=True,
+                         env=env).stdout  # fmt: skip
+    nodes = sorted({line.split("|", 1)[0] for line in out.splitlines()
+                    if "Duplicate jobid" in line})  # fmt: skip
+    for node in nodes:
+        subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], env=env,
+                       capture_output=True)  # fmt: skip
+    return nodes
 
 
 def restore_cluster(cluster, env: dict[str, str], job: str | None) -> None:
