@@ -18,8 +18,9 @@ import itertools
 import math
 import signal
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,8 @@ class Dataset:
     clusters: ClusterIndex
     member_rows: np.ndarray
     dropped_members: int = 0  # cluster members without a record (e.g. purged)
+    # record rows held out for validation (`validation.holdout`), never among member_rows
+    held_out: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def protein(self, row: int) -> Protein:
         rec = self.store.record(row)
@@ -105,10 +108,10 @@ def open_dataset(
     *,
     max_records: int = 0,
     need_coords: bool = False,
-    exclude: np.ndarray | None = None,
+    hold_out: Callable[[int], np.ndarray] | None = None,
 ) -> Dataset:
-    """The Dataset of the store at `path` (see load_dataset); `exclude`: record rows never
-    drawn (held out for validation)."""
+    """The Dataset of the store at `path` (see load_dataset); `hold_out(n_records)`: the
+    record rows held out for validation, never drawn (kept as `Dataset.held_out`)."""
     try:
         store = open_store(path)
     except StoreError as e:
@@ -122,9 +125,10 @@ def open_dataset(
             raise DataError(f"dataset {name!r}: no 'coords' column ({path})")
         has = _rows_with_coords(store)
         keep = has if keep is None else keep & has
-    if exclude is not None and len(exclude):
+    held = hold_out(len(store)) if hold_out else np.zeros(0, np.int64)
+    if len(held):
         keep = np.ones(len(store), bool) if keep is None else keep
-        keep[exclude] = False
+        keep[held] = False
     if keep is not None:
         offsets, rows = subset_index(offsets, rows, keep)
         if len(rows) == 0:
@@ -137,6 +141,7 @@ def open_dataset(
         ClusterIndex(None, None, offsets),
         rows,
         int(store.meta["dropped_members"]),
+        held,
     )
 
 
@@ -145,16 +150,9 @@ def load_datasets(cfg: TrainConfig, root: str | Path) -> dict[str, Dataset]:
     need = cfg.data.task in ("inverse_folding", "vqvae")
     out = {}
     for d in cfg.data.datasets:
-        exclude = None
-        if d.name in cfg.validation.holdout:
-            n = len(open_store(store_path(d, root)))
-            if n <= cfg.validation.rows:
-                raise DataError(f"dataset {d.name!r}: validation.holdout would take all its {n} "
-                                f"records (validation.rows {cfg.validation.rows}); lower "
-                                "validation.rows")  # fmt: skip
-            exclude = held_out_rows(cfg, d.name, n)
+        hold = partial(_holdout, cfg, d.name) if d.name in cfg.validation.holdout else None
         out[d.name] = open_dataset(d.name, store_path(d, root), max_records=cfg.data.max_records,
-                                   need_coords=need, exclude=exclude)  # fmt: skip
+                                   need_coords=need, hold_out=hold)  # fmt: skip
     if cfg.data.task == "pretrain":  # the others train on coordinates, not on tokens
         check_structure_tokenizers(out, cfg.tasks.codebook_size)
     return out
@@ -180,6 +178,14 @@ def check_structure_tokenizers(datasets: dict[str, Dataset], codebook_size: int)
             raise DataError(f"dataset {n!r}: its structure tokens come from a {t['kind']} "
                             f"tokenizer of {t['codebook_size']} codes, but tasks.codebook_size "
                             f"is {codebook_size}")  # fmt: skip
+
+
+def _holdout(cfg: TrainConfig, dataset: str, n_records: int) -> np.ndarray:
+    if n_records <= cfg.validation.rows:
+        raise DataError(f"dataset {dataset!r}: validation.holdout would take all its "
+                        f"{n_records} records (validation.rows {cfg.validation.rows}); lower "
+                        "validation.rows")  # fmt: skip
+    return held_out_rows(cfg, dataset, n_records)
 
 
 def held_out_rows(cfg: TrainConfig, dataset: str, n_records: int) -> np.ndarray:

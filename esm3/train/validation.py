@@ -132,15 +132,9 @@ def load_validation(cfg: ValidationConfig, root: str | Path) -> ValidationSet:
 
 
 def load_holdout(cfg: TrainConfig, datasets: dict[str, Any]) -> ValidationSet:
-    """The records each `validation.holdout` dataset gave up (`data.held_out_rows`), read
+    """The records each `validation.holdout` dataset gave up (`Dataset.held_out`), read
     from its training store."""
-    from esm3.train.data import held_out_rows
-
-    out: ValidationSet = {}
-    for name in cfg.validation.holdout:
-        store = datasets[name].store
-        out[name] = store.take(held_out_rows(cfg, name, len(store)))
-    return out
+    return {n: datasets[n].store.take(datasets[n].held_out) for n in cfg.validation.holdout}
 
 
 def load_all(cfg: TrainConfig, root: str | Path, datasets: dict[str, Any]) -> ValidationSet:

@@ -113,6 +113,7 @@ def test_vqvae_trains_reports_validates_and_resumes_exactly(tmp_path, train_data
     ds = load_datasets(cfg, train_data)["pdb"]
     held = held_out_rows(cfg, "pdb", len(ds.store))
     assert len(held) == 3 and not np.isin(held, ds.member_rows).any()
+    assert np.array_equal(ds.held_out, held)
     assert len(ds.member_rows) == len(ds.store) - 3
 
     # preempted after step 4, resumed: the same losses and codebook values, step for step
