@@ -185,19 +185,23 @@ def load_vqvae(path: str | Path, device: str | torch.device = "cpu") -> VQVAE:
     return model.to(device).eval()
 
 
+def check_stage1(state: dict[str, Any], cfg: VQVAEConfig) -> None:
+    """A stage-1 checkpoint's state whose encoder has `cfg`'s shape; CheckpointMismatch
+    saying which it is not (at submission and again when stage 2 loads it)."""
+    trained = stage1_config(state).fingerprint()["encoder"]
+    want = cfg.fingerprint()["encoder"]
+    if trained != want:
+        raise ckpt.CheckpointMismatch(f"its encoder {trained} is not the config's {want}")
+
+
 def load_frozen_encoder(model: VQVAE, stage1: str | Path) -> None:
     """Stage 2: the stage-1 checkpoint's encoder and codebook, into `model` (frozen)."""
-    trained = load_vqvae(stage1)
-    if trained.cfg.stage != 1:
-        raise ckpt.CheckpointMismatch(
-            f"{stage1}: a stage-{trained.cfg.stage} checkpoint, not stage 1"
-        )
-    if trained.cfg.fingerprint()["encoder"] != model.cfg.fingerprint()["encoder"]:
-        raise ckpt.CheckpointMismatch(
-            f"{stage1}: its encoder {trained.cfg.fingerprint()['encoder']} is not the "
-            f"config's {model.cfg.fingerprint()['encoder']}"
-        )
-    model.encoder.load_state_dict(trained.encoder.state_dict(), strict=True)
+    folder = ckpt.resolve(stage1)
+    try:
+        check_stage1(ckpt.read_state(folder), model.cfg)
+    except ckpt.CheckpointMismatch as e:
+        raise ckpt.CheckpointMismatch(f"{folder}: {e}") from e
+    model.encoder.load_state_dict(load_vqvae(folder).encoder.state_dict(), strict=True)
 
 
 def flops_per_token(cfg: VQVAEConfig, seq_len: int) -> float:

@@ -121,17 +121,13 @@ def model_param_count(mcfg: Any) -> int:
 def _check_stage1(cfg: Any) -> None:
     """Stage 2's stage-1 checkpoint: present, a stage-1 tokenizer, the config's encoder."""
     from esm3.train import checkpoint as ckpt
-    from esm3.train.vqvae import stage1_config
+    from esm3.train.vqvae import check_stage1
 
-    key = "model.stage1_checkpoint"
+    path = cfg.model.stage1_checkpoint
     try:
-        state = ckpt.read_state(ckpt.resolve(cfg.model.stage1_checkpoint))
-        trained = stage1_config(state).fingerprint()["encoder"]
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"config key '{key}': {cfg.model.stage1_checkpoint}: {e}") from e
-    want = cfg.model_config().fingerprint()["encoder"]
-    if trained != want:
-        raise ConfigError(f"config key '{key}': its encoder {trained} is not the config's {want}")
+        check_stage1(ckpt.read_state(ckpt.resolve(path)), cfg.model_config())
+    except (OSError, ValueError, KeyError) as e:  # CheckpointMismatch is a ValueError
+        raise ConfigError(f"config key 'model.stage1_checkpoint': {path}: {e}") from e
 
 
 def _size(n: float) -> str:
