@@ -33,6 +33,7 @@ from esm3.train.validation import (
 )
 from jobs.config import ConfigError
 from jobs.train.config import check_inputs, load_config
+from tests.ranks import exit_rank
 from tests.train.conftest import data_root, stop_after_calls, write_config
 
 DATASETS = ["jgi", "mgnify", "pdb", "uniref"]
@@ -153,6 +154,7 @@ def _evaluate_on_rank(rank: int, store: str, cfg, records, out: str) -> None:
             pickle.dump(got, f)
     finally:
         dist.destroy_process_group()
+    exit_rank()  # only after success: a failure above propagates to the parent
 
 
 def _evaluate_on_two_ranks(tmp_path, cfg, records) -> list[dict]:
