@@ -71,7 +71,7 @@ def geometric_bias(
 
 class GeometricAttention(nn.Module):
     """Pre-LN geometric self-attention; (B, T, d) -> (B, T, d). Runs in float32 (float64
-    when given float64).
+    when given float64), whatever dtype its parameters are held in.
 
     `proj` gives, per residue, 3-vectors in this order: rotation queries, rotation keys and
     values (n_heads each), then distance queries and keys (n_heads each). `bias`: biases on
@@ -106,7 +106,7 @@ class GeometricAttention(nn.Module):
         dtype = torch.promote_types(x.dtype, torch.float32)
         rot, trans = rot.to(dtype), trans.to(dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            vec = self.proj(self.norm(x).to(dtype)).view(B, T, 5 * H, 3)
+            vec = _linear(self.proj, _layer_norm(self.norm, x.to(dtype))).view(B, T, 5 * H, 3)
             glob = torch.einsum("btij,bthj->bthi", rot, vec)  # local -> global: R v
             q_rot, k_rot, val, q_dist, k_dist = glob.split(H, dim=2)  # each (B, T, H, 3)
             q_dist = q_dist + trans[:, :, None]
@@ -124,5 +124,20 @@ class GeometricAttention(nn.Module):
             local = torch.einsum("btji,bhtj->bthi", rot, agg)  # global -> query's frame
             if self.zero_frameless:
                 local = local.masked_fill(~present[:, :, None, None], 0.0)
-            out = self.out(local.reshape(B, T, H * 3))
+            out = _linear(self.out, local.reshape(B, T, H * 3))
         return out.to(x.dtype)
+
+
+# The parameters cast to the input's dtype: a mixed-precision FSDP policy gathers them in
+# bf16, and the geometry (frames, distances in Angstrom) must still be computed in float32.
+def _cast(p: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if p is None else p.to(dtype)
+
+
+def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, layer.weight.to(x.dtype), _cast(layer.bias, x.dtype))
+
+
+def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    w, b = _cast(norm.weight, x.dtype), _cast(norm.bias, x.dtype)
+    return F.layer_norm(x, norm.normalized_shape, w, b, norm.eps)

@@ -66,5 +66,5 @@ def track_losses(
         total = w * loss if total is None else total + w * loss
     if total is None:
         any_logit = next(iter(logits.values()))
-        total = any_logit.sum() * 0.0
+        total = any_logit.float().sum() * 0.0  # fp32, as every track's loss
     return total, per_track, counts

@@ -230,7 +230,9 @@ class StabilityConfig:
 
 @dataclass
 class ParallelConfig:
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    # auto: bf16 on CUDA, fp32 on CPU; bf16 asked for on CPU runs the GPU's mixed-precision
+    # path (FSDP2 over gloo; for tests: bf16 is slow on most CPUs)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     fp8: bool = False  # TransformerEngine FP8 (needs model.linear = "te", Hopper)
     activation_checkpointing: bool = False  # per transformer block
     reshard_after_forward: bool = True

@@ -3,8 +3,9 @@
 The model's math (`esm3.model.esm3.ESM3`) knows nothing of distribution; `parallelize`
 wraps each block of `model.layers` (activation checkpointing, then `fully_shard`) and
 finally the root, so parameters outside the blocks (embeddings, heads, final norm) form
-the root's group. On CUDA with BF16, parameters are all-gathered and computed in BF16 and
-gradients reduced in FP32 (MixedPrecisionPolicy); on CPU everything is FP32.
+the root's group. With BF16 (the default on CUDA; on CPU only when asked, to test the
+path), parameters are all-gathered and computed in BF16 and gradients reduced in FP32 into
+FP32 shards (MixedPrecisionPolicy); otherwise everything is FP32.
 """
 
 from __future__ import annotations
@@ -20,12 +21,10 @@ log = logging.getLogger(__name__)
 
 
 def resolve_precision(cfg: ParallelConfig, device: torch.device) -> str:
-    """ "bf16" or "fp32": auto is bf16 on CUDA, fp32 elsewhere; bf16 asked on CPU falls back."""
+    """ "bf16" or "fp32": auto is bf16 on CUDA, fp32 elsewhere; bf16 asked for is honoured
+    on any device, so the GPU's mixed-precision path runs in CPU tests too."""
     if cfg.precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
-    if cfg.precision == "bf16" and device.type != "cuda":
-        log.warning("BF16 mixed precision is for CUDA; running FP32 on %s", device.type)
-        return "fp32"
     return cfg.precision
 
 
@@ -63,11 +62,21 @@ def parallelize(
         n = apply_activation_checkpointing(model)
         log.info("activation checkpointing on %d blocks", n)
     if not distributed:
-        return model, precision
+        if precision == "bf16":  # the policy below is what makes BF16: it needs FSDP
+            log.warning("BF16 mixed precision needs FSDP (a process group); running FP32")
+        return model, "fp32"
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # No input cast: FSDP would cast every float input of each block to bf16, the blocks'
+    # float32 context too (frames, Angstrom translations, the float32-lowest geometric
+    # mask, which becomes -inf: NaN gradients on every step, all updates skipped). The
+    # model takes bf16 from its gathered parameters instead (embeddings on), the geometry
+    # stays float32. Gradients are reduce-scattered in float32, into float32 shards (a
+    # choice for the numerics: gloo all-gathers and reduce-scatters bf16 as well).
     mp = (
-        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
         if precision == "bf16"
         else MixedPrecisionPolicy()
     )
