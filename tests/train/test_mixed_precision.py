@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from esm3.model.config import preset
 from esm3.model.esm3 import ESM3, Block
@@ -26,8 +25,8 @@ from esm3.train.loss import ESM3Loss
 from esm3.train.parallel import parallelize, resolve_precision
 from esm3.train.trainer import Sinks, Trainer, esm3_train_model
 from jobs.train.config import load_config
+from tests.ranks import exit_rank, spawn_two_ranks
 from tests.train.conftest import write_config
-from tests.waiting import wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # FSDP's view-output notice
 
@@ -138,18 +137,7 @@ def _runs_on_rank(rank: int, store: str, cfg, data_root: str, out: str) -> None:
             pickle.dump(got, f)
     finally:
         dist.destroy_process_group()
-
-
-def _spawn_two_ranks(fn, args, timeout_s: float) -> None:
-    """Run fn(rank, *args) in two spawned processes until both exit (a rank's exception is
-    raised here); past timeout_s they are ended and the wait fails."""
-    ctx = mp.start_processes(fn, args=args, nprocs=2, start_method="spawn", join=False)
-    try:
-        wait_for(lambda: ctx.join(timeout=0), timeout_s, "both ranks to finish their runs")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    exit_rank()
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +147,7 @@ def runs(tmp_path_factory, train_data) -> list[dict[str, Observed]]:
     cfg = load_config(write_config(tmp / "c.toml", train_data), ["checkpoint.every=0"])
     load_datasets(cfg, train_data)  # the ad-hoc stores, written here once, read by the ranks
     out = str(tmp / "out")
-    _spawn_two_ranks(_runs_on_rank, (str(tmp / "store"), cfg, str(train_data), out), 240)
+    spawn_two_ranks(_runs_on_rank, (str(tmp / "store"), cfg, str(train_data), out), 240)
     return [pickle.loads(Path(f"{out}.{r}").read_bytes()) for r in range(2)]
 
 

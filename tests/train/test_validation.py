@@ -13,7 +13,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from esm3.data.store import COLUMNS
 from esm3.metrics.catalog import query
@@ -33,7 +32,7 @@ from esm3.train.validation import (
 )
 from jobs.config import ConfigError
 from jobs.train.config import check_inputs, load_config
-from tests.ranks import exit_rank
+from tests.ranks import exit_rank, spawn_two_ranks
 from tests.train.conftest import data_root, stop_after_calls, write_config
 
 DATASETS = ["jgi", "mgnify", "pdb", "uniref"]
@@ -159,13 +158,7 @@ def _evaluate_on_rank(rank: int, store: str, cfg, records, out: str) -> None:
 
 def _evaluate_on_two_ranks(tmp_path, cfg, records) -> list[dict]:
     out = str(tmp_path / "eval")
-    mp.start_processes(
-        _evaluate_on_rank,
-        args=(str(tmp_path / "store"), cfg, records, out),
-        nprocs=2,
-        start_method="spawn",
-        join=True,
-    )
+    spawn_two_ranks(_evaluate_on_rank, (str(tmp_path / "store"), cfg, records, out), 240)
     return [pickle.loads(open(f"{out}.{r}", "rb").read()) for r in range(2)]
 
 
