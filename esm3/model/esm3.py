@@ -148,8 +148,9 @@ class InputEmbedding(nn.Module):
 
     def forward(self, tok: dict[str, torch.Tensor], average_plddt, per_res_plddt) -> torch.Tensor:
         x = self.sequence(tok["sequence"]) + self.structure(tok["structure"])
-        x = x + self.average_plddt(plddt_rbf(average_plddt)).expand_as(x)
-        x = x + self.per_res_plddt(plddt_rbf(per_res_plddt))
+        # the RBFs in the tables' dtype: BF16 where FSDP's mixed precision casts the weights
+        x = x + self.average_plddt(plddt_rbf(average_plddt).to(x.dtype)).expand_as(x)
+        x = x + self.per_res_plddt(plddt_rbf(per_res_plddt).to(x.dtype))
         x = x + self.ss8(tok["ss8"]) + self.sasa(tok["sasa"])
         slots = tok["function"].unbind(-1)
         x = x + torch.cat([emb(s) for emb, s in zip(self.function, slots, strict=True)], -1)

@@ -69,6 +69,13 @@ def geometric_bias(
     return bias[:, None]
 
 
+def _linear_in(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer` applied in x's dtype: FSDP's mixed precision hands the module BF16 weights,
+    while geometric attention computes in float32 (or float64)."""
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return F.linear(x, layer.weight.to(x.dtype), bias)
+
+
 class GeometricAttention(nn.Module):
     """Pre-LN geometric self-attention; (B, T, d) -> (B, T, d). Runs in float32 (float64
     when given float64).
@@ -106,7 +113,7 @@ class GeometricAttention(nn.Module):
         dtype = torch.promote_types(x.dtype, torch.float32)
         rot, trans = rot.to(dtype), trans.to(dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            vec = self.proj(self.norm(x).to(dtype)).view(B, T, 5 * H, 3)
+            vec = _linear_in(self.proj, self.norm(x).to(dtype)).view(B, T, 5 * H, 3)
             glob = torch.einsum("btij,bthj->bthi", rot, vec)  # local -> global: R v
             q_rot, k_rot, val, q_dist, k_dist = glob.split(H, dim=2)  # each (B, T, H, 3)
             q_dist = q_dist + trans[:, :, None]
@@ -124,5 +131,5 @@ class GeometricAttention(nn.Module):
             local = torch.einsum("btji,bhtj->bthi", rot, agg)  # global -> query's frame
             if self.zero_frameless:
                 local = local.masked_fill(~present[:, :, None, None], 0.0)
-            out = self.out(local.reshape(B, T, H * 3))
+            out = _linear_in(self.out, local.reshape(B, T, H * 3))
         return out.to(x.dtype)
