@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="folder of wheels to put on sys.path first (make gpu-wheels)")  # fmt: skip
     p.add_argument("--budget", type=float, default=300.0,
                    help="seconds for all rows; rows that would start later are skipped")  # fmt: skip
-    p.add_argument("--batch", type=int, default=2, help="rows of 2048 tokens per 1.4B step")
+    p.add_argument("--batch", type=int, default=0,
+                   help="rows of 2048 tokens per 1.4B step (0: 2 on >= 120 GiB GPUs, else 1)")  # fmt: skip
     p.add_argument("--steps", type=int, default=20, help="timed steps per throughput row")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --tiny)")
     p.add_argument("--tiny", action="store_true", help="tiny models: the code paths on a CPU")

@@ -56,7 +56,17 @@ class Setup:
             tiny_cfg = preset("tiny", context_length=64)
             return cls(device, tiny_cfg, (2, 32), tiny_cfg, (2, 64), 1, 2)
         big = preset("esm3_1.4b")
+        batch = batch if batch > 0 else auto_batch(device)
         return cls(device, small, (2, 256), big, (batch, big.context_length), 3, steps)
+
+
+def auto_batch(device: torch.device) -> int:
+    """Rows of 2048 per 1.4B step: the first block's geometric attention keeps about 18 GB
+    per row for backward (256 heads x 2048^2 float32 scores, ~4 tensors), the model's
+    states ~22 GB and the other blocks' activations ~8 GB per row: 2 rows fit 141 GB (H200),
+    1 row 80 GB (H100)."""
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+    return 2 if total >= 120 * 2**30 else 1
 
 
 # --- inputs, models, comparisons --------------------------------------------------------
