@@ -151,7 +151,7 @@ def describe(device: torch.device, wheels: list[str]) -> dict[str, str]:
         cap = torch.cuda.get_device_capability(device)
         meta["device"] = f"{torch.cuda.get_device_name(device)} (sm {cap[0]}.{cap[1]})"
         meta["cuda"] = str(torch.version.cuda)
-    meta["wheels"] = ", ".join(wheels) or "none"
+    meta["wheels"] = ", ".join("-".join(w.split("-")[:2]) for w in wheels) or "none"
     for name in ("torchao", "transformer_engine", "xformers"):
         meta[name] = "installed" if importlib.util.find_spec(name) else "not installed"
     return meta

@@ -28,7 +28,7 @@ def _model() -> ESM3:
     return ESM3(preset("tiny", d_model=128, n_layers=2, geom_heads=4), device="cpu")
 
 
-def _batch(B=2, T=32):
+def _batch(B=1, T=16):  # small: torch._scaled_mm on a CPU is a slow reference
     g = torch.Generator().manual_seed(0)
     seq = torch.randint(5, 25, (B, T), generator=g)
     coords = torch.randn(B, T, 3, 3, generator=g) * 10
@@ -96,3 +96,22 @@ def test_fp8_on_the_vqvae_is_a_config_error():
     vq = Path(__file__).resolve().parents[2] / "jobs/configs/train/vqvae_stage1.toml"
     with pytest.raises(ConfigError, match=r"parallel.fp8': FP8 is for the ESM3 transformer"):
         load_config(vq, ["parallel.fp8=true"])
+
+
+@pytest.mark.skipif(not HAS_TORCHAO, reason="torchao not installed (pip install torchao==0.17.0)")
+def test_parallelize_composes_float8_checkpointing_and_fsdp(process_group, monkeypatch):
+    """parallelize's order on CUDA (float8, then checkpointing, then fully_shard), run on
+    the CPU with the device check lifted; two training steps stay finite."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    monkeypatch.setattr(float8, "require", lambda device: None)
+    cfg = ParallelConfig(precision="bf16", fp8=True, activation_checkpointing=True)
+    m, _ = parallelize(_model(), cfg, torch.device("cpu"))
+    assert sum(isinstance(x, Float8Linear) for x in m.modules()) == 8
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    for _ in range(2):
+        loss = m(**_batch()).logits["sequence"].float().logsumexp(-1).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert torch.isfinite(loss)
