@@ -135,6 +135,8 @@ def process_group(device: torch.device) -> Iterator[None]:
 
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        # one rank talks to no one: NCCL's bootstrap needs only the loopback interface
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
@@ -163,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"gpu-check skipped: no CUDA device here (torch {torch.__version__})")
         return 0
+    if device.type == "cuda" and device.index is None:  # torch.cuda.set_device needs one
+        device = torch.device("cuda", torch.cuda.current_device())
     start = time.monotonic()
     # torchao's float8 training needs none of its compiled kernels (built for one CUDA)
     os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")

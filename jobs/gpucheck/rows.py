@@ -1,6 +1,6 @@
-"""The checks, one function per row. Each returns (result, numbers) or raises: Unavailable
-(the backend is not here: a row "unavailable: <reason>"), Mismatch (outside tolerance) or
-anything else (a row "FAIL: <error>")."""
+"""The checks, one function per row. Each returns its result (text; the throughput row also
+its numbers) or raises: Unavailable (the backend is not here: a row "unavailable:
+<reason>"), Mismatch (outside tolerance: "FAIL: ...") or anything else ("FAIL: <error>")."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import copy
 import importlib.util
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,6 @@ class Setup:
     big_batch: tuple[int, int]
     warmup: int
     steps: int
-    extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def for_device(cls, device: torch.device, *, tiny: bool, batch: int, steps: int) -> Setup:
