@@ -7,13 +7,13 @@ with one line where there is no CUDA device.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-@contextmanager
+@contextlib.contextmanager
 def alarm(seconds: float) -> Iterator[None]:
     """Raise RowTimeout in this (main) thread after `seconds`, between Python operations."""
 
@@ -65,10 +65,12 @@ def one_line(e: BaseException) -> str:
 
 
 def free_memory(device: torch.device) -> None:
+    """Release what the last row held; a CUDA error here is the row's, already reported."""
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
+        with contextlib.suppress(RuntimeError):
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
 
 
 def run_row(name: str, fn: Callable[[float], Row], deadline: float, cap: float,
@@ -128,7 +130,7 @@ def plan(setup) -> list[tuple[str, float, Callable[[float], Row]]]:
     ]  # fmt: skip
 
 
-@contextmanager
+@contextlib.contextmanager
 def process_group(device: torch.device) -> Iterator[None]:
     """A one-rank process group (NCCL on CUDA, gloo on CPU) for FSDP2; no network needed."""
     import torch.distributed as dist
