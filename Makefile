@@ -16,7 +16,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 export ESM3_WORKSPACE ?= $(abspath $(WORKSPACE))
 
 .PHONY: help setup tools demo test lint format bench submit-preprocess submit-train \
-        dashboard sql slurm-up slurm-down clean
+        dashboard sql slurm-up slurm-down clean gpu-wheels gpu-check
 
 help:  ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /\1\t/' | column -t -s $$'\t'
@@ -81,6 +81,23 @@ dashboard: setup  ## Streamlit dashboard on the workspace (localhost)
 
 sql: setup  ## read-only SQL: make sql Q="SELECT ..." [FORMAT=csv|json]
 	@$(ESM3) sql --format $(FORMAT) "$(Q)"
+
+# The GPU check runs in any Python with a CUDA torch, numpy and pyarrow: the venv where
+# one exists, else the machine's own python3 (no `make setup` needed).
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+GPU_WHEELS ?= gpu-wheels
+GPU_CHECK_OUT ?= artifacts/gpu-check.md
+# torchao's float8 training (the FP8 backend beside TransformerEngine); 0.17.0 is the
+# release made for torch 2.11 and accepts newer torch
+TORCHAO_SPEC ?= torchao==0.17.0
+
+gpu-wheels:  ## download the wheels gpu-check needs on a machine without network (into gpu-wheels/)
+	$(GPU_PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+	  --platform manylinux_2_17_x86_64 -d $(GPU_WHEELS) "$(TORCHAO_SPEC)"
+
+gpu-check:  ## the GPU path in one bounded run (<= 6 min): one table; skips where there is no CUDA
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m jobs.gpucheck --wheels $(GPU_WHEELS) --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

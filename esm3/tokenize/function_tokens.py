@@ -21,11 +21,12 @@ import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-import scipy.sparse as sp
 
+if TYPE_CHECKING:  # pandas and scipy load on use: the model's constants need neither
+    import scipy.sparse as sp
 from esm3.tokenize.specials import NONE, PAD, UNK
 
 FUNCTION_DEPTH = 8  # tokens per residue = LSH tables
@@ -131,6 +132,8 @@ def read_idf(path: Path, n_keywords: int, keywords_path: Path | str = "") -> np.
 def read_interpro2keywords(path: Path) -> tuple[list[str], list[str]]:
     """(InterPro ids, their comma-joined keywords) in file order. esm's own file has rows
     without keywords (esm fails on them); here such an entry hashes to UNK."""
+    import pandas as pd
+
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, ValueError) as e:
@@ -170,6 +173,8 @@ def read_hyperplanes(path: Path, n_keywords: int) -> np.ndarray:
 
 def _tfidf_rows(rows: np.ndarray, cols: np.ndarray, idf: np.ndarray, shape) -> sp.csr_matrix:
     """Sublinear TF-IDF rows, L2-normalised, from (row, keyword) occurrences."""
+    import scipy.sparse as sp
+
     m = sp.coo_matrix((np.ones(rows.size), (rows, cols)), shape=shape).tocsr()
     m.sum_duplicates()  # data = term frequencies
     m.data = (1.0 + np.log(m.data)) * idf[m.indices]
@@ -239,6 +244,8 @@ class FunctionTokenizer:
         files = FunctionFiles(*(folder / n for n in OUR_NAMES))
         files.keywords.write_text("\n".join(self.keywords) + "\n", encoding="utf-8")
         np.save(files.idf, self.idf)
+        import pandas as pd
+
         table = pd.DataFrame({"interpro_id": self.entries, "keywords": self._keyword_text})
         table.to_csv(files.interpro2keywords, index=False)
         np.savez(files.hyperplanes, **{str(t): h for t, h in enumerate(self.hyperplanes)})

@@ -233,7 +233,9 @@ class ParallelConfig:
     # auto: bf16 on CUDA, fp32 on CPU; bf16 asked for on CPU runs the GPU's mixed-precision
     # path (FSDP2 over gloo; for tests: bf16 is slow on most CPUs)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    fp8: bool = False  # TransformerEngine FP8 (needs model.linear = "te", Hopper)
+    # FP8 matmuls on Ada/Hopper: TransformerEngine's with model.linear = "te", torchao's
+    # float8 training (esm3.train.float8) with model.linear = "torch"
+    fp8: bool = False
     activation_checkpointing: bool = False  # per transformer block
     reshard_after_forward: bool = True
     peak_tflops: float = 0.0  # per device, for MFU; 0: from the device name (CUDA only)
@@ -298,7 +300,8 @@ class TrainConfig:
         the VQ-VAE's config for a VQ-VAE preset."""
         if self.model.is_vqvae:
             return self.model.build_vqvae()
-        return self.model.build(fp8=self.parallel.fp8, tracks=self.tasks.track_sizes())
+        te_fp8 = self.parallel.fp8 and self.model.linear == "te"  # torchao's: parallelize
+        return self.model.build(fp8=te_fp8, tracks=self.tasks.track_sizes())
 
     def stage_at(self, step: int) -> tuple[int, StageConfig]:
         """(index, stage) that training step `step` (0-based) belongs to; the last stage
@@ -327,8 +330,9 @@ class TrainConfig:
         if unknown_holdout:
             raise _bad("validation.holdout", f"names dataset(s) {sorted(unknown_holdout)} not "
                        "in data.datasets")  # fmt: skip
-        if self.parallel.fp8 and self.model.linear != "te":
-            raise _bad("parallel.fp8", "FP8 needs model.linear = 'te' (TransformerEngine)")
+        if self.parallel.fp8 and self.model.is_vqvae:
+            raise _bad("parallel.fp8", "FP8 is for the ESM3 transformer, not the VQ-VAE; "
+                       "set parallel.fp8 = false")  # fmt: skip
         _at_least("parallel.peak_tflops", self.parallel.peak_tflops, 0)
         _at_least("parallel.threads", self.parallel.threads, 0)
         for key, w in self.model.loss_weights.items():

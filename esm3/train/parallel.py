@@ -52,12 +52,19 @@ def parallelize(
     *,
     distributed: bool = True,
 ) -> tuple[nn.Module, str]:
-    """Apply activation checkpointing (by config) and FSDP2 per block and at the root.
+    """Apply FP8 via torchao (`esm3.train.float8`, by config), activation checkpointing (by
+    config) and FSDP2 per block and at the root.
 
     `model` must already be on `device`. Returns (model, precision). With
     `distributed=False` (no process group) only activation checkpointing is applied.
     """
     precision = resolve_precision(cfg, device)
+    if cfg.fp8:  # before checkpointing and sharding wrap the blocks (torchtitan's order)
+        from esm3.train import float8
+
+        converted, skipped = float8.apply(model, device)
+        if converted or skipped:
+            log.info("FP8 (torchao): %d linear layers converted, %d skipped", converted, skipped)
     if cfg.activation_checkpointing:
         n = apply_activation_checkpointing(model)
         log.info("activation checkpointing on %d blocks", n)
