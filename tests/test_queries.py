@@ -503,3 +503,22 @@ def test_a_live_writer_merges_its_own_files_and_the_pages_see_every_row(tmp_path
             s = Q.series(r, ["a", "b"], ["loss"], max_points=1000)
         assert s.groupby("run_id")["n"].sum().to_dict() == {"a": 110, "b": 11}
         assert int(s["nonfinite"].sum()) == 1
+
+
+def test_the_benchmark_lake_answers_alike_fast_and_plain(tmp_path):
+    """The dashboard benchmark's lake (compacted attempts with summaries, live runs whose
+    second attempt recomputes compacted steps): fast and plain queries agree, and every
+    page's queries run under the limits."""
+    from jobs.bench import bench_dashboard as B
+
+    ws = tmp_path / "ws"
+    ids = B.make_lake(ws, 60_000, 3)
+    assert any((ws / "lake" / "_summaries").rglob("*.parquet"))
+    fast, plain = _both(ws)
+    _same(fast, plain)
+    assert fast[0].set_index("run_id")["rows"].to_dict() == {i: 20_000 for i in ids}
+    Q.clear_caches()
+    with Q.LakeReader(ws, limits=Q.Limits.from_env({})) as r:
+        for fn in B._pages(ids).values():
+            fn(r)
+    Q.clear_caches()
