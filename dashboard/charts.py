@@ -48,6 +48,27 @@ TRACK_TITLES = {
     "loss_residue": "residue annotations",
 }
 HEIGHT = 260
+
+# Axis formats (d3-format). Every quantitative axis names one (tests/test_dashboard_charts.py
+# checks), so no axis prints Vega's default "100.000000" or a fractional count.
+STEP_FORMAT = "~s"  # steps and other large counts: SI suffixes, 250k, 1.2M
+COUNT_FORMAT = ",d"  # small counts: integers only (with tickMinStep=1)
+PERCENT_FORMAT = ".0%"  # fractions in [0, 1]
+NUMBER_FORMAT = "~g"  # losses, norms, logits, rates: shortest form, 2.5, 0.0004, 1e-7
+SCALED_FORMAT = ",~g"  # values already in a unit of the title (billions, millions)
+
+
+def axis(fmt: str, **kw) -> alt.Axis:
+    """An axis with a d3 format; counts (integer formats) never get fractional ticks."""
+    if fmt in (COUNT_FORMAT, STEP_FORMAT, "d"):
+        kw.setdefault("tickMinStep", 1)
+    return alt.Axis(format=fmt, **kw)
+
+
+def step_x(**kw) -> alt.X:
+    return alt.X("step:Q", title="step", axis=axis(STEP_FORMAT), **kw)
+
+
 RUN_SCALE = alt.Scale(
     range=["#1f77b4", "#2ca02c", "#17becf", "#8c564b", "#bcbd22", "#aec7e8", "#98df8a", "#6b6ecf"]
 )
@@ -92,7 +113,7 @@ def _event_rules(events: pd.DataFrame | None, legend: bool = True) -> alt.Chart 
         alt.Chart(ev)
         .mark_rule(strokeDash=[4, 3], strokeWidth=1.5, opacity=0.85)
         .encode(
-            x=alt.X("step:Q"),
+            x=step_x(),
             # explicit pixel extent: a rule with no y breaks the layout on a log y scale
             y=alt.value(0),
             y2=alt.value("height"),
@@ -162,14 +183,15 @@ def loss_facets(
     the EMA (solid), stage boundaries (dashed rules), validation losses (diamonds)."""
     scale = alt.Scale(type="log" if log_y else "linear", zero=False)
     y_title = "loss (nats/token)"
-    x = alt.X("step:Q", title="step")
+    x = step_x()
+    y_axis = axis(NUMBER_FORMAT)
     color = alt.Color("run_id:N", title="run", scale=RUN_SCALE)
     curve = alt.Chart().transform_filter(alt.datum.layer == "curve")
     # the EMA goes first so the run legend draws line symbols; the faint layers add none
     layers = [
         curve.mark_line(strokeWidth=2).encode(
             x=x,
-            y=alt.Y("smoothed:Q", scale=scale, title=y_title),
+            y=alt.Y("smoothed:Q", scale=scale, title=y_title, axis=y_axis),
             color=alt.Color(
                 "run_id:N", title="run", scale=RUN_SCALE, legend=alt.Legend(symbolType="stroke")
             ),
@@ -186,12 +208,15 @@ def loss_facets(
         faint = alt.Color("run_id:N", scale=RUN_SCALE, legend=None)
         layers.append(
             curve.mark_line(opacity=0.3, strokeWidth=1).encode(
-                x=x, y=alt.Y("raw:Q", scale=scale, title=y_title), color=faint
+                x=x, y=alt.Y("raw:Q", scale=scale, title=y_title, axis=y_axis), color=faint
             )
         )
         layers.append(
             curve.mark_area(opacity=0.1).encode(
-                x=x, y=alt.Y("lo:Q", scale=scale, title=y_title), y2="hi:Q", color=faint
+                x=x,
+                y=alt.Y("lo:Q", scale=scale, title=y_title, axis=y_axis),
+                y2="hi:Q",
+                color=faint,
             )
         )
     if (long["layer"] == "stage").any():
@@ -200,7 +225,7 @@ def loss_facets(
             .transform_filter(alt.datum.layer == "stage")
             .mark_rule(strokeDash=[6, 4], color="#555", strokeWidth=1.5)
             .encode(
-                x="step:Q",
+                x=x,
                 y=alt.value(0),
                 y2=alt.value("height"),
                 tooltip=["run_id:N", "step:Q", "message:N"],
@@ -212,8 +237,8 @@ def loss_facets(
             .transform_filter(alt.datum.layer == "validation")
             .mark_point(shape="diamond", size=70, filled=True, opacity=1)
             .encode(
-                x="step:Q",
-                y=alt.Y("value:Q", scale=scale),
+                x=x,
+                y=alt.Y("value:Q", scale=scale, title=y_title, axis=y_axis),
                 color=color,
                 tooltip=[
                     "run_id:N",
@@ -256,9 +281,11 @@ def metric_chart(
     events: pd.DataFrame | None = None,
     event_legend: bool = False,
     band: bool = True,
+    y_format: str = NUMBER_FORMAT,
 ) -> alt.LayerChart:
     """A downsampled per-run curve with optional min-max band, a horizontal threshold and
-    event rules. `agg`: 'mean' plots `column`, 'max' plots `column`_max."""
+    event rules. `agg`: 'mean' plots `column`, 'max' plots `column`_max. `y_format`: the
+    y axis's d3 format (PERCENT_FORMAT for a fraction)."""
     y_col = column if agg == "mean" else f"{column}_{agg}"
     df = curves.replace([np.inf, -np.inf], np.nan)
     if log_y:  # a log axis cannot show zeros
@@ -266,7 +293,8 @@ def metric_chart(
             if c in df:
                 df[c] = df[c].where(df[c] > 0)
     scale = alt.Scale(type="log" if log_y else "linear", zero=False)
-    x = alt.X("step:Q", title="step")
+    x = step_x()
+    y_axis = axis(y_format)
     color = alt.Color(
         "run_id:N", title="run", scale=RUN_SCALE, legend=alt.Legend(symbolType="stroke")
     )
@@ -277,9 +305,17 @@ def metric_chart(
         .mark_line(strokeWidth=1.6)
         .encode(
             x=x,
-            y=alt.Y(f"{y_col}:Q", scale=scale, title=y_title),
+            y=alt.Y(f"{y_col}:Q", scale=scale, title=y_title, axis=y_axis),
             color=color,
-            tooltip=["run_id:N", "step:Q", alt.Tooltip(f"{y_col}:Q", format=".4g", title=y_title)],
+            tooltip=[
+                "run_id:N",
+                alt.Tooltip("step:Q", format=","),
+                alt.Tooltip(
+                    f"{y_col}:Q",
+                    format=".2%" if y_format == PERCENT_FORMAT else ".4g",
+                    title=y_title,
+                ),
+            ],
         )
     )
     if band and f"{column}_min" in df and f"{column}_max" in df:
@@ -288,7 +324,7 @@ def metric_chart(
             .mark_area(opacity=0.15)
             .encode(
                 x=x,
-                y=alt.Y(f"{column}_min:Q", scale=scale, title=y_title),
+                y=alt.Y(f"{column}_min:Q", scale=scale, title=y_title, axis=y_axis),
                 y2=f"{column}_max:Q",
                 color=alt.Color("run_id:N", scale=RUN_SCALE, legend=None),
             )
@@ -298,12 +334,16 @@ def metric_chart(
         layers.append(
             alt.Chart(t)
             .mark_rule(color="#d62728", strokeWidth=2, strokeDash=[6, 3])
-            .encode(y="y:Q")
+            .encode(y=alt.Y("y:Q", scale=scale, title=y_title, axis=y_axis))
         )
         layers.append(
             alt.Chart(t)
             .mark_text(align="right", baseline="bottom", dx=-4, dy=-3, color="#d62728")
-            .encode(y="y:Q", x=alt.value("width"), text="label:N")
+            .encode(
+                y=alt.Y("y:Q", scale=scale, title=y_title, axis=y_axis),
+                x=alt.value("width"),
+                text="label:N",
+            )
         )
     rules = _event_rules(events, legend=event_legend)
     if rules is not None:
@@ -323,8 +363,8 @@ def count_bars(curves: pd.DataFrame) -> alt.Chart:
         alt.Chart(long)
         .mark_bar(size=5)
         .encode(
-            x=alt.X("step:Q", title="step", scale=alt.Scale(domain=[lo, hi])),
-            y=alt.Y("sum(value):Q", title="steps", axis=alt.Axis(tickMinStep=1)),
+            x=step_x(scale=alt.Scale(domain=[lo, hi])),
+            y=alt.Y("sum(value):Q", title="steps", axis=axis(COUNT_FORMAT)),
             color=alt.Color(
                 "what:N",
                 title="",
@@ -346,7 +386,7 @@ def type_bars(df: pd.DataFrame, value: str, title: str, x_title: str) -> alt.Cha
         .mark_bar()
         .encode(
             y=alt.Y("dataset:N", sort="-x", title=None),
-            x=alt.X(f"{value}:Q", title=x_title),
+            x=alt.X(f"{value}:Q", title=x_title, axis=axis(SCALED_FORMAT)),
             color=alt.Color(
                 "type:N",
                 title="type",
@@ -366,9 +406,13 @@ def seen_vs_unique(curves: pd.DataFrame, points: pd.DataFrame) -> alt.LayerChart
         "tokens_drawn:Q",
         title="tokens drawn from the dataset (billions)",
         scale=alt.Scale(type="log"),
+        axis=axis(SCALED_FORMAT),
     )
     y = alt.Y(
-        "unique_tokens:Q", title="expected unique tokens (billions)", scale=alt.Scale(type="log")
+        "unique_tokens:Q",
+        title="expected unique tokens (billions)",
+        scale=alt.Scale(type="log"),
+        axis=axis(SCALED_FORMAT),
     )
     color = alt.Color("dataset:N", title="dataset")
     line = alt.Chart(curves).mark_line().encode(x=x, y=y, color=color)
@@ -376,8 +420,8 @@ def seen_vs_unique(curves: pd.DataFrame, points: pd.DataFrame) -> alt.LayerChart
         alt.Chart(points)
         .mark_point(size=90, filled=True, shape="circle", stroke="black", strokeWidth=1)
         .encode(
-            x=alt.X("tokens_seen:Q"),
-            y="unique_tokens:Q",
+            x=alt.X("tokens_seen:Q", scale=alt.Scale(type="log"), axis=axis(SCALED_FORMAT)),
+            y=y,
             color=color,
             tooltip=[
                 "dataset",
@@ -394,7 +438,12 @@ def seen_vs_unique(curves: pd.DataFrame, points: pd.DataFrame) -> alt.LayerChart
 def seen_bars(df: pd.DataFrame) -> alt.LayerChart:
     """Tokens seen per dataset (dots) against the dataset's size (red ticks), in billions
     on a log axis (a run's first steps draw a tiny fraction of each dataset)."""
-    x = alt.X("tokens_seen:Q", title="tokens (billions, log scale)", scale=alt.Scale(type="log"))
+    x = alt.X(
+        "tokens_seen:Q",
+        title="tokens (billions, log scale)",
+        scale=alt.Scale(type="log"),
+        axis=axis(SCALED_FORMAT),
+    )
     y = alt.Y("dataset:N", title=None, sort="-x")
     tooltip = [
         "dataset:N",
@@ -405,7 +454,7 @@ def seen_bars(df: pd.DataFrame) -> alt.LayerChart:
     rules = (
         alt.Chart(df.dropna(subset=["dataset_tokens"]))
         .mark_rule(color="#bbb")
-        .encode(y=y, x="tokens_seen:Q", x2="dataset_tokens:Q")
+        .encode(y=y, x=x, x2="dataset_tokens:Q")
     )
     dots = (
         alt.Chart(df)
@@ -415,7 +464,16 @@ def seen_bars(df: pd.DataFrame) -> alt.LayerChart:
     ticks = (
         alt.Chart(df.dropna(subset=["dataset_tokens"]))
         .mark_tick(color="#d62728", thickness=3, size=18)
-        .encode(y=y, x="dataset_tokens:Q", tooltip=tooltip)
+        .encode(
+            y=y,
+            x=alt.X(
+                "dataset_tokens:Q",
+                title="tokens (billions, log scale)",
+                scale=alt.Scale(type="log"),
+                axis=axis(SCALED_FORMAT),
+            ),
+            tooltip=tooltip,
+        )
     )
     return alt.layer(rules, dots, ticks).properties(
         title="Tokens seen per dataset (blue) and dataset size (red)", height=alt.Step(28)
@@ -433,7 +491,7 @@ def state_bars(counts: pd.DataFrame) -> alt.Chart:
         .mark_bar()
         .encode(
             y=alt.Y("group:N", title=None, axis=alt.Axis(labelLimit=260)),
-            x=alt.X("sum(tasks):Q", title="tasks (latest attempt)"),
+            x=alt.X("sum(tasks):Q", title="tasks (latest attempt)", axis=axis(COUNT_FORMAT)),
             color=alt.Color(
                 "state:N",
                 title="state",
@@ -452,7 +510,7 @@ def reject_bars(df: pd.DataFrame) -> alt.Chart:
         .mark_bar(color="#d62728")
         .encode(
             y=alt.Y("reason:N", sort="-x", title=None),
-            x=alt.X("records:Q", title="records refused"),
+            x=alt.X("records:Q", title="records refused", axis=axis(COUNT_FORMAT)),
             tooltip=["stage", "reason", "records", "files", "example"],
         )
         .properties(title="Rejected records by reason", height=alt.Step(24))
@@ -466,13 +524,15 @@ def metric_facets(df: pd.DataFrame, columns: int = 3, width: int = 250) -> alt.F
         alt.Chart()
         .mark_line(strokeWidth=1.5)
         .encode(
-            x=alt.X("step:Q", title="step"),
-            y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False)),
+            x=step_x(),
+            y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False), axis=axis(NUMBER_FORMAT)),
             color=alt.Color("run_id:N", title="run", scale=RUN_SCALE),
             tooltip=["metric:N", "run_id:N", "step:Q", alt.Tooltip("value:Q", format=".4g")],
         )
         .properties(width=width, height=150)
     )
-    return alt.layer(chart, data=df).facet(
-        facet=alt.Facet("metric:N", title=None), columns=columns
-    ).resolve_scale(y="independent")
+    return (
+        alt.layer(chart, data=df)
+        .facet(facet=alt.Facet("metric:N", title=None), columns=columns)
+        .resolve_scale(y="independent")
+    )

@@ -67,7 +67,9 @@ class Data:
     @property
     def reader(self) -> queries.LakeReader:
         if self._reader is None:
-            self._reader = queries.LakeReader(self.ws)
+            # the pages' queries run under the same limits as the SQL box (memory,
+            # threads, spill, time; ESM3_SQL_*), so one page cannot take the server down
+            self._reader = queries.LakeReader(self.ws, limits=queries.Limits.from_env())
         return self._reader
 
     def __call__(self, fn: Callable, *args, **kwargs):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -323,3 +326,199 @@ def test_model_metrics_reads_the_json_column_bucketed(tmp_path):
     assert ppl["step"].tolist() == [1, 3, 5, 7, 9] and (ppl["width"] == 2).all()
     assert ppl["value"].tolist() == pytest.approx([1.5, 3.5, 5.5, 7.5, 9.5])
     assert df[df["metric"] == "codes_used"]["value"].isna().all()
+
+
+# -- summaries written at compaction: the fast path answers as the plain queries ------------
+
+
+def _step_rows(run_id: str, steps, attempt: int, seed: int, *, nan_at=(), skip_at=()) -> list:
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in steps:
+        loss = float("nan") if s in nan_at else float(rng.normal(3, 0.1))
+        out.append(
+            {"run_id": run_id, "step": int(s), "attempt": attempt, "loss": loss}
+            | {"tokens_seen": int((s + 1) * 100 + attempt), "skipped": s in skip_at}
+            | {"tokens_by_dataset": json.dumps({"UniRef": (s + 1) * 60 + attempt, "PDB": s})}
+        )
+    return out
+
+
+def _both(ws: Path):
+    """(fast, plain) answers of the summary-backed queries, each from a cold process."""
+    out = []
+    for plain in (False, True):
+        Q.clear_caches()
+        ctx = Q.plain_queries() if plain else contextlib.nullcontext()
+        with ctx, Q.LakeReader(ws) as r:
+            ids = Q.run_ids_with_steps(r)
+            out.append(
+                (
+                    Q.steps_by_run(r).drop(
+                        columns=["tokens_by_dataset", "last_file"], errors="ignore"
+                    ),
+                    Q.runs_overview(r).drop(columns="alerts"),
+                    ids,
+                    Q.tokens_seen(r, ids),
+                )
+            )
+    Q.clear_caches()
+    return out
+
+
+def _same(fast, plain) -> None:
+    for a, b in zip(fast, plain, strict=True):
+        if isinstance(a, list):
+            assert a == b
+            continue
+        a = a.sort_values(list(a.columns[:2])).reset_index(drop=True)
+        b = b.sort_values(list(b.columns[:2])).reset_index(drop=True)
+        assert list(a.columns) == list(b.columns)
+        pd.testing.assert_frame_equal(a, b, check_dtype=False)
+
+
+def test_compaction_summaries_answer_as_the_raw_rows(tmp_path):
+    """Runs compacted (with summaries), then a rollback that recomputes compacted steps and
+    files flushed after the last compaction: the summary-backed queries give what the plain
+    queries give over every raw row, and they do read the summaries."""
+    from esm3.metrics.lake import compact
+    from esm3.metrics.summaries import summary_path
+
+    ws = tmp_path / "ws"
+    ensure_lake(ws)
+    for i in range(4):  # run a: 4 flushes of attempt 0, one with a NaN loss and a skip
+        write_rows(
+            ws,
+            "train_steps",
+            _step_rows("a", range(i * 50, i * 50 + 50), 0, i, nan_at={70}, skip_at={71}),
+        )
+    for i in range(3):  # run b: finished, compacted
+        write_rows(ws, "train_steps", _step_rows("b", range(i * 40, i * 40 + 40), 0, 10 + i))
+    write_rows(ws, "runs", [{"run_id": "a", "token_budget": 10**6}, {"run_id": "b"}])
+    assert compact(ws, "train_steps", run_id="a", min_files=2) == 4
+    assert compact(ws, "train_steps", run_id="b", min_files=2) == 3
+    files = sorted((ws / "lake" / "train_steps").rglob("part-*.parquet"))
+    assert len(files) == 2 and all(summary_path(ws, f).is_file() for f in files)
+    _same(*_both(ws))
+
+    # attempt 1 of run a recomputes steps 180..199 (compacted) and logs on: not compacted yet
+    write_rows(ws, "train_steps", _step_rows("a", range(180, 230), 1, 99))
+    write_rows(ws, "train_steps", _step_rows("a", range(230, 240), 1, 98, nan_at={235}))
+    # a run with no compaction at all
+    write_rows(ws, "train_steps", _step_rows("c", range(0, 7), 0, 5))
+    fast, plain = _both(ws)
+    _same(fast, plain)
+    by = fast[0].set_index("run_id")
+    assert by.loc["a", "rows"] == 200 + 60 and by.loc["a", "last_step"] == 239
+    assert by.loc["a", "nonfinite_rows"] == 2 and by.loc["a", "skipped_rows"] == 1
+    assert set(fast[3]["step"]) == {239, 119, 6}  # tokens seen at each run's last step
+    seen = fast[3].set_index(["run_id", "dataset"])["tokens_seen"]
+    assert seen[("a", "UniRef")] == 240 * 60 + 1
+
+    # the summaries are what the fast path reads: a planted (wrong) one shows through ...
+    s = summary_path(ws, files[0])
+    t = pq.read_table(s)
+    planted = t.set_column(t.schema.get_field_index("rows"), "rows", pa.array([1], pa.int64()))
+    pq.write_table(planted, s)
+    Q.clear_caches()
+    with Q.LakeReader(ws) as r:
+        rid = t.column("run_id")[0].as_py()
+        assert (
+            Q.steps_by_run(r).set_index("run_id").loc[rid, "rows"]
+            != plain[0].set_index("run_id").loc[rid, "rows"]
+        )
+    # ... unless it was made from a file of another size, or cannot be read: rows decide
+    wrong = planted.set_column(
+        planted.schema.get_field_index("file_size"), "file_size", pa.array([1], pa.int64())
+    )
+    pq.write_table(wrong, s)
+    _same(*_both(ws))
+    s.write_bytes(b"not parquet")
+    _same(*_both(ws))
+    s.unlink()
+    _same(*_both(ws))
+
+
+def test_compaction_removes_the_merged_parts_summaries(tmp_path):
+    from esm3.metrics.lake import compact
+    from esm3.metrics.summaries import SUMMARY_DIR
+
+    ws = tmp_path / "ws"
+    ensure_lake(ws)
+    for i in range(3):
+        write_rows(ws, "train_steps", _step_rows("a", range(i * 10, i * 10 + 10), 0, i))
+    compact(ws, "train_steps", run_id="a", min_files=2)
+    write_rows(ws, "train_steps", _step_rows("a", range(30, 40), 0, 7))
+    compact(ws, "train_steps", run_id="a", min_files=2)  # the merged file is merged again
+    summaries = sorted((ws / "lake" / SUMMARY_DIR).rglob("*.parquet"))
+    data = sorted((ws / "lake" / "train_steps").rglob("part-*.parquet"))
+    assert [s.name for s in summaries] == [d.name for d in data] and len(data) == 1
+    with Q.LakeReader(ws) as r:
+        assert Q.steps_by_run(r)["rows"].tolist() == [40]
+
+
+def test_page_queries_run_under_the_limits(seeded):
+    """A reader with limits runs the pages' queries in a database with that memory limit
+    and thread count, and stops a query at the timeout."""
+    ws, _ = seeded
+    limits = Q.Limits(memory="300MB", threads=1, timeout_s=0.05)
+    Q.clear_caches()
+    with Q.LakeReader(ws, limits=limits) as r:
+        got = r.sql(
+            "SELECT current_setting('memory_limit') AS m, current_setting('threads') AS t"
+        ).iloc[0]
+        assert got["t"] == 1 and got["m"].replace(" ", "").upper() in (
+            "286.1MIB",
+            "300MB",
+            "286MIB",
+        )
+        assert not Q.runs_overview(r).empty
+        with pytest.raises(Q.SqlStopped, match="stopped after"):
+            r.sql("SELECT count(*) FROM range(100000000000) a")
+    Q.clear_caches()
+
+
+def test_a_live_writer_merges_its_own_files_and_the_pages_see_every_row(tmp_path):
+    """`LakeWriter(compact_every=k)`: every k flushes its files in a run folder are merged
+    into one (with a summary); the tail since stays as flushed; the summary-backed queries
+    and the series answer as over the raw rows, and no row is lost or doubled."""
+    from esm3.metrics.lake import LakeWriter
+    from esm3.metrics.summaries import summary_path
+
+    ws = tmp_path / "ws"
+    ensure_lake(ws)
+    with LakeWriter(ws, "train_steps", background=False, compact_every=4) as w:
+        for i in range(11):  # 11 flushes: two merges of 4, a tail of 3 (then closed: 1 more)
+            for row in _step_rows("a", range(i * 10, i * 10 + 10), 0, i, nan_at={33}):
+                w.add(row)
+            w.add(_step_rows("b", [i], 0, 50 + i)[0])  # a second run in the same flushes
+            w.flush()
+        folder = ws / "lake" / "train_steps" / "run_id=a"
+        files = sorted(folder.glob("part-*.parquet"))
+        merged = [f for f in files if summary_path(ws, f).is_file()]
+        assert len(files) == 2 + 3 and len(merged) == 2
+        assert sum(pq.read_metadata(f).num_rows for f in merged) == 80
+        _same(*_both(ws))
+        with Q.LakeReader(ws) as r:
+            s = Q.series(r, ["a", "b"], ["loss"], max_points=1000)
+        assert s.groupby("run_id")["n"].sum().to_dict() == {"a": 110, "b": 11}
+        assert int(s["nonfinite"].sum()) == 1
+
+
+def test_the_benchmark_lake_answers_alike_fast_and_plain(tmp_path):
+    """The dashboard benchmark's lake (compacted attempts with summaries, live runs whose
+    second attempt recomputes compacted steps): fast and plain queries agree, and every
+    page's queries run under the limits."""
+    from jobs.bench import bench_dashboard as B
+
+    ws = tmp_path / "ws"
+    ids = B.make_lake(ws, 60_000, 3)
+    assert any((ws / "lake" / "_summaries").rglob("*.parquet"))
+    fast, plain = _both(ws)
+    _same(fast, plain)
+    assert fast[0].set_index("run_id")["rows"].to_dict() == {i: 20_000 for i in ids}
+    Q.clear_caches()
+    with Q.LakeReader(ws, limits=Q.Limits.from_env({})) as r:
+        for fn in B._pages(ids).values():
+            fn(r)
+    Q.clear_caches()

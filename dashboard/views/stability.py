@@ -68,11 +68,12 @@ def curves() -> None:
             )
             g[1].altair_chart(
                 charts.metric_chart(
-                    df.assign(clipped_pct=charts.rolling_fraction(df, "clipped_frac") * 100),
-                    "clipped_pct",
-                    "clipped (%)",
-                    title="Clipped steps (%, rolling mean)",
+                    df.assign(clipped_rate=charts.rolling_fraction(df, "clipped_frac")),
+                    "clipped_rate",
+                    "clipped steps",
+                    title="Clipped steps (rolling mean)",
                     band=False,
+                    y_format=charts.PERCENT_FORMAT,
                     events=marks,
                 ),
                 width="stretch",

@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -100,21 +100,29 @@ def to_arrow(table: str, rows: Iterable[Mapping[str, Any]]) -> pa.Table:
 
 def write_rows(workspace: str | Path, table: str, rows: Iterable[Mapping[str, Any]]) -> Path | None:
     """Write rows as one new Parquet file; returns its path (None when there were no rows)."""
+    paths = _write_rows(workspace, table, rows)
+    return paths[-1] if paths else None
+
+
+def _write_rows(workspace: str | Path, table: str, rows: Iterable[Mapping[str, Any]]) -> list[Path]:
+    """`write_rows`, returning every file written (one per run for partitioned tables)."""
     data = to_arrow(table, rows)
     if data.num_rows == 0:
-        return None
+        return []
     d = table_dir(workspace, table)
     if table in PARTITIONED:
         run_ids = set(data.column("run_id").to_pylist())
         if len(run_ids) != 1:
             # one file per run keeps each run's folder self-contained
-            last = None
-            for rid in sorted(run_ids, key=str):
-                mask = pc.equal(data.column("run_id"), rid)
-                last = _write_part(d / f"run_id={_SAFE.sub('_', str(rid))}", data.filter(mask))
-            return last
+            return [
+                _write_part(
+                    d / f"run_id={_SAFE.sub('_', str(rid))}",
+                    data.filter(pc.equal(data.column("run_id"), rid)),
+                )
+                for rid in sorted(run_ids, key=str)
+            ]
         d = d / f"run_id={_SAFE.sub('_', str(next(iter(run_ids))))}"
-    return _write_part(d, data)
+    return [_write_part(d, data)]
 
 
 def _write_part(d: Path, data: pa.Table) -> Path:
@@ -143,12 +151,17 @@ class LakeWriter:
         flush_rows: int = 10_000,
         flush_seconds: float = 5.0,
         background: bool = True,
+        compact_every: int = 0,
     ) -> None:
         table_dir(workspace, table)  # validates the name
         self.workspace = Path(workspace)
         self.table = table
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
+        # merge this writer's own files every `compact_every` files per folder (0: never),
+        # so a live run's folder holds a few merged files (with summaries) and a short tail
+        self.compact_every = compact_every
+        self._written: dict[Path, list[Path]] = {}
         self._rows: list[Mapping[str, Any]] = []
         self._lock = threading.Lock()  # guards the buffer; held only briefly
         self._write_lock = threading.Lock()  # one flush at a time, so flushes finish in order
@@ -175,7 +188,18 @@ class LakeWriter:
             with self._lock:
                 rows, self._rows = self._rows, []
                 self._last = time.monotonic()
-            return write_rows(self.workspace, self.table, rows) if rows else None
+            paths = _write_rows(self.workspace, self.table, rows) if rows else []
+            if self.compact_every > 1:
+                for p in paths:
+                    mine = self._written.setdefault(p.parent, [])
+                    mine.append(p)
+                    if len(mine) >= self.compact_every:
+                        try:
+                            compact_files(self.workspace, self.table, mine)
+                        except OSError:  # a full disk: the parts stay, as readable
+                            pass
+                        self._written[p.parent] = []
+            return paths[-1] if paths else None
 
     def _tick(self) -> None:
         while not self._stop.wait(min(1.0, self.flush_seconds)):
@@ -231,6 +255,7 @@ def compact(
     The merged file is renamed into place before the parts are removed, so a reader sees
     every row throughout (at worst twice, for an instant; the views de-duplicate steps and
     record versions). Unreadable parts are left alone. Returns the number of parts merged.
+    `train_steps` files get a summary (`esm3.metrics.summaries`) as they are merged.
     """
     root = table_dir(workspace, table)
     if run_id is not None:
@@ -238,22 +263,39 @@ def compact(
     merged = 0
     for d in sorted({p.parent for p in root.rglob("part-*.parquet")}):
         parts = sorted(d.glob("part-*.parquet"))
-        if len(parts) < min_files:
-            continue
-        tables, used = [], []
-        for p in parts:
-            try:
-                tables.append(pq.read_table(p))
-                used.append(p)
-            except Exception:  # corrupt: keep it for a person to look at
-                continue
-        if len(used) < 2:
-            continue
-        data = pa.concat_tables(tables, promote_options="default")
-        _write_part(
-            d, data.cast(TABLES[table]) if data.schema.names == TABLES[table].names else data
-        )
-        for p in used:
-            p.unlink(missing_ok=True)
-        merged += len(used)
+        if len(parts) >= min_files:
+            merged += compact_files(workspace, table, parts)
     return merged
+
+
+def compact_files(workspace: str | Path, table: str, parts: Sequence[Path]) -> int:
+    """Merge `parts` (files of one folder of `table`) into one file, as `compact` does;
+    returns the number merged (0 with fewer than two readable ones)."""
+    from esm3.metrics import summaries  # it imports this module
+
+    tables, used = [], []
+    for p in parts:
+        try:
+            tables.append(pq.read_table(p))
+            used.append(p)
+        except Exception:  # corrupt: keep it for a person to look at
+            continue
+    if len(used) < 2:
+        return 0
+    if len({p.parent for p in used}) != 1:
+        raise ValueError("compact_files merges the files of one folder")
+    data = pa.concat_tables(tables, promote_options="default")
+    out = _write_part(
+        used[0].parent,
+        data.cast(TABLES[table]) if data.schema.names == TABLES[table].names else data,
+    )
+    if table == summaries.SUMMARISED:
+        try:  # without it readers summarise the file from its rows: slower, as right
+            summaries.write_summary(workspace, out)
+        except Exception:  # noqa: BLE001, S110 - a summary is an optimisation only
+            pass
+    for p in used:
+        p.unlink(missing_ok=True)
+        if table == summaries.SUMMARISED:
+            summaries.remove_summary(workspace, p)
+    return len(used)

@@ -6,17 +6,21 @@ in `bad_files`); values always travel as bound parameters. User SQL runs under `
 
 Long curves are downsampled in SQL: `series` buckets each run's steps into at most
 `max_points` buckets (avg/min/max per bucket), so a page ships a few thousand points per
-run whatever the number of `train_steps` rows. Per-run summaries of `train_steps` (last
-step, loss, tokens) are kept per file, so a live page re-reads only the files that landed
-since its last refresh.
+run whatever the number of `train_steps` rows. Per-run summaries of `train_steps` (rows,
+last step, loss, tokens) are combined from per-file summaries: written when a run's files
+are compacted (`esm3.metrics.summaries`), computed from the rows for the files since (the
+live tail), and kept per file in the process, so a live page re-reads only the files that
+landed since its last refresh. `plain_queries()` turns the written summaries off (the
+benchmark's baseline; the tests check both give the same answers).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +28,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from esm3.metrics import summaries
 from esm3.metrics.catalog import SqlRefused
 from esm3.metrics.lake import lake_dir
 from esm3.metrics.reader import (
@@ -60,6 +65,7 @@ __all__ = [
     "run_user_sql",
     "runs_overview",
     "model_metrics",
+    "plain_queries",
     "series",
     "stage_boundaries",
     "steps_by_run",
@@ -130,8 +136,9 @@ def lake_signature(workspace: str | Path, tables: Iterable[str] = TABLES) -> tup
 
 
 # the row that is "last" in a run: highest step, then highest attempt (a recomputed step)
-_LAST_KEY = "coalesce(step, -1) * 4096 + least(coalesce(attempt, 0), 4095)"
-_STEP_SUMMARY = """
+_LAST_KEY = summaries.LAST_KEY
+# today's per-file summary before the persisted ones (kept for `plain_queries`)
+_PLAIN_STEP_SUMMARY = """
     SELECT filename AS file, run_id, count(*) AS rows, max(step) AS last_step,
            max(coalesce(step, -1) * 4096 + least(coalesce(attempt, 0), 4095)) AS last_key,
            arg_max(loss, coalesce(step, -1) * 4096 + least(coalesce(attempt, 0), 4095)) AS last_loss,
@@ -140,22 +147,26 @@ _STEP_SUMMARY = """
            count(*) FILTER (WHERE skipped) AS skipped_rows,
            count(*) FILTER (WHERE NOT isfinite(loss)) AS nonfinite_rows
     FROM read_parquet($files, filename = true, union_by_name = true) GROUP BY ALL"""
-_SUMMARY_COLUMNS = [
-    "run_id",
-    "rows",
-    "last_step",
-    "last_key",
-    "last_loss",
-    "tokens_seen",
-    "last_time",
-    "skipped_rows",
-    "nonfinite_rows",
-]
+_PLAIN_COLUMNS = [c for c in summaries.COLUMNS if c != "tokens_by_dataset"]
 # per-file summaries of train_steps, by file identity: lake files are never rewritten, so a
 # live page re-reads only the files that landed since its last refresh
-_summaries: dict[tuple[str, int, int], pd.DataFrame] = {}
+_summaries: dict[tuple, pd.DataFrame] = {}
 _summaries_lock = threading.Lock()
 _SUMMARY_CACHE_MAX = 500_000
+_fast = True  # False: the queries as they were before the persisted summaries (benchmarks)
+
+
+@contextlib.contextmanager
+def plain_queries() -> Iterator[None]:
+    """Within the block, `steps_by_run` and `tokens_seen` read every `train_steps` row (the
+    queries before per-file summaries were written at compaction): the benchmark's
+    baseline, and the tests' reference for the fast path. Not thread-safe: for one process."""
+    global _fast
+    before, _fast = _fast, False
+    try:
+        yield
+    finally:
+        _fast = before
 
 
 def clear_caches() -> None:
@@ -166,21 +177,70 @@ def clear_caches() -> None:
         _summaries.clear()
 
 
+def _stored_summaries(r: LakeReader, files: list[Path]) -> dict[str, pd.DataFrame]:
+    """The summaries written at compaction for `files` (data file -> rows), where one is
+    there and was made from a file of the data file's present size."""
+    where = {}
+    for p in files:
+        try:
+            s = summaries.summary_path(r.workspace, p)
+        except ValueError:
+            continue
+        if s.is_file():
+            where[str(s)] = p
+    if not where:
+        return {}
+    cur = r.cursor()
+    try:
+        with r.watched(cur):
+            got = cur.execute(
+                "SELECT * FROM read_parquet($files, filename = true, union_by_name = true)",
+                {"files": sorted(where)},
+            ).df()
+    except duckdb.Error:  # an unreadable summary: summarise those files from their rows
+        return {}
+    finally:
+        cur.close()
+    out = {}
+    for name, part in got.groupby("filename", sort=False):
+        p = where[str(name)]
+        ident = identity(p)
+        if ident is None or (part["file_size"] != ident[1]).any():
+            continue
+        out[str(p)] = part[summaries.COLUMNS]
+    return out
+
+
 def steps_by_run(r: LakeReader) -> pd.DataFrame:
     """Per run, from every `train_steps` row: rows, last_step, and at the last step (its
-    latest attempt) last_loss and tokens_seen; last_time, skipped_rows, nonfinite_rows.
-    Files already summarised in this process are not read again."""
+    latest attempt) last_loss, tokens_seen and tokens_by_dataset; last_time, skipped_rows,
+    nonfinite_rows. Each file's figures come from its summary written at compaction
+    (`esm3.metrics.summaries`) or, for the files since, from its rows; files already
+    summarised in this process are not read again."""
+    fast = _fast
+    sql, columns = (
+        (summaries.ROW_SUMMARY, summaries.COLUMNS)
+        if fast
+        else (_PLAIN_STEP_SUMMARY, _PLAIN_COLUMNS)
+    )
     r.connection()  # binding the views finds the files whose footers are unreadable
     files = r.files("train_steps")
-    idents = {str(p): identity(p) for p in files}
+    idents = {str(p): (fast, *ident) for p in files if (ident := identity(p))}
     with _summaries_lock:
-        missing = [p for p in files if idents[str(p)] and idents[str(p)] not in _summaries]
+        missing = [p for p in files if str(p) in idents and idents[str(p)] not in _summaries]
+    if fast and missing:
+        stored = _stored_summaries(r, missing)
+        with _summaries_lock:
+            for p, part in stored.items():
+                _summaries[idents[p]] = part.assign(file=p)
+        missing = [p for p in missing if str(p) not in stored]
     for i in range(0, len(missing), 2000):
         batch = missing[i : i + 2000]
         while batch:
             cur = r.cursor()
             try:
-                got = cur.execute(_STEP_SUMMARY, {"files": [str(p) for p in batch]}).df()
+                with r.watched(cur):
+                    got = cur.execute(sql, {"files": [str(p) for p in batch]}).df()
                 break
             except duckdb.Error as e:
                 if isinstance(e, _NOT_FILE_ERRORS):
@@ -200,13 +260,13 @@ def steps_by_run(r: LakeReader) -> pd.DataFrame:
             for p in batch:
                 part = by_file.get(str(p))
                 _summaries[idents[str(p)]] = (
-                    part[_SUMMARY_COLUMNS] if part is not None else got.iloc[0:0][_SUMMARY_COLUMNS]
-                )
+                    part[columns] if part is not None else got.iloc[0:0][columns]
+                ).assign(file=str(p))
     with _summaries_lock:
-        parts = [_summaries[idents[str(p)]] for p in files if idents[str(p)] in _summaries]
+        parts = [_summaries[idents[str(p)]] for p in files if idents.get(str(p)) in _summaries]
     parts = [p for p in parts if not p.empty]
     if not parts:
-        return pd.DataFrame(columns=[c for c in _SUMMARY_COLUMNS if c != "last_key"])
+        return pd.DataFrame(columns=[c for c in columns if c != "last_key"])
     allp = pd.concat(parts, ignore_index=True)
     last = allp.loc[allp.groupby("run_id")["last_key"].idxmax()].set_index("run_id")
     agg = allp.groupby("run_id").agg(
@@ -216,9 +276,13 @@ def steps_by_run(r: LakeReader) -> pd.DataFrame:
         skipped_rows=("skipped_rows", "sum"),
         nonfinite_rows=("nonfinite_rows", "sum"),
     )
-    for c in ("last_loss", "tokens_seen"):
-        agg[c] = last[c]
-    return agg.reset_index()
+    for c in ("last_loss", "tokens_seen", "tokens_by_dataset"):
+        if c in last:
+            agg[c] = last[c]
+    out = agg.reset_index()
+    if fast:  # the file holding each run's last row (tokens_seen reads it when needed)
+        out["last_file"] = out["run_id"].map(last["file"])
+    return out
 
 
 def runs_overview(r: LakeReader) -> pd.DataFrame:
@@ -345,14 +409,37 @@ def tokens_seen(r: LakeReader, run_ids: Sequence[str]) -> pd.DataFrame:
     cols = ["run_id", "step", "dataset", "tokens_seen"]
     if not run_ids:
         return pd.DataFrame(columns=cols)
-    params: dict = {}
-    ids = _in_list(run_ids, params, "id")
-    raw = r.sql(
-        f"""SELECT run_id, max(step) AS step,
-                  arg_max(tokens_by_dataset, coalesce(step, -1) * 4096 + least(coalesce(attempt, 0), 4095)) AS by_dataset
-           FROM train_steps_all WHERE run_id IN {ids} GROUP BY run_id""",  # noqa: S608 - only $placeholders (_in_list) and train_steps column names
-        params,
-    )
+    if _fast:
+        last = steps_by_run(r)
+        raw = last[last["run_id"].isin([str(x) for x in run_ids])].rename(
+            columns={"last_step": "step", "tokens_by_dataset": "by_dataset"}
+        )
+        unread = raw[raw["by_dataset"].isna()]
+        if not unread.empty:  # last rows in files summarised from their rows: read those
+            params: dict = {"files": sorted(set(unread["last_file"]))}
+            ids = _in_list(list(unread["run_id"]), params, "id")
+            cur = r.cursor()
+            try:
+                with r.watched(cur):
+                    got = cur.execute(
+                        f"""SELECT run_id, arg_max(tokens_by_dataset, {_LAST_KEY}) AS by_dataset
+                            FROM read_parquet($files, union_by_name = true)
+                            WHERE run_id IN {ids} GROUP BY run_id""",  # noqa: S608 - only $placeholders (_in_list) and column names
+                        params,
+                    ).df()
+            except duckdb.Error:  # the file was compacted away meanwhile: read every row
+                got = _plain_tokens_seen(r, list(unread["run_id"]))
+            finally:
+                cur.close()
+            found = dict(zip(got["run_id"], got["by_dataset"], strict=True))
+            raw = raw.assign(
+                by_dataset=[
+                    b if isinstance(b, str) else found.get(rid)
+                    for rid, b in zip(raw["run_id"], raw["by_dataset"], strict=True)
+                ]
+            )
+    else:
+        raw = _plain_tokens_seen(r, run_ids)
     rows = []
     for rec in raw.itertuples():
         try:
@@ -362,6 +449,17 @@ def tokens_seen(r: LakeReader, run_ids: Sequence[str]) -> pd.DataFrame:
         for ds, n in (parsed if isinstance(parsed, dict) else {}).items():
             rows.append((rec.run_id, int(rec.step), str(ds), float(n)))
     return pd.DataFrame(rows, columns=cols)
+
+
+def _plain_tokens_seen(r: LakeReader, run_ids: Sequence[str]) -> pd.DataFrame:
+    params: dict = {}
+    ids = _in_list(run_ids, params, "id")
+    return r.sql(
+        f"""SELECT run_id, max(step) AS step,
+                  arg_max(tokens_by_dataset, coalesce(step, -1) * 4096 + least(coalesce(attempt, 0), 4095)) AS by_dataset
+           FROM train_steps_all WHERE run_id IN {ids} GROUP BY run_id""",  # noqa: S608 - only $placeholders (_in_list) and train_steps column names
+        params,
+    )
 
 
 def expected_unique(n: float | np.ndarray, k: float | np.ndarray) -> np.ndarray:
@@ -457,9 +555,7 @@ def series(
     return df
 
 
-def model_metrics(
-    r: LakeReader, run_ids: Sequence[str], *, max_points: int = 500
-) -> pd.DataFrame:
+def model_metrics(r: LakeReader, run_ids: Sequence[str], *, max_points: int = 500) -> pd.DataFrame:
     """Per-run curves of a model's own per-step values (`train_steps.metrics`, JSON: the
     structure tokenizer's losses and codebook usage), bucketed by step in SQL as `series`:
     one row per (run_id, metric, bucket) with step, width and value (mean of the finite

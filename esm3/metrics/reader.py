@@ -13,17 +13,20 @@ files are reported in `bad_files` (path relative to the workspace -> reason).
 
 User SQL (the dashboard's SQL box, `esm3 sql`) runs in a database of its own with
 `Limits`: memory, threads, spill size in a scratch folder, rows fetched, and a watchdog that
-interrupts the query after `timeout_s` (DuckDB has no statement timeout setting).
+interrupts the query after `timeout_s` (DuckDB has no statement timeout setting). A reader
+given `limits` (the dashboard's pages) runs the suite's own queries under the same memory,
+threads, spill and timeout (not max_rows: those queries bound their own rows).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -175,8 +178,11 @@ class LakeReader:
     read; `bad_paths` has the same by absolute path.
     """
 
-    def __init__(self, workspace: str | Path) -> None:
+    def __init__(self, workspace: str | Path, limits: Limits | None = None) -> None:
         self.workspace = Path(workspace).resolve()
+        # the suite's own queries (the dashboard's pages) under memory, threads, spill and
+        # time limits; max_rows is for user SQL only (a page's queries bound their rows)
+        self.limits = limits
         self.root = lake_dir(self.workspace)
         self.bad_files: dict[str, str] = {}
         self.bad_paths: dict[Path, str] = {}
@@ -290,16 +296,32 @@ class LakeReader:
         """A database of the caller's own (closing it is the caller's), variables set."""
         return self._database()
 
+    def _config(self) -> dict[str, object]:
+        lim = self.limits
+        if lim is None:
+            return {}
+        spill = Path(lim.scratch or tempfile.gettempdir()) / f"esm3-lake-spill-{os.getpid()}"
+        return {
+            "memory_limit": lim.memory,
+            "threads": lim.threads,
+            "temp_directory": str(spill),
+            "max_temp_directory_size": lim.temp,
+        }
+
     def connection(self) -> duckdb.DuckDBPyConnection:
         """A cursor on the workspace's shared database (views bound once per process,
         Parquet footers cached), or a private database while some file is unreadable."""
         with self._lock:
             if self._con is None:
-                key = str(self.workspace)
+                key = (
+                    str(self.workspace)
+                    if self.limits is None
+                    else f"{self.workspace}|{self.limits}"
+                )
                 with _shared_lock:
                     base = _shared.get(key) if not self._listed else None
                     if base is None:
-                        base = self._database()
+                        base = self._database(self._config())
                         if not self._listed:
                             _shared[key] = base
                     if _shared.get(key) is base:
@@ -347,7 +369,8 @@ class LakeReader:
             try:
                 for name, frame in (frames or {}).items():
                     cur.register(name, frame)
-                return cur.execute(sql, params).df()
+                with self.watched(cur):
+                    return cur.execute(sql, params).df()
             except duckdb.Error as e:
                 if isinstance(e, _NOT_FILE_ERRORS):
                     raise
@@ -360,6 +383,34 @@ class LakeReader:
             finally:
                 cur.close()
             self.close()  # rebuild the views without the file just found unreadable
+
+    @contextlib.contextmanager
+    def watched(self, cur: duckdb.DuckDBPyConnection) -> Iterator[None]:
+        """Interrupt what `cur` runs inside the block after the limits' timeout (if any):
+        SqlStopped says so."""
+        if self.limits is None:
+            yield
+            return
+        fired = threading.Event()
+
+        def stop() -> None:
+            fired.set()
+            cur.interrupt()
+
+        watchdog = threading.Timer(self.limits.timeout_s, stop)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            yield
+        except duckdb.InterruptException as e:
+            if not fired.is_set():
+                raise
+            raise SqlStopped(
+                f"query stopped after {self.limits.timeout_s:g} s (the time limit; "
+                "ESM3_SQL_TIMEOUT_S raises it)"
+            ) from e
+        finally:
+            watchdog.cancel()
 
     def user_sql(self, sql: str, limits: Limits | None = None) -> tuple[pd.DataFrame, bool]:
         """Run a user's read-only SQL under `limits`; returns (rows, truncated).

@@ -100,8 +100,10 @@ def train_job(ws: Path, run_id: str, cfg: Any, *, attempt: int = 0) -> dict[str,
     if info.backend == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
     rank0 = info.rank == 0
-    steps_w = LakeWriter(ws, "train_steps", flush_seconds=5.0) if rank0 else None
-    events_w = LakeWriter(ws, "events", flush_seconds=2.0) if rank0 else None
+    # a live attempt's files are merged every 64 flushes (with summaries), so a page reads
+    # a few merged files and a short tail, not one file per 5 s of training
+    steps_w = LakeWriter(ws, "train_steps", flush_seconds=5.0, compact_every=64) if rank0 else None
+    events_w = LakeWriter(ws, "events", flush_seconds=2.0, compact_every=64) if rank0 else None
 
     def flush() -> None:  # before a checkpoint is declared: its steps and "saved" event
         for w in (steps_w, events_w):
