@@ -170,6 +170,21 @@ def cmd_status(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compact(a: argparse.Namespace) -> int:
+    from esm3.metrics.lake import compact
+    from esm3.metrics.schema import PARTITIONED
+    from esm3.metrics.summaries import write_summaries
+    from jobs import workspace
+
+    ws = workspace.for_reading(a.workspace)
+    for table in sorted(PARTITIONED):
+        n = compact(ws, table, run_id=a.run_id, min_files=2)
+        print(f"{table}: {n} files merged")
+    # single files merged before summaries existed get theirs too
+    print(f"train_steps: {write_summaries(ws)} merged files summarised")
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from jobs.demo import run_demo
 
@@ -263,6 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", "-f", choices=["table", "csv", "json"], default="table")
     _ws_arg(s)
     s.set_defaults(fn=cmd_status)
+
+    s = sub.add_parser(
+        "compact",
+        help="merge the metrics lake's step and event files (fast dashboard pages)",
+        epilog=EPILOG,
+        description="Merge each run's train_steps and events files into one per folder and "
+        "write the step summaries the dashboard reads. Training does this as it goes; run it "
+        "once on a lake written before that, or by an interrupted writer. Safe while the "
+        "dashboard or a run reads the lake.",
+    )
+    s.add_argument("run_id", nargs="?", help="only this run (default: every run)")
+    _ws_arg(s)
+    s.set_defaults(fn=cmd_compact)
 
     s = sub.add_parser(
         "demo",

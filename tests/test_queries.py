@@ -457,6 +457,37 @@ def test_compaction_removes_the_merged_parts_summaries(tmp_path):
         assert Q.steps_by_run(r)["rows"].tolist() == [40]
 
 
+def test_esm3_compact_merges_an_old_lake_and_summarises_it(tmp_path, capsys):
+    """A lake from before live compaction (one file per flush, and a run merged into one
+    file without a summary): `esm3 compact` leaves one summarised file per run, with the
+    answers unchanged."""
+    from esm3.metrics.lake import compact
+    from esm3.metrics.summaries import SUMMARY_DIR, remove_summary, summary_path
+    from jobs.cli import main
+
+    ws = tmp_path / "ws"
+    ensure_lake(ws)
+    for i in range(5):
+        write_rows(ws, "train_steps", _step_rows("old", range(i * 20, i * 20 + 20), 0, i))
+    for i in range(2):
+        write_rows(ws, "train_steps", _step_rows("merged", range(i * 9, i * 9 + 9), 0, 9 + i))
+    compact(ws, "train_steps", run_id="merged", min_files=2)
+    remove_summary(ws, next((ws / "lake" / "train_steps").glob("run_id=merged/part-*")))
+    write_rows(ws, "events", [{"run_id": "old", "step": s, "kind": "saved"} for s in (1, 2)])
+    write_rows(ws, "events", [{"run_id": "old", "step": 3, "kind": "saved"}])
+    before = _both(ws)[1]
+    assert main(["compact", "--workspace", str(ws)]) == 0
+    out = capsys.readouterr().out
+    assert "events: 2 files merged" in out and "train_steps: 5 files merged" in out
+    assert "train_steps: 1 merged files summarised" in out  # "old" got its own as merged
+    files = sorted((ws / "lake" / "train_steps").rglob("part-*.parquet"))
+    assert len(files) == 2 and all(summary_path(ws, f).is_file() for f in files)
+    assert len(list((ws / "lake" / SUMMARY_DIR).rglob("*.parquet"))) == 2
+    fast, plain = _both(ws)
+    _same(fast, plain)
+    _same(plain, before)
+
+
 def test_page_queries_run_under_the_limits(seeded):
     """A reader with limits runs the pages' queries in a database with that memory limit
     and thread count, and stops a query at the timeout."""
