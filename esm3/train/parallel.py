@@ -11,6 +11,7 @@ FP32 shards (MixedPrecisionPolicy); otherwise everything is FP32.
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 from torch import nn
@@ -18,6 +19,11 @@ from torch import nn
 from esm3.train.config import ParallelConfig
 
 log = logging.getLogger(__name__)
+
+# FSDP2 warns at every forward that the model returns a view (the function track's logits,
+# (B, T, 8, V) viewed from one head's output): harmful only if the output were modified in
+# place, which neither the losses nor the evaluation do.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 
 def resolve_precision(cfg: ParallelConfig, device: torch.device) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import pickle
-import warnings
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -118,7 +117,6 @@ def _observed_run(cfg, datasets, rank: int, ckpt_dir: str) -> Observed:
 
 def _runs_on_rank(rank: int, store: str, cfg, data_root: str, out: str) -> None:
     torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module")  # as pytestmark
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(minutes=1)
     )
