@@ -160,6 +160,15 @@ class Limits:
         """These limits as ESM3_SQL_* variables (for a server started as a subprocess)."""
         return {var: str(v) for f, var in self.ENV.items() if (v := getattr(self, f)) is not None}
 
+    def duckdb_config(self, spill_dir: str | Path) -> dict[str, object]:
+        """The DuckDB settings of these limits, spilling into `spill_dir`."""
+        return {
+            "memory_limit": self.memory,
+            "threads": self.threads,
+            "temp_directory": str(spill_dir),
+            "max_temp_directory_size": self.temp,
+        }
+
     def checked(self) -> Limits:
         if self.threads < 1 or self.max_rows < 1 or not self.timeout_s > 0:
             raise SqlRefused("SQL limits: threads, max rows and timeout must be positive")
@@ -301,12 +310,7 @@ class LakeReader:
         if lim is None:
             return {}
         spill = Path(lim.scratch or tempfile.gettempdir()) / f"esm3-lake-spill-{os.getpid()}"
-        return {
-            "memory_limit": lim.memory,
-            "threads": lim.threads,
-            "temp_directory": str(spill),
-            "max_temp_directory_size": lim.temp,
-        }
+        return lim.duckdb_config(spill)
 
     def connection(self) -> duckdb.DuckDBPyConnection:
         """A cursor on the workspace's shared database (views bound once per process,
@@ -391,26 +395,10 @@ class LakeReader:
         if self.limits is None:
             yield
             return
-        fired = threading.Event()
-
-        def stop() -> None:
-            fired.set()
-            cur.interrupt()
-
-        watchdog = threading.Timer(self.limits.timeout_s, stop)
-        watchdog.daemon = True
-        watchdog.start()
-        try:
+        with _stopped_at(
+            cur, self.limits.timeout_s, "the time limit; ESM3_SQL_TIMEOUT_S raises it"
+        ):
             yield
-        except duckdb.InterruptException as e:
-            if not fired.is_set():
-                raise
-            raise SqlStopped(
-                f"query stopped after {self.limits.timeout_s:g} s (the time limit; "
-                "ESM3_SQL_TIMEOUT_S raises it)"
-            ) from e
-        finally:
-            watchdog.cancel()
 
     def user_sql(self, sql: str, limits: Limits | None = None) -> tuple[pd.DataFrame, bool]:
         """Run a user's read-only SQL under `limits`; returns (rows, truncated).
@@ -421,14 +409,8 @@ class LakeReader:
         limits = limits or Limits.from_env()
         scratch = tempfile.mkdtemp(prefix="esm3-sql-", dir=limits.scratch)
         try:
-            config = {
-                "memory_limit": limits.memory,
-                "threads": limits.threads,
-                "temp_directory": os.path.join(scratch, "spill"),
-                "max_temp_directory_size": limits.temp,
-            }
             try:
-                con = self._database(config)
+                con = self._database(limits.duckdb_config(os.path.join(scratch, "spill")))
             except duckdb.InvalidInputException as e:
                 if "memory" in str(e) or "size" in str(e):
                     raise SqlRefused(f"SQL limits: {str(e).splitlines()[0]}") from e
@@ -448,41 +430,48 @@ _OUTSIDE = (
 )
 
 
-def _fetch_bounded(
-    con: duckdb.DuckDBPyConnection, sql: str, limits: Limits
-) -> tuple[pd.DataFrame, bool]:
-    """Stream at most max_rows + 1 rows; a watchdog interrupts the query at the timeout."""
+@contextlib.contextmanager
+def _stopped_at(con: duckdb.DuckDBPyConnection, timeout_s: float, hint: str) -> Iterator[None]:
+    """Interrupt what `con` runs inside the block after `timeout_s` (DuckDB has no statement
+    timeout); SqlStopped says so, with `hint` (the limit and how to raise it)."""
     fired = threading.Event()
 
     def stop() -> None:
         fired.set()
         con.interrupt()
 
-    watchdog = threading.Timer(limits.timeout_s, stop)
+    watchdog = threading.Timer(timeout_s, stop)
     watchdog.daemon = True
     watchdog.start()
     try:
-        con.execute(sql)
-        if con.description is None:
-            return pd.DataFrame(), False
-        columns = [d[0] for d in con.description]
-        rows = con.fetchmany(limits.max_rows + 1)
-    except duckdb.PermissionException as e:
-        raise SqlRefused(_OUTSIDE + str(e)) from e
+        yield
     except duckdb.InterruptException as e:
         if not fired.is_set():
             raise
-        raise SqlStopped(
-            f"query stopped after {limits.timeout_s:g} s (the time limit for user SQL; "
-            "--timeout or ESM3_SQL_TIMEOUT_S raise it)"
-        ) from e
+        raise SqlStopped(f"query stopped after {timeout_s:g} s ({hint})") from e
+    finally:
+        watchdog.cancel()
+
+
+def _fetch_bounded(
+    con: duckdb.DuckDBPyConnection, sql: str, limits: Limits
+) -> tuple[pd.DataFrame, bool]:
+    """Stream at most max_rows + 1 rows; a watchdog interrupts the query at the timeout."""
+    hint = "the time limit for user SQL; --timeout or ESM3_SQL_TIMEOUT_S raise it"
+    try:
+        with _stopped_at(con, limits.timeout_s, hint):
+            con.execute(sql)
+            if con.description is None:
+                return pd.DataFrame(), False
+            columns = [d[0] for d in con.description]
+            rows = con.fetchmany(limits.max_rows + 1)
+    except duckdb.PermissionException as e:
+        raise SqlRefused(_OUTSIDE + str(e)) from e
     except duckdb.OutOfMemoryException as e:
         raise SqlStopped(
             f"query stopped: it needs more than its memory limit ({limits.memory}) and "
             f"spill space ({limits.temp}); --memory/--temp or ESM3_SQL_MEMORY/ESM3_SQL_TEMP "
             f"raise them. DuckDB said: {str(e).splitlines()[0]}"
         ) from e
-    finally:
-        watchdog.cancel()
     truncated = len(rows) > limits.max_rows
     return pd.DataFrame.from_records(rows[: limits.max_rows], columns=columns), truncated
