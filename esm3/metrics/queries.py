@@ -137,16 +137,7 @@ def lake_signature(workspace: str | Path, tables: Iterable[str] = TABLES) -> tup
 
 # the row that is "last" in a run: highest step, then highest attempt (a recomputed step)
 _LAST_KEY = summaries.LAST_KEY
-# today's per-file summary before the persisted ones (kept for `plain_queries`)
-_PLAIN_STEP_SUMMARY = """
-    SELECT filename AS file, run_id, count(*) AS rows, max(step) AS last_step,
-           max(coalesce(step, -1) * 4096 + least(coalesce(attempt, 0), 4095)) AS last_key,
-           arg_max(loss, coalesce(step, -1) * 4096 + least(coalesce(attempt, 0), 4095)) AS last_loss,
-           arg_max(tokens_seen, coalesce(step, -1) * 4096 + least(coalesce(attempt, 0), 4095)) AS tokens_seen,
-           max(time) AS last_time,
-           count(*) FILTER (WHERE skipped) AS skipped_rows,
-           count(*) FILTER (WHERE NOT isfinite(loss)) AS nonfinite_rows
-    FROM read_parquet($files, filename = true, union_by_name = true) GROUP BY ALL"""
+# the plain path's per-file figures: the same query over the rows, without tokens_by_dataset
 _PLAIN_COLUMNS = [c for c in summaries.COLUMNS if c != "tokens_by_dataset"]
 # per-file summaries of train_steps, by file identity: lake files are never rewritten, so a
 # live page re-reads only the files that landed since its last refresh
@@ -218,11 +209,7 @@ def steps_by_run(r: LakeReader) -> pd.DataFrame:
     (`esm3.metrics.summaries`) or, for the files since, from its rows; files already
     summarised in this process are not read again."""
     fast = _fast
-    sql, columns = (
-        (summaries.ROW_SUMMARY, summaries.COLUMNS)
-        if fast
-        else (_PLAIN_STEP_SUMMARY, _PLAIN_COLUMNS)
-    )
+    columns = summaries.COLUMNS if fast else _PLAIN_COLUMNS
     r.connection()  # binding the views finds the files whose footers are unreadable
     files = r.files("train_steps")
     idents = {str(p): (fast, *ident) for p in files if (ident := identity(p))}
@@ -240,7 +227,9 @@ def steps_by_run(r: LakeReader) -> pd.DataFrame:
             cur = r.cursor()
             try:
                 with r.watched(cur):
-                    got = cur.execute(sql, {"files": [str(p) for p in batch]}).df()
+                    got = cur.execute(
+                        summaries.ROW_SUMMARY, {"files": [str(p) for p in batch]}
+                    ).df()
                 break
             except duckdb.Error as e:
                 if isinstance(e, _NOT_FILE_ERRORS):
@@ -456,8 +445,8 @@ def _plain_tokens_seen(r: LakeReader, run_ids: Sequence[str]) -> pd.DataFrame:
     ids = _in_list(run_ids, params, "id")
     return r.sql(
         f"""SELECT run_id, max(step) AS step,
-                  arg_max(tokens_by_dataset, coalesce(step, -1) * 4096 + least(coalesce(attempt, 0), 4095)) AS by_dataset
-           FROM train_steps_all WHERE run_id IN {ids} GROUP BY run_id""",  # noqa: S608 - only $placeholders (_in_list) and train_steps column names
+                  arg_max(tokens_by_dataset, {_LAST_KEY}) AS by_dataset
+           FROM train_steps_all WHERE run_id IN {ids} GROUP BY run_id""",  # noqa: S608 - only $placeholders (_in_list), column names and _LAST_KEY
         params,
     )
 
@@ -549,7 +538,7 @@ def series(
                avg(clipped::DOUBLE) AS clipped_frac
         FROM s JOIN w USING (run_id)
         GROUP BY ALL ORDER BY s.run_id, step
-        """,  # noqa: S608 - only $placeholders (_in_list) and train_steps column names
+        """,  # noqa: S608 - only $placeholders (_in_list), column names and _LAST_KEY
         params,
     )
     return df
@@ -588,7 +577,7 @@ def stage_boundaries(r: LakeReader, run_ids: Sequence[str]) -> pd.DataFrame:
     ids = _in_list(run_ids, params, "id")
     return r.sql(
         f"""SELECT run_id, step, coalesce(message, '') AS message FROM events
-           WHERE kind = 'stage' AND run_id IN {ids} ORDER BY run_id, step""",  # noqa: S608 - only $placeholders (_in_list) and train_steps column names
+           WHERE kind = 'stage' AND run_id IN {ids} ORDER BY run_id, step""",  # noqa: S608 - only $placeholders (_in_list), column names and _LAST_KEY
         params,
     )
 
@@ -602,7 +591,7 @@ def step_events(
     return r.sql(
         f"""SELECT run_id, step, kind, severity, value, coalesce(message, '') AS message, time
            FROM events WHERE run_id IN {ids} AND kind IN {ks}
-           ORDER BY run_id, step, time""",  # noqa: S608 - only $placeholders (_in_list) and train_steps column names
+           ORDER BY run_id, step, time""",  # noqa: S608 - only $placeholders (_in_list), column names and _LAST_KEY
         params,
     )
 
@@ -617,7 +606,7 @@ def validation_loss(r: LakeReader, run_ids: Sequence[str]) -> pd.DataFrame:
     ids, ks = _in_list(run_ids, params, "id"), _in_list(VALIDATION_KINDS, params, "k")
     raw = r.sql(
         f"""SELECT run_id, step, value, detail FROM events
-           WHERE kind IN {ks} AND run_id IN {ids} ORDER BY run_id, step""",  # noqa: S608 - only $placeholders (_in_list) and train_steps column names
+           WHERE kind IN {ks} AND run_id IN {ids} ORDER BY run_id, step""",  # noqa: S608 - only $placeholders (_in_list), column names and _LAST_KEY
         params,
     )
     rows = []
@@ -674,7 +663,7 @@ def restarts(r: LakeReader, run_ids: Sequence[str]) -> pd.DataFrame:
            UNION ALL
            SELECT run_id, time, kind, step, coalesce(message, '') FROM events
            WHERE run_id IN {ids} AND kind IN ('requeue', 'resume', 'restart')
-           ORDER BY 1, 2 NULLS LAST""",  # noqa: S608 - only $placeholders (_in_list) and train_steps column names
+           ORDER BY 1, 2 NULLS LAST""",  # noqa: S608 - only $placeholders (_in_list), column names and _LAST_KEY
         params,
     )
 
