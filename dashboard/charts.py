@@ -5,7 +5,7 @@ Presentation only: no queries here. Every chart names its axes with units.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import altair as alt
 import numpy as np
@@ -67,6 +67,11 @@ def axis(fmt: str, **kw) -> alt.Axis:
 
 def step_x(**kw) -> alt.X:
     return alt.X("step:Q", title="step", axis=axis(STEP_FORMAT), **kw)
+
+
+def _value_y(scale: alt.Scale, title: str, fmt: str) -> Callable[[str], alt.Y]:
+    """The y encoding every layer of one chart shares (scale, title, format), by field."""
+    return lambda field: alt.Y(f"{field}:Q", scale=scale, title=title, axis=axis(fmt))
 
 
 RUN_SCALE = alt.Scale(
@@ -182,16 +187,15 @@ def loss_facets(
     """Small multiples, one per track: raw bucket means (faint) with their min-max band,
     the EMA (solid), stage boundaries (dashed rules), validation losses (diamonds)."""
     scale = alt.Scale(type="log" if log_y else "linear", zero=False)
-    y_title = "loss (nats/token)"
+    y = _value_y(scale, "loss (nats/token)", NUMBER_FORMAT)
     x = step_x()
-    y_axis = axis(NUMBER_FORMAT)
     color = alt.Color("run_id:N", title="run", scale=RUN_SCALE)
     curve = alt.Chart().transform_filter(alt.datum.layer == "curve")
     # the EMA goes first so the run legend draws line symbols; the faint layers add none
     layers = [
         curve.mark_line(strokeWidth=2).encode(
             x=x,
-            y=alt.Y("smoothed:Q", scale=scale, title=y_title, axis=y_axis),
+            y=y("smoothed"),
             color=alt.Color(
                 "run_id:N", title="run", scale=RUN_SCALE, legend=alt.Legend(symbolType="stroke")
             ),
@@ -207,14 +211,12 @@ def loss_facets(
     if show_raw:
         faint = alt.Color("run_id:N", scale=RUN_SCALE, legend=None)
         layers.append(
-            curve.mark_line(opacity=0.3, strokeWidth=1).encode(
-                x=x, y=alt.Y("raw:Q", scale=scale, title=y_title, axis=y_axis), color=faint
-            )
+            curve.mark_line(opacity=0.3, strokeWidth=1).encode(x=x, y=y("raw"), color=faint)
         )
         layers.append(
             curve.mark_area(opacity=0.1).encode(
                 x=x,
-                y=alt.Y("lo:Q", scale=scale, title=y_title, axis=y_axis),
+                y=y("lo"),
                 y2="hi:Q",
                 color=faint,
             )
@@ -238,7 +240,7 @@ def loss_facets(
             .mark_point(shape="diamond", size=70, filled=True, opacity=1)
             .encode(
                 x=x,
-                y=alt.Y("value:Q", scale=scale, title=y_title, axis=y_axis),
+                y=y("value"),
                 color=color,
                 tooltip=[
                     "run_id:N",
@@ -294,7 +296,7 @@ def metric_chart(
                 df[c] = df[c].where(df[c] > 0)
     scale = alt.Scale(type="log" if log_y else "linear", zero=False)
     x = step_x()
-    y_axis = axis(y_format)
+    y = _value_y(scale, y_title, y_format)
     color = alt.Color(
         "run_id:N", title="run", scale=RUN_SCALE, legend=alt.Legend(symbolType="stroke")
     )
@@ -305,7 +307,7 @@ def metric_chart(
         .mark_line(strokeWidth=1.6)
         .encode(
             x=x,
-            y=alt.Y(f"{y_col}:Q", scale=scale, title=y_title, axis=y_axis),
+            y=y(y_col),
             color=color,
             tooltip=[
                 "run_id:N",
@@ -324,7 +326,7 @@ def metric_chart(
             .mark_area(opacity=0.15)
             .encode(
                 x=x,
-                y=alt.Y(f"{column}_min:Q", scale=scale, title=y_title, axis=y_axis),
+                y=y(f"{column}_min"),
                 y2=f"{column}_max:Q",
                 color=alt.Color("run_id:N", scale=RUN_SCALE, legend=None),
             )
@@ -334,13 +336,13 @@ def metric_chart(
         layers.append(
             alt.Chart(t)
             .mark_rule(color="#d62728", strokeWidth=2, strokeDash=[6, 3])
-            .encode(y=alt.Y("y:Q", scale=scale, title=y_title, axis=y_axis))
+            .encode(y=y("y"))
         )
         layers.append(
             alt.Chart(t)
             .mark_text(align="right", baseline="bottom", dx=-4, dy=-3, color="#d62728")
             .encode(
-                y=alt.Y("y:Q", scale=scale, title=y_title, axis=y_axis),
+                y=y("y"),
                 x=alt.value("width"),
                 text="label:N",
             )
